@@ -1,0 +1,33 @@
+# Two commands from a fresh clone: `make demo` (DPO on the embedded default) and `make test`.
+# Both create .venv if missing and install torch first, pinned (a bare `torch` requirement would pull the
+# newest CUDA build): override with e.g. `make demo TORCH_SPEC="torch"` on a GPU machine.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test lint bench clean
+
+install:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if [ "$$(cat $(VENV)/.installed 2>/dev/null)" != "$(TORCH_SPEC) $$(cksum < pyproject.toml)" ]; then \
+		echo "installing $(TORCH_SPEC) and lightning-pref into $(VENV)"; \
+		$(BIN)/python -m pip install -q --upgrade pip && \
+		$(BIN)/python -m pip install -q "$(TORCH_SPEC)" && \
+		$(BIN)/python -m pip install -q -e ".[test]" && \
+		echo "$(TORCH_SPEC) $$(cksum < pyproject.toml)" > $(VENV)/.installed; \
+	fi
+
+demo: install
+	$(BIN)/lightning-pref fit --config configs/dpo.yaml
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf outputs .pytest_cache

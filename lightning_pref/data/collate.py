@@ -1,0 +1,78 @@
+"""Collating encoded examples into a :class:`~lightning_pref.types.PreferenceBatch` with dynamic padding."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_pref.data.tokenize import Encoded
+from lightning_pref.types import PreferenceBatch
+
+Sequence = tuple[list[int], list[int]]  # (prompt ids, response ids)
+
+
+def pad(sequences: list[Sequence], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad ``prompt + response`` sequences to the longest one in the batch.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` and the boolean ``response_mask``. # each (N, T)
+    """
+    length = max((len(p) + len(r) for p, r in sequences), default=0)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    response_mask = torch.zeros((len(sequences), length), dtype=torch.bool)
+    for row, (prompt, response) in enumerate(sequences):
+        n = len(prompt) + len(response)
+        input_ids[row, :n] = torch.tensor(prompt + response, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        response_mask[row, len(prompt) : n] = True
+    return input_ids, attention_mask, response_mask
+
+
+def mismatched(groups: list[object]) -> list[tuple[int, int]]:
+    """For each row ``i`` the nearest following row ``k`` (cyclically) whose prompt differs from row ``i``'s.
+
+    Used for KTO's KL baseline: prompt ``i`` with completion ``k`` is a sample from a *mismatched* pair, never
+    the example's own completion, for any batch size (odd included). Rows whose prompt is the only one in the
+    batch get no partner.
+    """
+    n = len(groups)
+    pairs = []
+    for i in range(n):
+        k = next((k % n for k in range(i + 1, i + n) if groups[k % n] != groups[i]), None)
+        if k is not None:
+            pairs.append((i, k))
+    return pairs
+
+
+class PreferenceCollator:
+    """Turns a list of :class:`Encoded` examples into a batch.
+
+    Paired examples give ``[chosen rows; rejected rows]``; unpaired ones give ``[desirable; undesirable]``.
+
+    Args:
+        pad_token_id: the tokenizer's pad id (padding is masked everywhere).
+        kl_baseline: also build the mismatched prompt/completion rows for KTO's KL baseline.
+    """
+
+    def __init__(self, pad_token_id: int, kl_baseline: bool = False) -> None:
+        self.pad_token_id = pad_token_id
+        self.kl_baseline = kl_baseline
+
+    def __call__(self, examples: list[Encoded]) -> PreferenceBatch:
+        paired = all(e.rejected is not None for e in examples)
+        if paired:
+            ordered = [(e.prompt, e.chosen) for e in examples] + [(e.prompt, e.rejected) for e in examples]
+            num_chosen = len(examples)
+        elif any(e.rejected is not None for e in examples):
+            raise ValueError("a batch mixes paired and unpaired examples")
+        else:
+            desirable = [(e.prompt, e.chosen) for e in examples if e.label]
+            ordered = desirable + [(e.prompt, e.chosen) for e in examples if not e.label]
+            num_chosen = len(desirable)
+        input_ids, attention_mask, response_mask = pad(ordered, self.pad_token_id)
+        batch = PreferenceBatch(input_ids, attention_mask, response_mask, num_chosen=num_chosen, paired=paired)
+        if self.kl_baseline:
+            pairs = mismatched([tuple(prompt) for prompt, _ in ordered])
+            kl_sequences = [(ordered[i][0], ordered[k][1]) for i, k in pairs]
+            batch.kl_input_ids, batch.kl_attention_mask, batch.kl_response_mask = pad(kl_sequences, self.pad_token_id)
+        return batch

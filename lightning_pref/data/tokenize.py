@@ -1,0 +1,58 @@
+"""Tokenization at the prompt/response seam.
+
+Prompt and response are tokenized *separately* and concatenated, so the response token ids the model is scored
+on are exactly the tokenization of the response (a BPE merge can never cross the seam), and EOS is appended to
+each response exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class Encoded:
+    """Token ids of one example: a prompt and one (unpaired) or two (paired) responses."""
+
+    prompt: list[int]
+    chosen: list[int]  # desirable completion for unpaired data
+    rejected: list[int] | None = None  # None for unpaired data
+    label: bool = True  # unpaired data: desirable?
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Prompt ids, with BOS first when the tokenizer normally adds one (Llama-style)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] and ids[:1] != [bos]:
+        ids = [bos, *ids]
+    return ids
+
+
+def encode_response(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Response ids followed by EOS (once, even if the text already ended with the EOS string)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return ids if ids[-1:] == [eos] else [*ids, eos]
+
+
+def truncate(
+    prompt: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int | None = None
+) -> tuple[list[int], list[list[int]]]:
+    """Fit ``prompt + response`` into ``max_length`` tokens for every response.
+
+    The prompt keeps its *end* (the part next to the response) and responses keep their *start*: first the
+    prompt is cut to ``max_prompt_length``; if the longest response still does not fit, the prompt is cut
+    further, but not below ``max_length // 2`` tokens; then responses are cut to what is left. A response can
+    come out empty only if ``max_length`` leaves no room for it; callers drop such examples.
+    """
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        prompt = prompt[len(prompt) - max_prompt_length :]
+    longest = max(len(r) for r in responses)
+    if len(prompt) + longest > max_length:
+        keep = max(max_length - longest, min(len(prompt), max_length // 2))
+        prompt = prompt[len(prompt) - keep :] if keep > 0 else []
+    room = max_length - len(prompt)
+    return prompt, [r[:room] for r in responses]

@@ -1,0 +1,5 @@
+"""User-facing errors: the CLI prints these as one line and exits non-zero, without a traceback."""
+
+
+class UserInputError(ValueError):
+    """Bad configuration or data that the user can fix; the message says where and how."""

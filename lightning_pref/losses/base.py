@@ -1,0 +1,82 @@
+"""The loss plugin interface every preference loss implements."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from lightning_pref.types import LossOutput, SequenceLogps
+
+
+def logratios(
+    policy: SequenceLogps, reference: SequenceLogps | None, *, mean: bool = False
+) -> tuple[Tensor, Tensor]:
+    r"""Chosen and rejected log-ratios :math:`\log \pi_\theta(y|x) / \pi_{ref}(y|x)`, one per sequence.
+
+    The reference is detached: it is frozen by definition, and detaching here keeps gradients on the policy even
+    if a caller hands in reference log-probs that still carry a graph.
+
+    Args:
+        policy: log-probs of the trainable policy.
+        reference: log-probs of the frozen reference.
+        mean: use per-token averaged log-probs (``chosen_mean``) instead of sums.
+
+    Raises:
+        ValueError: if ``reference`` is ``None`` (the module only passes it to losses that ``requires_reference``).
+    """
+    if reference is None:
+        raise ValueError("this loss requires reference log-probs, got reference=None")
+    if mean:
+        return (
+            policy.chosen_mean - reference.chosen_mean.detach(),
+            policy.rejected_mean - reference.rejected_mean.detach(),
+        )
+    return policy.chosen - reference.chosen.detach(), policy.rejected - reference.rejected.detach()
+
+
+class PreferenceLoss(nn.Module):
+    """Base class of loss plugins: a pure function of per-sequence log-probs.
+
+    A loss declares what it needs through class attributes; ``PreferenceModule`` reads these and never branches
+    on a loss's name.
+
+    Attributes:
+        requires_reference: the loss reads reference log-probs; ``reference`` is ``None`` otherwise.
+        paired: the loss needs chosen/rejected pairs (``policy.chosen[i]`` pairs with ``policy.rejected[i]``).
+            Unpaired losses (KTO) accept different numbers of desirable and undesirable examples.
+        requires_kl_baseline: the loss needs KTO's KL baseline ``z0``, estimated by the module from mismatched
+            prompt/completion pairs and passed as ``kl_baseline``.
+        paper: citation shown by ``lightning-pref losses``.
+    """
+
+    requires_reference: ClassVar[bool] = True
+    paired: ClassVar[bool] = True
+    requires_kl_baseline: ClassVar[bool] = False
+    paper: ClassVar[str] = ""
+    registered_name: ClassVar[str] = ""  # set by ``register_loss``
+
+    #: Scale of the implicit reward; validation reports ``beta * (policy - reference)`` rewards with it.
+    beta: float
+
+    def forward(
+        self,
+        policy: SequenceLogps,
+        reference: SequenceLogps | None,
+        *,
+        kl_baseline: Tensor | None = None,
+    ) -> LossOutput:
+        """Compute per-example losses and implicit rewards.
+
+        Args:
+            policy: log-probs of the trainable policy.
+            reference: log-probs of the frozen reference, or ``None`` for reference-free losses.
+            kl_baseline: KTO's detached scalar ``z0`` when ``requires_kl_baseline`` is set.
+
+        Returns:
+            Unreduced losses, detached rewards and optional extra metrics.
+        """
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_") and k != "training")

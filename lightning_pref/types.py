@@ -1,0 +1,82 @@
+"""The typed contract between data, module and loss.
+
+Names follow the DPO paper (Rafailov et al., 2023): ``policy_chosen_logps``, ``reference_rejected_logps``,
+``chosen_rewards``, ``beta``. ``N`` is the number of sequences in a batch; for paired data ``N = 2B`` with the
+``B`` chosen sequences first and their ``B`` rejected partners after them, in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class SequenceLogps:
+    """Log-probabilities summed over response tokens, one value per sequence.
+
+    For unpaired losses (KTO) ``chosen`` holds the desirable and ``rejected`` the undesirable examples, and the
+    two may have different lengths.
+    """
+
+    chosen: Tensor  # (B,) or (B_desirable,)
+    rejected: Tensor  # (B,) or (B_undesirable,)
+    chosen_tokens: Tensor  # (B,) number of response tokens summed into ``chosen``
+    rejected_tokens: Tensor  # (B,)
+
+    @property
+    def chosen_mean(self) -> Tensor:
+        """Per-token average log-prob of each chosen response (length-normalized)."""
+        return self.chosen / self.chosen_tokens.clamp(min=1)
+
+    @property
+    def rejected_mean(self) -> Tensor:
+        """Per-token average log-prob of each rejected response (length-normalized)."""
+        return self.rejected / self.rejected_tokens.clamp(min=1)
+
+    @classmethod
+    def split(cls, logps: Tensor, tokens: Tensor, num_chosen: int) -> SequenceLogps:
+        """Split per-sequence values of a concatenated ``[chosen; rejected]`` batch."""
+        return cls(logps[:num_chosen], logps[num_chosen:], tokens[:num_chosen], tokens[num_chosen:])
+
+
+@dataclass
+class LossOutput:
+    """What a loss plugin returns.
+
+    Rewards are the loss's implicit rewards (``beta * (policy - reference)`` log-ratios for reference-based
+    losses), detached: they are for metrics only.
+    """
+
+    losses: Tensor  # (B,) per-example, unreduced; unpaired losses: (B_desirable + B_undesirable,)
+    chosen_rewards: Tensor  # (B,) detached
+    rejected_rewards: Tensor  # (B,) detached
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # extra scalars to log, e.g. {"kl": ...}
+
+
+@dataclass
+class PreferenceBatch:
+    """A collated batch: every sequence is ``prompt + response`` right-padded to a common length ``T``.
+
+    Rows ``[:num_chosen]`` are chosen (desirable) and rows ``[num_chosen:]`` rejected (undesirable). A batch is
+    *paired* when both halves have the same size and row ``i`` pairs with row ``num_chosen + i``.
+    """
+
+    input_ids: Tensor  # (N, T) token ids, padded with the tokenizer's pad id
+    attention_mask: Tensor  # (N, T) 1 for real tokens, 0 for padding
+    response_mask: Tensor  # (N, T) bool, True where the token is a response token that is scored
+    num_chosen: int
+    paired: bool = True
+    # Mismatched prompt/completion sequences for KTO's KL baseline z0 (each prompt with another example's
+    # completion); absent unless the loss asks for a KL baseline.
+    kl_input_ids: Tensor | None = None  # (M, T')
+    kl_attention_mask: Tensor | None = None  # (M, T')
+    kl_response_mask: Tensor | None = None  # (M, T')
+    # Per-sequence weights for metrics: 0 marks duplicates a distributed sampler padded in, so epoch metrics
+    # count every example exactly once.
+    weights: Tensor | None = None  # (N,)
+
+    @property
+    def num_rejected(self) -> int:
+        return self.input_ids.shape[0] - self.num_chosen

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny random Llama, the byte-level tokenizer, and small preference files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+from transformers import ByT5Tokenizer  # noqa: E402
+
+from lightning_pref.data.synthetic import generate  # noqa: E402
+from lightning_pref.models import load_causal_lm  # noqa: E402
+
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tokenizer() -> ByT5Tokenizer:
+    return ByT5Tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return load_causal_lm(TINY, field="test", seed=0, vocab_size=len(tokenizer))
+
+
+@pytest.fixture
+def pairs_file(tmp_path: Path) -> Path:
+    records, _ = generate(24, seed=3)
+    return write_jsonl(tmp_path / "pairs.jsonl", records)
