@@ -24,7 +24,7 @@ from rich.table import Table
 
 import lightning_pref.losses  # noqa: F401  (registers the built-in losses)
 from lightning_pref.data import PreferenceDataModule
-from lightning_pref.errors import UserInputError
+from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.losses.base import PreferenceLoss
 from lightning_pref.module import PreferenceModule
 from lightning_pref.registry import get_loss_class, list_losses, load_plugins, unknown_loss_message
@@ -117,7 +117,11 @@ def print_losses() -> None:
     for name in list_losses():
         cls = get_loss_class(name)
         params = inspect.signature(cls.__init__).parameters.values()
-        shown = ", ".join(f"{p.name}={p.default!r}" for p in params if p.name != "self")
+        shown = ", ".join(
+            p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
+            for p in params
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        )
         table.add_row(name, cls.__name__, cls.paper, _yes(cls.requires_reference), _yes(cls.paired), shown)
     Console().print(table)
 
@@ -127,8 +131,11 @@ def _yes(flag: bool) -> str:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-pref`` console script."""
+    """Entry point of the ``lightning-pref`` console script; ``args`` replaces ``sys.argv[1:]`` (for scripts)."""
     argv = list(sys.argv[1:] if args is None else args)
+    if args is not None:
+        # LightningCLI warns when given args while sys.argv holds flags of the calling script or test runner.
+        sys.argv = sys.argv[:1]
     load_plugins()  # third-party losses must be registered before names are resolved
     try:
         if argv[:1] == ["losses"]:
@@ -141,7 +148,7 @@ def main(args: list[str] | None = None) -> None:
             parser_kwargs={"parser_mode": PARSER_MODE},
             args=resolve_loss_args(argv),
         )
-    except UserInputError as err:
+    except (UserInputError, TrainingError) as err:
         Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
         sys.exit(2)
 

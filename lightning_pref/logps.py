@@ -74,9 +74,14 @@ class SequenceScorer(nn.Module):
         postprocessed = any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING)
         self.response_only_head = response_only_head and not postprocessed and self._split_available()
 
+    @property
+    def lm(self) -> nn.Module:
+        """The ``transformers`` model itself (inside a ``peft`` wrapper, LoRA layers are injected into it)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
     def _split_available(self) -> bool:
-        body = getattr(self.model, "base_model", None)
-        return body is not None and body is not self.model and self.model.get_output_embeddings() is not None
+        body = getattr(self.lm, "base_model", None)
+        return body is not None and body is not self.lm and self.lm.get_output_embeddings() is not None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Score ``input_ids``.
@@ -93,12 +98,12 @@ class SequenceScorer(nn.Module):
         target_mask = response_mask[:, 1:].bool()  # (N, T-1)
         targets = input_ids[:, 1:][target_mask]  # (R,)
         if self.response_only_head:
-            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             per_token = token_logps(
-                hidden[:, :-1][target_mask], self.model.get_output_embeddings(), targets, self.chunk_size
+                hidden[:, :-1][target_mask], self.lm.get_output_embeddings(), targets, self.chunk_size
             )  # (N, T, H) -> (R, H) -> (R,)
         else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (N, T, V)
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits  # (N, T, V)
             per_token = logits_logps(logits[:, :-1][target_mask], targets, self.chunk_size)  # (R, V) -> (R,)
         rows = target_mask.nonzero()[:, 0]  # (R,) sequence index of each scored token
         logps = per_token.new_zeros(input_ids.shape[0]).index_add(0, rows, per_token)  # (N,)

@@ -1,42 +1,57 @@
-"""``PreferenceModule``: a trainable policy, a frozen reference, and a loss plugin."""
+"""``PreferenceModule``: a trainable policy, a reference, and a loss plugin."""
 
 from __future__ import annotations
 
 import copy
+import random
 import re
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lightning_pref.errors import UserInputError
+from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.logps import SequenceScorer
 from lightning_pref.losses import DPOLoss, PreferenceLoss
 from lightning_pref.metrics import PreferenceMetrics
 from lightning_pref.models import ModelSpec, load_causal_lm, load_tokenizer
+from lightning_pref.reference import ReferenceMode, apply_lora, check_reference_mode, soft_update
 from lightning_pref.types import PreferenceBatch, SequenceLogps
 
 # The frozen reference is in eval mode on purpose; Lightning warns about any eval-mode module at fit start.
 warnings.filterwarnings("ignore", message=re.escape("Found ") + r"\d+ module\(s\) in eval mode at the start of training")
 
 _REFERENCE_PREFIX = "reference."
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class PreferenceModule(LightningModule):
-    """Preference optimization of a causal LM against a frozen reference.
+    """Preference optimization of a causal LM against a reference.
 
     Args:
         policy: the model to train: a Hugging Face hub id or local directory (``AutoModelForCausalLM``), or a
             dict of ``transformers`` config fields for a randomly initialized model.
         loss: a loss plugin (``lightning-pref losses`` lists them); default DPO with beta=0.1.
-        reference: the frozen reference; ``None`` = a frozen copy of the policy's initial weights.
+        reference: the reference model; ``None`` = the policy's initial weights.
+        reference_mode: ``model`` (a frozen reference model), ``precomputed`` (log-probs computed once before
+            training and cached; no reference in memory), ``none`` (reference-free losses only) or ``adapter``
+            (LoRA policy; the reference is the same model with adapters disabled). See ``reference.py``.
+        reference_dtype: dtype of a ``model``-mode reference (``bfloat16`` halves its memory); ``None`` = the
+            policy's.
+        lora: ``peft.LoraConfig`` fields for ``adapter`` mode (default r=8, alpha=16, all linear layers).
+        ref_sync_steps: TR-DPO: every this many optimizer steps, move the reference towards the policy.
+        ref_sync_alpha: TR-DPO mixing weight: ref <- (1 - alpha) ref + alpha policy (1.0 = hard copy).
+        reference_cache_dir: where ``precomputed`` reference log-probs are cached; ``None`` =
+            ``~/.cache/lightning_pref/reference_logps``.
         tokenizer: hub id or local directory of the tokenizer, or ``"byte"`` for a byte-level tokenizer that
             needs no files; ``None`` = the policy's (requires ``policy`` to be a path or hub id).
-        optimizer: optimizer factory, applied to the policy's parameters only.
+        optimizer: optimizer factory, applied to the trainable policy parameters only.
         scheduler: optional learning-rate scheduler factory, stepped every optimizer step.
+        on_nonfinite: a NaN/inf loss stops training with the step and batch (``error``) or skips that batch on
+            every device (``skip``).
         init_seed: seed of the random initialization of a config-dict policy.
         chunk_size: response tokens per LM-head chunk when computing log-probs.
         response_only_head: apply the LM head only at response positions (same values, less work).
@@ -47,9 +62,16 @@ class PreferenceModule(LightningModule):
         policy: ModelSpec,
         loss: PreferenceLoss | None = None,
         reference: ModelSpec | None = None,
+        reference_mode: ReferenceMode = "model",
+        reference_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        lora: dict[str, Any] | None = None,
+        ref_sync_steps: int | None = None,
+        ref_sync_alpha: float = 1.0,
+        reference_cache_dir: str | None = None,
         tokenizer: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
+        on_nonfinite: Literal["error", "skip"] = "error",
         init_seed: int = 0,
         chunk_size: int = 1024,
         response_only_head: bool = True,
@@ -58,6 +80,7 @@ class PreferenceModule(LightningModule):
         # The loss and the factories are kept by the CLI's config.yaml; as hparams they would be pickled objects.
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
         self.loss = loss if loss is not None else DPOLoss()
+        check_reference_mode(reference_mode, self.loss, ref_sync_steps)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         if tokenizer is None and not isinstance(policy, str):
@@ -72,19 +95,30 @@ class PreferenceModule(LightningModule):
         """Whether batches must carry mismatched pairs for KTO's KL baseline (linked to the data module)."""
         return self.loss.requires_kl_baseline
 
+    @property
+    def uses_reference_model(self) -> bool:
+        return self.loss.requires_reference and self.hparams.reference_mode == "model"
+
+    def load_model(self, spec: ModelSpec, field: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """Load ``spec`` as this module loads its policy (same seed and tokenizer-derived config fields)."""
+        fields = {"vocab_size": len(self.tokenizer), "pad_token_id": self.tokenizer.pad_token_id}
+        return load_causal_lm(spec, field=field, seed=self.hparams.init_seed, dtype=dtype, **fields)
+
     def configure_model(self) -> None:
         """Build the models here, not in ``__init__``, so sharded strategies can materialize them per rank."""
         if self.policy is not None:  # called again by load_from_checkpoint and by each trainer entry point
             return
         hp = self.hparams
-        config_fields = {"vocab_size": len(self.tokenizer), "pad_token_id": self.tokenizer.pad_token_id}
-        policy = load_causal_lm(hp.policy, field="model.policy", seed=hp.init_seed, **config_fields)
+        policy = self.load_model(hp.policy, "model.policy")
+        if hp.reference_mode == "adapter":
+            policy = apply_lora(policy, hp.lora)
         self.policy = SequenceScorer(policy, hp.chunk_size, hp.response_only_head)
-        if self.loss.requires_reference:
+        if self.uses_reference_model:
+            dtype = _DTYPES[hp.reference_dtype] if hp.reference_dtype else None
             if hp.reference is None:
-                reference = copy.deepcopy(policy)
+                reference = copy.deepcopy(policy).to(dtype) if dtype else copy.deepcopy(policy)
             else:
-                reference = load_causal_lm(hp.reference, field="model.reference", seed=hp.init_seed, **config_fields)
+                reference = self.load_model(hp.reference, "model.reference", dtype)
             scorer = SequenceScorer(reference, hp.chunk_size, hp.response_only_head)
             self.reference = scorer.requires_grad_(False).eval()
 
@@ -102,16 +136,27 @@ class PreferenceModule(LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def reference_scores(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
+        """Reference log-probs from the reference model, or from the policy with its adapters disabled."""
+        if self.hparams.reference_mode == "adapter":
+            with torch.no_grad(), self.policy.model.disable_adapter():
+                return self.policy(input_ids, attention_mask, response_mask)[0]
+        with torch.no_grad():
+            return self.reference(input_ids, attention_mask, response_mask)[0]
+
     def forward(self, batch: PreferenceBatch) -> tuple[SequenceLogps, SequenceLogps | None]:
         """Policy and reference log-probs of a batch: one concatenated forward of chosen and rejected rows."""
         logps, tokens = self.policy(batch.input_ids, batch.attention_mask, batch.response_mask)  # (N,), (N,)
         policy = SequenceLogps.split(logps, tokens, batch.num_chosen)
-        reference = None
-        if self.loss.requires_reference:
-            with torch.no_grad():
-                ref_logps, _ = self.reference(batch.input_ids, batch.attention_mask, batch.response_mask)
-            reference = SequenceLogps.split(ref_logps, tokens, batch.num_chosen)
-        return policy, reference
+        if not self.loss.requires_reference:
+            return policy, None
+        if self.hparams.reference_mode == "precomputed":
+            if batch.reference_logps is None:
+                raise TrainingError("reference_mode 'precomputed' but the batch carries no reference log-probs")
+            ref_logps = batch.reference_logps.to(logps.dtype)
+        else:
+            ref_logps = self.reference_scores(batch.input_ids, batch.attention_mask, batch.response_mask)
+        return policy, SequenceLogps.split(ref_logps, tokens, batch.num_chosen)
 
     @torch.no_grad()
     def kl_baseline(self, batch: PreferenceBatch) -> Tensor:
@@ -122,8 +167,11 @@ class PreferenceModule(LightningModule):
                 "set data.kl_baseline: true (the CLI links it automatically)"
             )
         args = (batch.kl_input_ids, batch.kl_attention_mask, batch.kl_response_mask)
+        if self.hparams.reference_mode == "precomputed":
+            reference_logps = batch.kl_reference_logps
+        else:
+            reference_logps = self.reference_scores(*args)
         policy_logps, _ = self.policy(*args)
-        reference_logps, _ = self.reference(*args)
         stats = torch.stack([(policy_logps - reference_logps).sum(), policy_logps.new_tensor(len(policy_logps))])
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum") if self._trainer is not None else stats
         return (stats[0] / stats[1].clamp(min=1)).clamp(min=0).detach()
@@ -149,8 +197,25 @@ class PreferenceModule(LightningModule):
             self.log(f"{stage}/{key}", value, on_step=on_step, on_epoch=not on_step, batch_size=batch_size)
         return loss
 
-    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor | None:
+        loss = self._step(batch, "train")
+        # Decided jointly so that under DDP either every rank skips the step or none does.
+        nonfinite = self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False)
+        if not nonfinite:
+            return loss
+        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if self.hparams.on_nonfinite == "skip":
+            warnings.warn(f"non-finite loss at {where}: batch skipped (model.on_nonfinite: skip)", stacklevel=2)
+            return None
+        raise TrainingError(
+            f"non-finite loss ({loss.item()}) at {where}; lower the learning rate or check that batch's data, "
+            "or set model.on_nonfinite: skip to skip such batches"
+        )
+
+    def on_train_batch_end(self, outputs: Any, batch: PreferenceBatch, batch_idx: int) -> None:
+        steps = self.hparams.ref_sync_steps
+        if steps and self.global_step % steps == 0 and self.global_step > 0:
+            soft_update(self.reference, self.policy, self.hparams.ref_sync_alpha)
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         self._step(batch, "val")
@@ -159,14 +224,25 @@ class PreferenceModule(LightningModule):
         self._step(batch, "test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave the frozen reference out: it is rebuilt from the config, and would double the file size."""
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(_REFERENCE_PREFIX)]:
-            del state[key]
+        """Leave a frozen reference out (it is rebuilt from the config) and keep the RNG states for resume."""
+        if not self.hparams.ref_sync_steps:  # a synced reference has moved and must be saved
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(_REFERENCE_PREFIX)]:
+                del state[key]
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Put the rebuilt reference's weights back so strict loading of the checkpoint succeeds."""
+        """Put the rebuilt reference's weights back so strict loading succeeds, and restore the RNG states."""
         if self.reference is not None:
             state = checkpoint["state_dict"]
             for key, value in self.reference.state_dict().items():
                 state.setdefault(_REFERENCE_PREFIX + key, value)
+        rng = checkpoint.get("rng_states")
+        if rng is not None and self._trainer is not None:  # resuming a run, not loading weights for inference
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+

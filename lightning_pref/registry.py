@@ -101,15 +101,16 @@ def load_plugins(force: bool = False) -> None:
         dist = ep.dist.name if ep.dist is not None else "unknown distribution"
         try:
             obj = ep.load()
-        except Exception as err:  # noqa: BLE001 - any import failure of third-party code must not crash us
+            if not isinstance(obj, type):
+                raise TypeError(f"{ep.value} is a {type(obj).__name__}, not a PreferenceLoss class")
+            if obj not in _LOSSES.values():
+                register_loss(ep.name)(obj)
+        except Exception as err:  # noqa: BLE001 - any failure of third-party code must not crash us
             warnings.warn(
                 f"lightning-pref: could not load loss plugin {ep.name!r} ({ep.value}) from distribution "
                 f"{dist!r}: {type(err).__name__}: {err}",
                 stacklevel=2,
             )
-            continue
-        if isinstance(obj, type) and obj not in _LOSSES.values():
-            register_loss(ep.name)(obj)
 
 
 def _qualname(cls: type) -> str:

@@ -31,6 +31,22 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _only_builtin_losses(monkeypatch):
+    """Tests see the built-in losses only, whatever loss plugins happen to be installed in the environment."""
+    import importlib.metadata
+
+    from lightning_pref import registry
+
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(
+        importlib.metadata,
+        "entry_points",
+        lambda **kw: [] if kw.get("group") == registry.ENTRY_POINT_GROUP else real(**kw),
+    )
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+
+
 @pytest.fixture
 def tokenizer() -> ByT5Tokenizer:
     return ByT5Tokenizer()

@@ -15,6 +15,9 @@ from tests.conftest import REPO, TINY
 # Every shipped config and the loss it selects; a config added without an entry here fails the count below.
 CONFIGS = {
     "configs/dpo.yaml": "lightning_pref.losses.dpo.DPOLoss",
+    "configs/cdpo.yaml": "lightning_pref.losses.cdpo.CDPOLoss",
+    "configs/ipo.yaml": "lightning_pref.losses.ipo.IPOLoss",
+    "configs/kto.yaml": "lightning_pref.losses.kto.KTOLoss",
 }
 
 
@@ -52,6 +55,8 @@ def test_print_config_without_arguments(capsys):
     [
         (["--model.loss", "dpo"], "lightning_pref.losses.dpo.DPOLoss"),
         (["--model.loss=DPOLoss"], "lightning_pref.losses.dpo.DPOLoss"),
+        (["--model.loss", "ipo", "--model.loss.beta", "0.3"], "lightning_pref.losses.ipo.IPOLoss"),
+        (["--model.loss", "IPOLoss"], "lightning_pref.losses.ipo.IPOLoss"),
         (["--model.loss", "lightning_pref.losses.dpo.DPOLoss", "--model.loss.beta", "0.3"],
          "lightning_pref.losses.dpo.DPOLoss"),
     ],
@@ -68,6 +73,25 @@ def test_loss_name_in_yaml(tmp_path, capsys):
     extra.write_text("model:\n  loss:\n    class_path: dpo\n    init_args:\n      beta: 0.25\n")
     config = _print_config(capsys, "fit", "--config", str(REPO / "configs/dpo.yaml"), "--config", str(extra))
     assert config["model"]["loss"] == {"class_path": "lightning_pref.losses.dpo.DPOLoss", "init_args": {"beta": 0.25}}
+
+
+def test_weighted_composition_from_yaml(tmp_path, capsys):
+    extra = tmp_path / "rpo.yaml"
+    extra.write_text("model:\n  loss:\n    class_path: weighted\n    init_args:\n      terms: {dpo: 1.0, nll: 0.2}\n")
+    config = _print_config(capsys, "fit", "--config", str(REPO / "configs/dpo.yaml"), "--config", str(extra))
+    assert config["model"]["loss"]["class_path"] == "lightning_pref.losses.weighted.WeightedLoss"
+    assert config["model"]["loss"]["init_args"]["terms"] == {"dpo": 1.0, "nll": 0.2}
+
+
+def test_reference_free_loss_builds_no_reference(tmp_path, pairs_file):
+    main([
+        "fit", "--config", str(REPO / "configs/dpo.yaml"), "--model.loss", "simpo", "--data.train", str(pairs_file),
+        "--data.val", str(pairs_file), "--trainer.default_root_dir", str(tmp_path), "--data.batch_size", "4",
+        *SMALL_RUN,
+    ])
+    (last,) = glob.glob(str(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"))
+    state = torch.load(last, weights_only=False)["state_dict"]
+    assert any(k.startswith("policy.") for k in state) and not any(k.startswith("reference.") for k in state)
 
 
 def test_unknown_loss_is_one_clear_line(capsys):

@@ -164,3 +164,19 @@ def test_plugins_load_once_unless_forced(monkeypatch):
     assert len(calls) == 1
     load_plugins(force=True)
     assert len(calls) == 2
+
+
+def test_plugin_whose_name_is_taken_warns_instead_of_crashing(monkeypatch):
+    from lightning_pref.losses import DPOLoss
+
+    fake_entry_points(monkeypatch, FakeEntryPoint("dpo", "pkg:ToyLoss", FakeDist("clash-dist"), ToyLoss))
+    with pytest.warns(UserWarning, match=r"'dpo'.*clash-dist.*already registered"):
+        load_plugins(force=True)
+    assert get_loss_class("dpo") is DPOLoss
+
+
+def test_plugin_that_is_not_a_class_warns(monkeypatch):
+    fake_entry_points(monkeypatch, FakeEntryPoint("fn", "pkg:fn", FakeDist("fn-dist"), lambda: None))
+    with pytest.warns(UserWarning, match=r"'fn'.*fn-dist.*not a PreferenceLoss class"):
+        load_plugins(force=True)
+    assert "fn" not in list_losses()
