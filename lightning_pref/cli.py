@@ -1,6 +1,7 @@
 """``lightning-pref``: LightningCLI over :class:`PreferenceModule` and :class:`PreferenceDataModule`.
 
-Subcommands: ``fit``, ``validate``, ``test``, ``predict`` (Lightning's) and ``losses`` (the loss table).
+Subcommands: ``fit``, ``validate``, ``test``, ``predict`` (Lightning's), ``losses`` (the loss table) and
+``export`` (the trained policy as a Hugging Face model directory).
 A loss is chosen by registered name (``--model.loss ipo``), class name (``IPOLoss``) or import path
 (``my_pkg.losses.MyLoss``), on the command line or as ``loss: {class_path: kto, init_args: {...}}`` in YAML.
 """
@@ -12,7 +13,7 @@ import sys
 from typing import Any
 
 import yaml
-from jsonargparse import set_loader
+from jsonargparse import ArgumentParser, set_loader
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -140,6 +141,14 @@ def main(args: list[str] | None = None) -> None:
     try:
         if argv[:1] == ["losses"]:
             print_losses()
+            return
+        if argv[:1] == ["export"]:
+            from lightning_pref.export import export_checkpoint
+
+            parser = ArgumentParser(prog="lightning-pref export", description=export_checkpoint.__doc__)
+            parser.add_function_arguments(export_checkpoint, as_positional=False)
+            out = export_checkpoint(**parser.parse_args(argv[1:]).as_dict())
+            Console().print(f"exported the policy to {out} (load it with AutoModelForCausalLM.from_pretrained)")
             return
         _register_parser_mode()
         LightningPrefCLI(

@@ -1,0 +1,101 @@
+"""Export the trained policy as a standard Hugging Face model directory.
+
+``lightning-pref export --ckpt_path out/.../last.ckpt --output_dir aligned-model`` writes ``save_pretrained``
+weights, config and tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained``. A LoRA policy is merged
+into its base weights unless ``adapter_only`` is set.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from lightning_pref.errors import UserInputError
+from lightning_pref.losses.nll import NLLLoss
+from lightning_pref.module import PreferenceModule
+
+_POLICY_PREFIX = "policy."
+
+
+def _check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserInputError(f"--output_dir: {out} exists and is not empty; choose another or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save_policy(module: PreferenceModule, output_dir: str | Path, adapter_only: bool = False) -> Path:
+    """Write ``module``'s policy and tokenizer to ``output_dir`` with ``save_pretrained``."""
+    out = Path(output_dir)
+    model = module.policy.model
+    if hasattr(model, "merge_and_unload") and not adapter_only:
+        # Merge into a copy: the module keeps training (or validating) with its adapters intact.
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(out)
+    module.tokenizer.save_pretrained(out)
+    return out
+
+
+def load_policy_from_checkpoint(ckpt_path: str | Path) -> PreferenceModule:
+    """Rebuild the module from a checkpoint's hyperparameters and load the policy weights only.
+
+    The reference and the loss are not needed to export, so neither is built: any reference mode and any loss
+    (including ones whose plugin is not installed here) export the same way.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UserInputError(f"--ckpt_path: no checkpoint file at {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    accepted = inspect.signature(PreferenceModule.__init__).parameters
+    hparams: dict[str, Any] = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in accepted}
+    if "policy" not in hparams:
+        raise UserInputError(f"--ckpt_path: {path} was not written by lightning-pref (no policy in its hparams)")
+    adapter = hparams.get("reference_mode") == "adapter"
+    hparams.update(loss=NLLLoss(), reference_mode="adapter" if adapter else "none", ref_sync_steps=None)
+    module = PreferenceModule(**hparams)
+    module.configure_model()
+    state = {k[len(_POLICY_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(_POLICY_PREFIX)}
+    module.policy.load_state_dict(state)
+    return module
+
+
+def export_checkpoint(ckpt_path: str, output_dir: str, overwrite: bool = False, adapter_only: bool = False) -> Path:
+    """Export the policy of a lightning-pref checkpoint as a Hugging Face model directory.
+
+    Args:
+        ckpt_path: a checkpoint written by ``lightning-pref fit`` (e.g. ``.../checkpoints/last.ckpt``).
+        output_dir: directory to write; must be empty or absent unless ``overwrite`` is set.
+        overwrite: allow writing into a non-empty ``output_dir``.
+        adapter_only: for a LoRA policy, save only the adapter instead of merged weights.
+    """
+    out = _check_output_dir(output_dir, overwrite)
+    return save_policy(load_policy_from_checkpoint(ckpt_path), out, adapter_only)
+
+
+class ExportPolicy(Callback):
+    """Opt-in callback: export the policy at the end of ``fit``.
+
+    In YAML: ``trainer: {callbacks: [{class_path: lightning_pref.export.ExportPolicy, init_args: {output_dir: x}}]}``.
+
+    Args:
+        output_dir: directory to write (checked before training starts, so a run never ends unable to export).
+        overwrite: allow writing into a non-empty ``output_dir``.
+        adapter_only: for a LoRA policy, save only the adapter.
+    """
+
+    def __init__(self, output_dir: str, overwrite: bool = False, adapter_only: bool = False) -> None:
+        self.output_dir, self.overwrite, self.adapter_only = output_dir, overwrite, adapter_only
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            _check_output_dir(self.output_dir, self.overwrite)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            save_policy(pl_module, self.output_dir, self.adapter_only)

@@ -1,0 +1,63 @@
+"""Export of the trained policy as a Hugging Face model directory."""
+
+from __future__ import annotations
+
+import glob
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lightning_pref.cli import main
+from lightning_pref.export import export_checkpoint, load_policy_from_checkpoint
+from tests.conftest import REPO
+
+RUN = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.batch_size", "4"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    tmp = tmp_path_factory.mktemp("export")
+    from lightning_pref.data.synthetic import generate
+    from tests.conftest import write_jsonl
+
+    data = write_jsonl(tmp / "pairs.jsonl", generate(16, seed=4)[0])
+    main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--data.train", str(data), "--data.val", str(data),
+          "--trainer.default_root_dir", str(tmp), *RUN])
+    (last,) = glob.glob(str(tmp / "lightning_logs/version_0/checkpoints/last.ckpt"))
+    return last
+
+
+def test_exported_model_reloads_with_same_logits_and_generates(checkpoint, tmp_path):
+    out = tmp_path / "aligned"
+    main(["export", "--ckpt_path", checkpoint, "--output_dir", str(out)])
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    policy = load_policy_from_checkpoint(checkpoint).policy.model.eval()
+    ids = tokenizer("User: Tell me about figo.\nAssistant:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, policy(ids).logits)
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] == ids.shape[1] + 5
+    # the exported weights are the trained ones, not the initial ones
+    state = torch.load(checkpoint, weights_only=False)["state_dict"]
+    trained = state["policy.model.model.embed_tokens.weight"]
+    assert torch.equal(model.model.embed_tokens.weight, trained)
+
+
+def test_export_refuses_non_empty_dir_unless_overwrite(checkpoint, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt_path", checkpoint, "--output_dir", str(out)])
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    export_checkpoint(checkpoint, str(out), overwrite=True)
+    assert (out / "config.json").is_file() and (out / "keep.txt").read_text() == "user data"
+
+
+def test_export_missing_checkpoint_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--ckpt_path", str(tmp_path / "nope.ckpt"), "--output_dir", str(tmp_path / "o")])
+    assert "--ckpt_path: no checkpoint file" in capsys.readouterr().err

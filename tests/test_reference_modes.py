@@ -1,0 +1,108 @@
+"""Reference modes (model / none / adapter), reference dtype, TR-DPO sync and non-finite losses."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from lightning_pref import LossOutput, PreferenceDataModule, PreferenceLoss, PreferenceModule
+from lightning_pref.errors import TrainingError, UserInputError
+from lightning_pref.losses import DPOLoss, SimPOLoss
+from tests.conftest import TINY
+
+
+def _fit(model: PreferenceModule, data, steps: int = 2, **trainer_kwargs) -> Trainer:
+    dm = PreferenceDataModule(train=str(data), tokenizer=model.tokenizer, batch_size=4)
+    trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, **trainer_kwargs)
+    trainer.fit(model, dm)
+    return trainer
+
+
+def _module(**kwargs) -> PreferenceModule:
+    kwargs.setdefault("optimizer", partial(torch.optim.AdamW, lr=1e-2))
+    return PreferenceModule(policy=TINY, tokenizer="byte", **kwargs)
+
+
+def test_none_mode_refuses_a_loss_that_needs_a_reference():
+    with pytest.raises(UserInputError, match="reference_mode: 'none'.*DPOLoss requires them"):
+        _module(loss=DPOLoss(), reference_mode="none")
+
+
+def test_ref_sync_needs_model_mode():
+    with pytest.raises(UserInputError, match="ref_sync_steps"):
+        _module(reference_mode="none", loss=SimPOLoss(), ref_sync_steps=2)
+
+
+def test_none_mode_with_reference_free_loss_builds_no_reference(pairs_file):
+    model = _module(loss=SimPOLoss(), reference_mode="none")
+    _fit(model, pairs_file)
+    assert model.reference is None
+
+
+def test_reference_dtype(pairs_file):
+    model = _module(reference_dtype="bfloat16")
+    model.configure_model()
+    assert {p.dtype for p in model.reference.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.policy.parameters()} == {torch.float32}
+    _fit(model, pairs_file)
+
+
+def test_adapter_mode_reference_is_policy_with_adapters_disabled(pairs_file):
+    pytest.importorskip("peft")
+    model = _module(reference_mode="adapter", lora={"r": 4, "lora_alpha": 8})
+    model.configure_model()
+    assert model.reference is None
+    trainable = [n for n, p in model.policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    batch_ids = torch.randint(3, 200, (2, 10))
+    mask, response = torch.ones_like(batch_ids), torch.zeros_like(batch_ids, dtype=torch.bool)
+    response[:, 5:] = True
+    before = model.reference_scores(batch_ids, mask, response)
+    # LoRA's B matrices start at zero, so the policy starts equal to its reference: DPO loss ln 2
+    torch.testing.assert_close(model.policy(batch_ids, mask, response)[0], before)
+    _fit(model, pairs_file, steps=3)
+    with torch.no_grad():
+        after_policy = model.policy(batch_ids, mask, response)[0]
+    torch.testing.assert_close(model.reference_scores(batch_ids, mask, response), before)  # base untouched
+    assert not torch.allclose(after_policy, before)
+
+
+def test_tr_dpo_soft_sync(pairs_file):
+    model = _module(ref_sync_steps=2, ref_sync_alpha=0.5)
+    model.configure_model()
+    initial = {k: v.clone() for k, v in model.reference.state_dict().items()}
+    _fit(model, pairs_file, steps=2)
+    policy = model.policy.state_dict()
+    for key, value in model.reference.state_dict().items():
+        torch.testing.assert_close(value, 0.5 * initial[key] + 0.5 * policy[key])
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    assert any(k.startswith("reference.") for k in checkpoint["state_dict"])  # a moved reference is saved
+
+
+class _NaNLoss(PreferenceLoss):
+    requires_reference = False
+    paper = "test"
+
+    def forward(self, policy, reference, *, kl_baseline=None) -> LossOutput:
+        zeros = torch.zeros_like(policy.chosen).detach()
+        return LossOutput(policy.chosen * math.nan, zeros, zeros)
+
+
+def test_nonfinite_loss_stops_with_step_and_batch(pairs_file):
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 0 \(epoch 0, batch 0\)"):
+        _fit(_module(loss=_NaNLoss(), reference_mode="none"), pairs_file)
+
+
+def test_nonfinite_loss_skip(pairs_file):
+    model = _module(loss=_NaNLoss(), reference_mode="none", on_nonfinite="skip")
+    model.configure_model()
+    initial = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    with pytest.warns(UserWarning, match="non-finite loss at step 0.*skipped"):
+        _fit(model, pairs_file, steps=2, max_epochs=1, limit_train_batches=2)
+    assert all(torch.equal(v, initial[k]) for k, v in model.policy.state_dict().items())
