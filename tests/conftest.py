@@ -32,6 +32,12 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Tokenization and reference caches go to a per-session temporary folder, never to ~/.cache."""
+    monkeypatch.setenv("LIGHTNING_PREF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(autouse=True)
 def _only_builtin_losses(monkeypatch):
     """Tests see the built-in losses only, whatever loss plugins happen to be installed in the environment."""
     import importlib.metadata

@@ -1,33 +1,81 @@
-"""``PreferenceDataModule``: preference files in, padded :class:`PreferenceBatch` out."""
+"""``PreferenceDataModule``: preference data as people have it in, padded :class:`PreferenceBatch` out."""
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+from typing import Literal
+
+import datasets
 from lightning.pytorch import LightningDataModule
-from rich.console import Console
-from torch.utils.data import DataLoader
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
+from lightning_pref.data import cache as tokenized_cache
 from lightning_pref.data.collate import PreferenceCollator
-from lightning_pref.data.sources import bundled, read_records, validate
-from lightning_pref.data.tokenize import Encoded, encode_prompt, encode_response, truncate
+from lightning_pref.data.formats import Format
+from lightning_pref.data.prepare import Options, prepare
+from lightning_pref.data.sampler import LengthGroupedSampler
+from lightning_pref.data.sources import Source, bundled, read_source
+from lightning_pref.data.stats import SplitStats, print_summary
+from lightning_pref.data.tokenize import Encoded
 from lightning_pref.errors import UserInputError
 
 
-class PreferenceDataModule(LightningDataModule):
-    """Preference data from JSONL/JSON files.
+class EncodedDataset(Dataset):
+    """Encoded examples backed by an Arrow table (memory-mapped when it comes from the cache)."""
 
-    Records are ``{"prompt", "chosen", "rejected"}`` (paired) or ``{"prompt", "completion", "label"}``
-    (unpaired, KTO). With ``train`` unset, the bundled synthetic set is used for train *and* val.
+    def __init__(self, table: datasets.Dataset) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> Encoded:
+        row = self.table[index]
+        return Encoded(row["prompt"], row["chosen"], row["rejected"], label=row["label"])
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens of prompt + longest response, per example."""
+        return list(self.table["length"])
+
+
+class PreferenceDataModule(LightningDataModule):
+    """Preference data from files or datasets, in any of the common formats (see ``formats.py``).
+
+    Formats are detected from the columns: ``prompt/chosen/rejected`` as strings (standard) or message lists
+    (conversational, rendered with the tokenizer's chat template); ``chosen/rejected`` only (implicit prompt:
+    the shared prefix); ``prompt/completion/label`` (unpaired, KTO). With ``train`` unset, the bundled synthetic
+    set is used for train *and* val. After loading, a summary table (kept, dropped and why, token lengths) goes
+    to stderr and the counts to ``self.stats[split]``.
 
     Args:
-        train: training file (``.jsonl`` or ``.json``); ``None`` = the bundled synthetic set.
-        val: validation file; ``None`` = no validation (or the bundled held-out split when ``train`` is unset).
+        train: training data: a ``.jsonl``, ``.json``, ``.parquet`` or ``.csv`` file, a ``save_to_disk``
+            directory or a Hugging Face dataset id (``name:split`` picks a split); ``None`` = the bundled set.
+        val: validation data, as ``train``; ``None`` = no validation (or the bundled held-out split when
+            ``train`` is unset, or a ``val_fraction`` of train).
         tokenizer: the policy's tokenizer (linked from ``model.tokenizer`` by the CLI).
         batch_size: pairs (paired data) or examples (unpaired data) per batch.
-        max_length: maximum tokens of prompt + response; longer examples are truncated (see ``truncate``).
+        max_length: maximum tokens of prompt + response; longer examples are truncated (see ``truncate``), and
+            an example left with no response token is dropped.
         max_prompt_length: maximum prompt tokens; the prompt keeps its end.
         num_workers: DataLoader workers.
         kl_baseline: build KTO's mismatched pairs in each batch (linked from the loss by the CLI).
+        format: ``auto`` (detect from the columns) or ``standard``, ``conversational``, ``implicit_prompt``,
+            ``unpaired``.
+        columns: your column names for the canonical fields, e.g. ``{prompt: question, chosen: response_j,
+            rejected: response_k}``.
+        unpair: turn each pair into a desirable and an undesirable example (for unpaired losses such as KTO).
+        on_identical: pairs whose chosen equals rejected: ``warn`` drops and counts them, ``error`` stops,
+            ``keep`` keeps them.
+        val_fraction: carve this fraction of ``train`` out as validation (seeded by ``seed``; needs ``val``
+            unset).
+        seed: seed of ``val_fraction`` and of ``group_by_length``'s order.
+        group_by_length: batch examples of similar length together (less padding; still shuffled per epoch).
+        cache: cache tokenized splits on disk, so the next run does not tokenize again.
+        cache_dir: where; ``None`` = ``$LIGHTNING_PREF_CACHE`` or ``~/.cache/lightning_pref``.
     """
 
     def __init__(
@@ -40,55 +88,102 @@ class PreferenceDataModule(LightningDataModule):
         max_prompt_length: int | None = None,
         num_workers: int = 0,
         kl_baseline: bool = False,
+        format: Format = "auto",
+        columns: dict[str, str] | None = None,
+        unpair: bool = False,
+        on_identical: Literal["warn", "error", "keep"] = "warn",
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        group_by_length: bool = False,
+        cache: bool = True,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if tokenizer is None:
             raise UserInputError("data.tokenizer: required (the CLI links it from model.tokenizer)")
+        if tokenizer.pad_token_id is None:
+            raise UserInputError(
+                f"data.tokenizer: {type(tokenizer).__name__} has no pad token; load it with "
+                "lightning_pref.models.load_tokenizer (which uses EOS as pad) or set tokenizer.pad_token"
+            )
+        if not 0.0 <= val_fraction < 1.0:
+            raise UserInputError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
+        if val_fraction and val is not None:
+            raise UserInputError("data.val_fraction: give data.val or data.val_fraction, not both")
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
         if train is None:
-            train, val = bundled("train"), val or bundled("val")
+            train, val = bundled("train"), val or (None if val_fraction else bundled("val"))
         self.paths = {"train": train, "val": val}
-        self.datasets: dict[str, list[Encoded]] = {}
+        self.options = Options(
+            format, tuple(sorted((columns or {}).items())), max_length, max_prompt_length, unpair, on_identical
+        )
+        self.cache_dir = Path(cache_dir) if cache_dir else tokenized_cache.default_dir() / "data"
+        self.datasets: dict[str, EncodedDataset] = {}
+        self.stats: dict[str, SplitStats] = {}
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node before setup: with the cache on, the splits are tokenized once here and
+        # every process's setup reads them back memory-mapped.
+        if self.hparams.cache:
+            self._build()
 
     def setup(self, stage: str) -> None:
-        for split, path in self.paths.items():
-            if path is not None and split not in self.datasets:
-                self.datasets[split] = self._load(path, f"data.{split}")
+        self._build()
 
-    def _load(self, path: str, field: str) -> list[Encoded]:
-        tok, hp = self.tokenizer, self.hparams
-        examples, dropped = [], 0
-        for record in read_records(path, field):
-            paired = validate(record)
-            prompt = encode_prompt(tok, record["prompt"])
-            if paired:
-                responses = [encode_response(tok, record["chosen"]), encode_response(tok, record["rejected"])]
-            else:
-                responses = [encode_response(tok, record["completion"])]
-            prompt, responses = truncate(prompt, responses, hp.max_length, hp.max_prompt_length)
-            if any(not r for r in responses):  # no response token left to score: the example carries no signal
-                dropped += 1
-                continue
-            if paired:
-                examples.append(Encoded(prompt, responses[0], responses[1]))
-            else:
-                examples.append(Encoded(prompt, responses[0], label=record["label"]))
-        if not examples:
-            raise UserInputError(
-                f"{field}: all {dropped} examples of {path} were dropped by truncation; raise data.max_length"
-            )
-        if dropped:
-            Console(stderr=True).print(f"[yellow]{field}: dropped {dropped} examples with no response token left "
-                                       f"after truncation to max_length={hp.max_length}[/yellow]")
-        return examples
+    def _build(self) -> None:
+        if self.datasets:
+            return
+        train = read_source(self.paths["train"], "data.train")
+        selections: dict[str, tuple[Source, list[int], tuple]] = {}
+        if self.hparams.val_fraction:
+            # A seeded permutation picks the held-out rows; both parts keep file order (and line numbers).
+            order = list(range(len(train.rows)))
+            random.Random(self.hparams.seed).shuffle(order)
+            n_val = max(1, round(len(order) * self.hparams.val_fraction))
+            if n_val >= len(order):
+                raise UserInputError(
+                    f"data.val_fraction: {self.hparams.val_fraction} of {len(order)} rows leaves no training rows"
+                )
+            part = ("val_fraction", self.hparams.val_fraction, self.hparams.seed)
+            selections["train"] = (train, sorted(order[n_val:]), (*part, "train"))
+            selections["val"] = (train, sorted(order[:n_val]), (*part, "val"))
+        else:
+            selections["train"] = (train, list(range(len(train.rows))), ("all",))
+            if self.paths["val"] is not None:
+                val = read_source(self.paths["val"], "data.val")
+                selections["val"] = (val, list(range(len(val.rows))), ("all",))
+        tokenizer_key = tokenized_cache.tokenizer_fingerprint(self.tokenizer) if self.hparams.cache else ""
+        for split, (source, indices, selection) in selections.items():
+            table, self.stats[split] = self._encode(source, indices, selection, tokenizer_key, f"data.{split}")
+            self.datasets[split] = EncodedDataset(table)
+        _print_summary(self.stats)
+
+    def _encode(
+        self, source: Source, indices: list[int], selection: tuple, tokenizer_key: str, field: str
+    ) -> tuple[datasets.Dataset, SplitStats]:
+        if not self.hparams.cache:
+            columns, stats = prepare(source, indices, self.tokenizer, self.options, field)
+            return tokenized_cache.to_dataset(columns), stats
+        key = tokenized_cache.fingerprint(source.fingerprint, selection, tokenizer_key, self.options)
+        hit = tokenized_cache.load(self.cache_dir, key)
+        if hit is not None:
+            return hit
+        columns, stats = prepare(source, indices, self.tokenizer, self.options, field)
+        return tokenized_cache.store(self.cache_dir, key, tokenized_cache.to_dataset(columns), stats), stats
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         collate = PreferenceCollator(self.tokenizer.pad_token_id, kl_baseline=self.hparams.kl_baseline)
+        dataset, sampler = self.datasets[split], None
+        if shuffle and self.hparams.group_by_length:
+            world_size = self.trainer.world_size if self.trainer is not None else 1
+            sampler = LengthGroupedSampler(dataset.lengths, self.hparams.batch_size * world_size, self.hparams.seed)
+            shuffle = False
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             collate_fn=collate,
             num_workers=self.hparams.num_workers,
         )
@@ -101,3 +196,8 @@ class PreferenceDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
+
+
+@rank_zero_only
+def _print_summary(stats: dict[str, SplitStats]) -> None:
+    print_summary(stats)

@@ -1,16 +1,52 @@
-"""Reading preference records from local files, with errors that name the file, line and field."""
+"""Reading raw preference rows from where people keep them, with errors that name the file, line and field.
+
+One reader per kind of source:
+
+- ``.jsonl`` (one object per line) and ``.json`` (a list of objects): read here, so a malformed line is
+  reported with its line number. A ``.json`` file that is really JSON Lines (common on the Hugging Face hub)
+  is read as JSONL.
+- ``.parquet`` and ``.csv`` files, directories written by ``Dataset.save_to_disk`` and Hugging Face dataset
+  ids: read with the ``datasets`` library (Arrow, memory-mapped, cached by ``datasets``).
+
+A dataset with several splits (a ``DatasetDict`` directory or a hub id) takes its split from a ``:split``
+suffix (``Anthropic/hh-rlhf:test``), else ``train`` for ``data.train`` and ``validation``/``test`` for
+``data.val``.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from lightning_pref.errors import UserInputError
 
-PAIRED_FIELDS = ("prompt", "chosen", "rejected")
-UNPAIRED_FIELDS = ("prompt", "completion", "label")
+ARROW_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
+#: Split taken from a multi-split dataset when the path names none, by config field.
+DEFAULT_SPLITS = {"data.train": ("train",), "data.val": ("validation", "valid", "val", "test")}
+
+
+@dataclass
+class Source:
+    """Raw rows of one file or dataset.
+
+    Attributes:
+        name: the path or dataset id, as the user gave it.
+        rows: row dicts (a list, or a memory-mapped ``datasets.Dataset``).
+        columns: column names (for JSON, the keys of the first row).
+        fingerprint: changes whenever the content may have changed; keys the tokenization cache.
+        locate: row index -> ``"file:line"`` text for error messages.
+    """
+
+    name: str
+    rows: Sequence[dict[str, Any]]
+    columns: list[str]
+    fingerprint: str
+    locate: Callable[[int], str]
 
 
 def bundled(split: str) -> str:
@@ -18,67 +54,114 @@ def bundled(split: str) -> str:
     return str(resources.files("lightning_pref") / "assets" / f"synthetic_{split}.jsonl")
 
 
-def read_records(path: str, field: str) -> list[dict[str, Any]]:
-    """Read a ``.jsonl`` (one object per line) or ``.json`` (a list of objects) file.
+def read_source(path: str, field: str) -> Source:
+    """Read a preference file, a ``save_to_disk`` directory or a Hugging Face dataset id.
 
     Args:
-        path: the file.
-        field: the config field naming the file (e.g. ``data.train``), for error messages.
+        path: the file, directory or dataset id (optionally with a ``:split`` suffix).
+        field: the config field naming it (e.g. ``data.train``), for error messages.
     """
     file = Path(path)
-    if not file.is_file():
-        raise UserInputError(f"{field}: file not found: {path} (give a .jsonl or .json file of preference records)")
+    if file.is_file():
+        if file.suffix in ARROW_SUFFIXES:
+            return _read_arrow_file(file, path, field)
+        if file.suffix not in (".jsonl", ".json"):
+            raise UserInputError(
+                f"{field}: {path}: unsupported file type {file.suffix!r}; give .jsonl, .json, .parquet or .csv"
+            )
+        return _read_json(file, path, field)
+    if file.is_dir():
+        return _read_dataset(path, field, local=True)
+    if file.suffix in (".jsonl", ".json", *ARROW_SUFFIXES) or path.startswith((".", "/", "~")):
+        raise UserInputError(
+            f"{field}: file not found: {path} (give a .jsonl, .json, .parquet or .csv file, a directory written "
+            "by Dataset.save_to_disk, or a Hugging Face dataset id)"
+        )
+    return _read_dataset(path, field, local=False)
+
+
+def _file_fingerprint(file: Path) -> str:
+    stat = file.stat()
+    return _digest(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def _read_json(file: Path, path: str, field: str) -> Source:
     text = file.read_text(encoding="utf-8")
-    if file.suffix == ".json":
+    if file.suffix == ".json" and not text.lstrip().startswith("{"):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as err:
             raise UserInputError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
         if not isinstance(records, list):
             raise UserInputError(f"{path}: a .json file must hold a list of records; use .jsonl for one per line")
-        numbered = [(i + 1, r) for i, r in enumerate(records)]
-        where = "record"
+        numbered = [(f"{path}:record {i + 1}", r) for i, r in enumerate(records)]
     else:
         numbered = []
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                numbered.append((lineno, json.loads(line)))
+                numbered.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as err:
                 raise UserInputError(f"{path}:{lineno}: invalid JSON ({err.msg}); each line must be one object") from None
-        where = "line"
-    out = []
-    for n, record in numbered:
+    for where, record in numbered:
         if not isinstance(record, dict):
-            raise UserInputError(f"{path}:{where} {n}: expected a JSON object, got {type(record).__name__}")
-        record["_where"] = f"{path}:{where} {n}" if where == "record" else f"{path}:{n}"
-        out.append(record)
-    if not out:
+            raise UserInputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if not numbered:
         raise UserInputError(f"{field}: {path} contains no records")
-    return out
+    wheres = [w for w, _ in numbered]
+    rows = [r for _, r in numbered]
+    return Source(path, rows, list(rows[0]), _file_fingerprint(file), wheres.__getitem__)
 
 
-def validate(record: dict[str, Any]) -> bool:
-    """Check a record's fields; return ``True`` for paired and ``False`` for unpaired (KTO) records."""
-    where = record["_where"]
-    if all(k in record for k in PAIRED_FIELDS):
-        fields, paired = PAIRED_FIELDS, True
-    elif all(k in record for k in UNPAIRED_FIELDS):
-        fields, paired = UNPAIRED_FIELDS, False
-    else:
-        present = sorted(k for k in record if k != "_where")
+def _read_arrow_file(file: Path, path: str, field: str) -> Source:
+    import datasets
+
+    reader = datasets.Dataset.from_parquet if file.suffix == ".parquet" else datasets.Dataset.from_csv
+    try:
+        dataset = reader(str(file))
+    except Exception as err:  # broad on purpose: pyarrow/pandas raise many types; the user needs the file named
+        raise UserInputError(f"{field}: cannot read {path} as {ARROW_SUFFIXES[file.suffix]}: {_first_line(err)}") from None
+    return _dataset_source(dataset, path, field, _file_fingerprint(file))
+
+
+def _read_dataset(path: str, field: str, *, local: bool) -> Source:
+    import datasets
+
+    name, split = path, None
+    if not local and ":" in path:
+        name, split = path.rsplit(":", 1)
+    try:
+        if local:
+            loaded = datasets.load_from_disk(path)
+        else:
+            loaded = datasets.load_dataset(name, split=split) if split else datasets.load_dataset(name)
+    except Exception as err:  # broad on purpose: missing dirs, hub errors, offline mode: all one message
         raise UserInputError(
-            f"{where}: expected fields {'/'.join(PAIRED_FIELDS)} (paired) or {'/'.join(UNPAIRED_FIELDS)} "
-            f"(unpaired); found {present}"
-        )
-    for key in fields:
-        value = record[key]
-        if key == "label":
-            if not isinstance(value, bool):
-                raise UserInputError(f"{where}: field 'label' must be true or false, got {value!r}")
-        elif not isinstance(value, str):
-            raise UserInputError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
-        elif not value.strip() and key != "prompt":
-            raise UserInputError(f"{where}: field {key!r} is empty")
-    return paired
+            f"{field}: cannot load {path!r}: not a preference file, not a directory written by "
+            f"Dataset.save_to_disk, and not a loadable Hugging Face dataset ({_first_line(err)})"
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        wanted = [split] if split else DEFAULT_SPLITS.get(field, ("train",))
+        found = next((s for s in wanted if s in loaded), None)
+        if found is None:
+            raise UserInputError(
+                f"{field}: {path} has splits {sorted(loaded)}, none of {list(wanted)}; name one as {name}:SPLIT"
+            )
+        loaded, name = loaded[found], f"{name}:{found}"
+    return _dataset_source(loaded, name, field, _digest(name, loaded._fingerprint))
+
+
+def _dataset_source(dataset: Any, name: str, field: str, fingerprint: str) -> Source:
+    if len(dataset) == 0:
+        raise UserInputError(f"{field}: {name} contains no records")
+    return Source(name, dataset, list(dataset.column_names), fingerprint, lambda i: f"{name}:row {i + 1}")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -56,3 +56,28 @@ def truncate(
         prompt = prompt[len(prompt) - keep :] if keep > 0 else []
     room = max_length - len(prompt)
     return prompt, [r[:room] for r in responses]
+
+
+def split_shared_text(tokenizer: PreTrainedTokenizerBase, chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Implicit prompt of a text pair (Anthropic-HH style): their shared prefix, cut at a token boundary.
+
+    Both texts are tokenized and the prompt is the decoded common *token* prefix, so the cut never falls inside
+    a token of either text (a character-level cut could split ``" Sure"`` into ``" Su" + "re"``).
+
+    Returns:
+        ``(prompt, chosen_response, rejected_response)``.
+    """
+    a = tokenizer(chosen, add_special_tokens=False)["input_ids"]
+    b = tokenizer(rejected, add_special_tokens=False)["input_ids"]
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    # Decoding need not give back the exact text (a byte token may end inside a UTF-8 character, normalizers may
+    # change spaces): back off a token at a time until the decoded prefix is a prefix of both texts.
+    prefix = ""
+    for n in range(k, 0, -1):
+        text = tokenizer.decode(a[:n], clean_up_tokenization_spaces=False)
+        if chosen.startswith(text) and rejected.startswith(text):
+            prefix = text
+            break
+    return prefix, chosen[len(prefix) :], rejected[len(prefix) :]

@@ -1,0 +1,142 @@
+"""Raw rows to encoded examples: format, text, seam-correct token ids, truncation, and what was dropped."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from transformers import PreTrainedTokenizerBase
+
+from lightning_pref.data.chat import render, require_template, response_text, split_shared_messages
+from lightning_pref.data.formats import Layout, detect, extract
+from lightning_pref.data.sources import Source
+from lightning_pref.data.stats import SplitStats
+from lightning_pref.data.tokenize import encode_prompt, encode_response, split_shared_text, truncate
+from lightning_pref.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class Options:
+    """The data options that shape encoded examples (all part of the cache key)."""
+
+    format: str = "auto"
+    columns: tuple[tuple[str, str], ...] = ()  # data.columns as sorted items, so the options hash
+    max_length: int = 512
+    max_prompt_length: int | None = None
+    unpair: bool = False
+    on_identical: str = "warn"
+
+
+def prepare(
+    source: Source, indices: Sequence[int], tokenizer: PreTrainedTokenizerBase, options: Options, field: str
+) -> tuple[dict[str, list], SplitStats]:
+    """Encode the rows ``indices`` of ``source``.
+
+    Returns:
+        Columns ``prompt``, ``chosen``, ``rejected`` (token ids; ``rejected`` is ``None`` for unpaired
+        examples), ``label`` and ``length`` (prompt + longest response), and the split's stats.
+
+    Raises:
+        UserInputError: bad rows (naming file, line and field), or no example left.
+    """
+    layout = detect(source.name, source.columns, source.rows[0], options.format, dict(options.columns))
+    if layout.conversational:
+        require_template(tokenizer, f"{field}: {source.name}")
+    columns: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "label": [], "length": []}
+    dropped = {"identical": 0, "truncated": 0}
+    for index in indices:
+        where = source.locate(index)
+        values = extract(source.rows[index], layout, where)
+        if layout.paired and values["chosen"] == values["rejected"]:
+            if options.on_identical == "error":
+                raise UserInputError(
+                    f"{where}: chosen and rejected are identical, so the pair says nothing; remove it, or set "
+                    "data.on_identical: warn to drop such pairs"
+                )
+            if options.on_identical == "warn":
+                dropped["identical"] += 1
+                continue
+        prompt_text, texts = _texts(tokenizer, layout, values, where)
+        prompt = encode_prompt(tokenizer, prompt_text)
+        prompt, responses = truncate(
+            prompt, [encode_response(tokenizer, t) for t in texts], options.max_length, options.max_prompt_length
+        )
+        # No response token left to score, or a pair cut down to the same tokens: no signal left, so drop it.
+        cut_to_same = layout.paired and responses[0] == responses[1] and values["chosen"] != values["rejected"]
+        if cut_to_same or any(not r for r in responses):
+            dropped["truncated"] += 1
+            continue
+        if not layout.paired:
+            _append(columns, prompt, responses[0], None, values["label"])
+        elif options.unpair:  # each pair becomes a desirable and an undesirable example
+            _append(columns, prompt, responses[0], None, True)
+            _append(columns, prompt, responses[1], None, False)
+        else:
+            _append(columns, prompt, responses[0], responses[1], True)
+    fmt = layout.describe() + (", unpaired" if options.unpair and layout.paired else "")
+    stats = SplitStats.build(source.name, fmt, columns["length"], dropped)
+    _check_left(stats, len(indices), options, field)
+    if dropped["identical"]:
+        Console(stderr=True).print(
+            f"[yellow]{field}: dropped {dropped['identical']} pairs of {source.name} whose chosen and rejected are "
+            "identical (data.on_identical: keep keeps them, error stops at the first)[/yellow]"
+        )
+    return columns, stats
+
+
+def _texts(
+    tokenizer: PreTrainedTokenizerBase, layout: Layout, values: dict[str, Any], where: str
+) -> tuple[str, list[str]]:
+    """Prompt text and response texts of one row, conversations rendered with the chat template."""
+    keys = ["completion"] if layout.format == "unpaired" else ["chosen", "rejected"]
+    if layout.format == "implicit_prompt":
+        split = split_shared_messages if layout.conversational else _split_text(tokenizer)
+        prompt, *responses = split(values["chosen"], values["rejected"])
+        if not prompt:
+            raise UserInputError(
+                f"{where}: chosen and rejected share no prefix, so there is no prompt to take from them; give a "
+                "prompt column, or full texts that start with the same prompt"
+            )
+        for key, response in zip(keys, responses, strict=True):
+            if not response:
+                raise UserInputError(
+                    f"{where}: the {key} response is empty once the shared prefix is taken as the prompt (one "
+                    "response is a prefix of the other); fix or remove the pair"
+                )
+    else:
+        prompt, responses = values["prompt"], [values[k] for k in keys]
+    if not layout.conversational:
+        return prompt, responses
+    prompt_text = render(tokenizer, prompt, where, generation_prompt=True)
+    texts = [response_text(tokenizer, prompt, prompt_text, r, where, k) for k, r in zip(keys, responses, strict=True)]
+    for key, text in zip(keys, texts, strict=True):
+        if not text.strip():
+            raise UserInputError(f"{where}: the chat template renders the {key} response as empty text")
+    return prompt_text, texts
+
+
+def _split_text(tokenizer: PreTrainedTokenizerBase):
+    return lambda chosen, rejected: split_shared_text(tokenizer, chosen, rejected)
+
+
+def _append(columns: dict[str, list], prompt: list[int], chosen: list[int], rejected: list[int] | None,
+            label: bool) -> None:
+    columns["prompt"].append(prompt)
+    columns["chosen"].append(chosen)
+    columns["rejected"].append(rejected)
+    columns["label"].append(label)
+    columns["length"].append(len(prompt) + max(len(chosen), len(rejected or ())))
+
+
+def _check_left(stats: SplitStats, rows: int, options: Options, field: str) -> None:
+    if stats.kept:
+        return
+    if stats.dropped.get("truncated") == rows:
+        raise UserInputError(
+            f"{field}: all {rows} examples of {stats.source} were dropped by truncation (no response token fits "
+            f"in max_length={options.max_length}); raise data.max_length or lower data.max_prompt_length"
+        )
+    why = ", ".join(f"{n} {reason}" for reason, n in stats.dropped.items())
+    raise UserInputError(f"{field}: no examples left in {stats.source} after filtering ({why} of {rows} dropped)")

@@ -1,0 +1,171 @@
+"""Bad input: each problem is one UserInputError naming the file, the line/row and the field."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from lightning_pref.data import PreferenceDataModule
+from lightning_pref.errors import UserInputError
+from lightning_pref.models import load_tokenizer
+from tests.test_data_formats import TEMPLATE, train_bpe
+
+GOOD = {"prompt": "p", "chosen": "yes", "rejected": "no"}
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_PREF_CACHE", str(tmp_path / "cache"))
+
+
+def setup_error(tmp_path, tokenizer, lines: list[str], **kwargs) -> str:
+    """Write ``lines`` as bad.jsonl, set up a data module on it and return the error message."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    dm = PreferenceDataModule(train=str(path), tokenizer=tokenizer, **kwargs)
+    with pytest.raises(UserInputError) as err:
+        dm.setup("fit")
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def rows(*records) -> list[str]:
+    return [json.dumps(r) for r in records]
+
+
+@pytest.mark.parametrize("name", ["missing.jsonl", "missing.parquet", "./data_dir"])
+def test_missing_file(tmp_path, tokenizer, name):
+    dm = PreferenceDataModule(train=str(tmp_path / name), tokenizer=tokenizer)
+    with pytest.raises(UserInputError, match=r"data.train: (file not found|cannot load).*" + name.lstrip("./")):
+        dm.setup("fit")
+
+
+def test_malformed_json_line_number(tmp_path, tokenizer):
+    message = setup_error(tmp_path, tokenizer, [*rows(GOOD, GOOD), '{"prompt": "p", "chosen": oops}'])
+    assert "bad.jsonl:3: invalid JSON" in message
+
+
+def test_missing_column_lists_columns_and_expected(tmp_path, tokenizer):
+    message = setup_error(tmp_path, tokenizer, rows({"question": "q", "answer": "a"}))
+    assert "bad.jsonl" in message and "['question', 'answer']" in message
+    assert "prompt/chosen/rejected" in message and "data.columns" in message
+
+
+def test_misnamed_column_in_mapping(tmp_path, tokenizer):
+    message = setup_error(tmp_path, tokenizer, rows(GOOD), columns={"prompt": "question"})
+    assert "bad.jsonl: data.columns maps {'prompt': 'question'} but there is no such column" in message
+    assert "the columns are ['prompt', 'chosen', 'rejected']" in message
+
+
+def test_column_missing_on_a_later_line(tmp_path, tokenizer):
+    message = setup_error(tmp_path, tokenizer, rows(GOOD, {"prompt": "p", "chosen": "c"}))
+    assert "bad.jsonl:2: missing field 'rejected'" in message
+
+
+def test_unknown_mapping_key(tmp_path, tokenizer):
+    assert "data.columns: unknown field(s) ['answer']" in setup_error(
+        tmp_path, tokenizer, rows(GOOD), columns={"answer": "x"}
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [(3, "a number"), (None, "null"), (["a"], "a list"), ({"text": "a"}, "an object")]
+)
+def test_wrong_type(tmp_path, tokenizer, value, kind):
+    message = setup_error(tmp_path, tokenizer, rows(GOOD, {**GOOD, "rejected": value}))
+    assert f"bad.jsonl:2: field 'rejected' must be a string, got {kind}" in message
+
+
+def test_wrong_type_names_the_users_column(tmp_path, tokenizer):
+    message = setup_error(tmp_path, tokenizer, rows({"q": 1, "chosen": "a", "rejected": "b"}), columns={"prompt": "q"})
+    assert "bad.jsonl:1: field 'q' (data.columns prompt) must be a string, got a number" in message
+
+
+@pytest.mark.parametrize("key", ["prompt", "chosen"])
+def test_empty_prompt_or_response(tmp_path, tokenizer, key):
+    message = setup_error(tmp_path, tokenizer, rows(GOOD, {**GOOD, key: "  "}))
+    assert f"bad.jsonl:2: field {key!r} is empty" in message
+
+
+def test_bad_message_list(tmp_path, tokenizer):
+    tokenizer.chat_template = TEMPLATE
+    record = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant"}],
+              "rejected": [{"role": "assistant", "content": "b"}]}
+    try:
+        message = setup_error(tmp_path, tokenizer, rows(record))
+    finally:
+        tokenizer.chat_template = None
+    assert "bad.jsonl:1: field 'chosen'[0] must be a message" in message
+
+
+def test_identical_pair_warns_and_counts_by_default(tmp_path, tokenizer, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(line + "\n" for line in rows(GOOD, {**GOOD, "rejected": "yes"})))
+    dm = PreferenceDataModule(train=str(path), tokenizer=tokenizer)
+    dm.setup("fit")
+    assert dm.stats["train"].kept == 1 and dm.stats["train"].dropped == {"identical": 1}
+    assert "identical" in capsys.readouterr().err
+    kept = PreferenceDataModule(train=str(path), tokenizer=tokenizer, on_identical="keep")
+    kept.setup("fit")
+    assert kept.stats["train"].kept == 2
+
+
+def test_identical_pair_error_on_request(tmp_path, tokenizer):
+    message = setup_error(tmp_path, tokenizer, rows(GOOD, {**GOOD, "rejected": "yes"}), on_identical="error")
+    assert "bad.jsonl:2: chosen and rejected are identical" in message
+
+
+def test_label_not_boolean(tmp_path, tokenizer):
+    message = setup_error(tmp_path, tokenizer, rows({"prompt": "p", "completion": "c", "label": 1}))
+    assert "bad.jsonl:1: field 'label' must be true or false, got a number" in message
+
+
+def test_split_empty_after_filtering(tmp_path, tokenizer):
+    message = setup_error(tmp_path, tokenizer, rows({**GOOD, "rejected": "yes"}))
+    assert "data.train: no examples left in" in message and "1 identical of 1 dropped" in message
+
+
+def test_every_example_dropped_by_truncation(tmp_path, tokenizer):
+    message = setup_error(tmp_path, tokenizer, rows(GOOD, GOOD), max_length=0)
+    assert "data.train: all 2 examples of" in message and "dropped by truncation" in message
+    assert "raise data.max_length" in message
+
+
+def test_implicit_prompt_with_nothing_shared(tmp_path, tokenizer):
+    message = setup_error(tmp_path, tokenizer, rows({"chosen": "abc", "rejected": "xyz"}))
+    assert "bad.jsonl:1: chosen and rejected share no prefix" in message
+
+
+def test_conversational_without_chat_template(tmp_path, tokenizer):
+    record = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
+              "rejected": [{"role": "assistant", "content": "b"}]}
+    message = setup_error(tmp_path, tokenizer, rows(record))
+    assert "bad.jsonl" in message and "has no chat template" in message
+
+
+def test_no_pad_token(tmp_path):
+    tokenizer = train_bpe(pad=False)
+    with pytest.raises(UserInputError, match="data.tokenizer: .* has no pad token"):
+        PreferenceDataModule(tokenizer=tokenizer)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_tokenizer(str(tmp_path / "tok"))
+    assert loaded.pad_token == loaded.eos_token == "</s>"
+    assert any("no pad token" in str(w.message) for w in caught)
+
+
+def test_val_fraction_with_val_is_an_error(tokenizer):
+    with pytest.raises(UserInputError, match="data.val_fraction: give data.val or data.val_fraction"):
+        PreferenceDataModule(train="a.jsonl", val="b.jsonl", val_fraction=0.1, tokenizer=tokenizer)
+
+
+def test_csv_label_strings_name_the_row(tmp_path, tokenizer):
+    path = tmp_path / "kto.csv"
+    path.write_text("prompt,completion,label\np,good,true\np,bad,maybe\n")
+    dm = PreferenceDataModule(train=str(path), tokenizer=tokenizer)
+    with pytest.raises(UserInputError, match=r"kto.csv:row 1: field 'label' must be true or false, got str"):
+        dm.setup("fit")

@@ -1,0 +1,217 @@
+"""Data formats (standard, conversational, implicit prompt, unpaired, unpair, column mapping), seam correctness
+with a BPE and a byte-level tokenizer, and truncation."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from lightning_pref.data import PreferenceDataModule
+from lightning_pref.data.tokenize import split_shared_text
+from lightning_pref.errors import UserInputError
+from tests.conftest import write_jsonl
+
+#: A minimal chat template: each turn is ``<|role|>content</s>``; the generation prompt is ``<|assistant|>``.
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SENTENCES = [
+    "hello world", "say hello to the model", "the model says hello", "yellow fellow mellow hello",
+    "Human: hi there", "Assistant: Sure thing", "Assistant: No way", "what is the weather like today",
+]
+
+
+def train_bpe(pad: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 style) trained on a few sentences, adding BOS like Llama does."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(SENTENCES * 4, trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    extra = {"pad_token": "<pad>"} if pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", **extra)
+
+
+@pytest.fixture(scope="module")
+def bpe() -> PreTrainedTokenizerFast:
+    return train_bpe()
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_PREF_CACHE", str(tmp_path / "cache"))
+
+
+def load(tmp_path, tokenizer, records, **kwargs) -> PreferenceDataModule:
+    dm = PreferenceDataModule(train=str(write_jsonl(tmp_path / "d.jsonl", records)), tokenizer=tokenizer, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def decoded(tokenizer, ids) -> str:
+    return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
+
+def test_standard_format_detected(tmp_path, tokenizer):
+    dm = load(tmp_path, tokenizer, [{"prompt": "Q: 1+1?", "chosen": " 2", "rejected": " 3"}])
+    example = dm.datasets["train"][0]
+    assert dm.stats["train"].format == "standard" and dm.stats["train"].kept == 1
+    assert decoded(tokenizer, example.prompt) == "Q: 1+1?"
+    assert decoded(tokenizer, example.chosen) == " 2</s>" and decoded(tokenizer, example.rejected) == " 3</s>"
+
+
+@pytest.mark.parametrize("name", ["bpe", "byte"])
+def test_seam_no_merge_across_prompt_and_response(tmp_path, bpe, tokenizer, name):
+    tok = bpe if name == "bpe" else tokenizer
+    dm = load(tmp_path, tok, [{"prompt": "Say hel", "chosen": "lo", "rejected": "lo world"}])
+    example = dm.datasets["train"][0]
+    standalone = tok("lo", add_special_tokens=False)["input_ids"]
+    assert example.chosen == [*standalone, tok.eos_token_id]  # the response's own tokens, EOS once
+    assert decoded(tok, example.chosen) == "lo" + tok.eos_token
+    assert decoded(tok, example.rejected) == "lo world" + tok.eos_token
+    if name == "bpe":
+        assert example.prompt[:1] == [tok.bos_token_id] and example.prompt.count(tok.bos_token_id) == 1
+        # The test bites: tokenized together, "hel" + "lo" merge into one token that crosses the seam.
+        joint = tok("Say hello", add_special_tokens=False)["input_ids"]
+        assert joint != example.prompt[1:] + standalone
+
+
+@pytest.mark.parametrize("name", ["bpe", "byte"])
+def test_conversational_rendered_with_chat_template(tmp_path, bpe, tokenizer, name):
+    tok = bpe if name == "bpe" else tokenizer
+    tok.chat_template = TEMPLATE
+    try:
+        dm = load(tmp_path, tok, [{
+            "prompt": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}],
+            "chosen": [{"role": "assistant", "content": "hello"}],
+            "rejected": [{"role": "assistant", "content": "go away"}],
+        }])
+    finally:
+        tok.chat_template = None
+    example = dm.datasets["train"][0]
+    assert dm.stats["train"].format == "conversational"
+    assert decoded(tok, example.prompt).endswith("<|system|>be kind</s><|user|>hi</s><|assistant|>")
+    # The template already ends the turn with EOS, so no second EOS is appended.
+    assert decoded(tok, example.chosen) == "hello</s>" and example.chosen.count(tok.eos_token_id) == 1
+    assert decoded(tok, example.rejected) == "go away</s>"
+
+
+def test_chat_template_that_rewrites_the_prompt_is_an_error(tmp_path, tokenizer):
+    # Renders assistant turns as <|bot|> but the generation prompt as <|assistant|>: no common prefix.
+    tokenizer.chat_template = TEMPLATE.replace("<|{{ m['role'] }}|>", "{% if m['role'] == 'assistant' %}<|bot|>"
+                                               "{% else %}<|{{ m['role'] }}|>{% endif %}")
+    records = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}]}]
+    with pytest.raises(UserInputError, match=r"d.jsonl:1: the chat template's rendering of prompt \+ chosen"):
+        load(tmp_path, tokenizer, records)
+
+
+def test_implicit_prompt_text_cut_at_token_boundary(tmp_path, bpe):
+    chosen = "\n\nHuman: hi there\n\nAssistant: Sure thing"
+    rejected = "\n\nHuman: hi there\n\nAssistant: No way"
+    dm = load(tmp_path, bpe, [{"chosen": chosen, "rejected": rejected}])
+    example = dm.datasets["train"][0]
+    assert dm.stats["train"].format == "implicit_prompt"
+    prompt = decoded(bpe, example.prompt[1:])  # after BOS
+    assert chosen.startswith(prompt) and rejected.startswith(prompt) and prompt.endswith("Assistant:")
+    # Cut between tokens of both texts: prompt tokens + response tokens == each text's own tokenization.
+    for text, ids in ((chosen, example.chosen), (rejected, example.rejected)):
+        assert example.prompt[1:] + ids[:-1] == bpe(text, add_special_tokens=False)["input_ids"]
+        assert decoded(bpe, ids) == text[len(prompt) :] + "</s>"
+
+
+def test_implicit_prompt_never_splits_a_byte_character(tokenizer):
+    # "é" and "è" share their first UTF-8 byte: the common byte prefix ends inside a character.
+    assert split_shared_text(tokenizer, "Rate: é", "Rate: è") == ("Rate: ", "é", "è")
+
+
+def test_implicit_prompt_conversation_split_at_message_boundary(tmp_path, tokenizer):
+    tokenizer.chat_template = TEMPLATE
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"},
+             {"role": "user", "content": "joke?"}]
+    try:
+        dm = load(tmp_path, tokenizer, [{"chosen": [*turns, {"role": "assistant", "content": "sure"}],
+                                         "rejected": [*turns, {"role": "assistant", "content": "no"}]}])
+    finally:
+        tokenizer.chat_template = None
+    example = dm.datasets["train"][0]
+    assert dm.stats["train"].format == "implicit_prompt (conversational)"
+    assert decoded(tokenizer, example.prompt) == "<|user|>hi</s><|assistant|>hey</s><|user|>joke?</s><|assistant|>"
+    assert decoded(tokenizer, example.chosen) == "sure</s>" and decoded(tokenizer, example.rejected) == "no</s>"
+
+
+def test_unpaired_kto(tmp_path, tokenizer):
+    records = [{"prompt": "p1", "completion": "good", "label": True},
+               {"prompt": "p2", "completion": "bad", "label": False}]
+    dm = load(tmp_path, tokenizer, records, batch_size=2)
+    assert dm.stats["train"].format == "unpaired"
+    batch = next(iter(dm.train_dataloader()))
+    assert not batch.paired and batch.num_chosen == 1 and batch.num_rejected == 1
+
+
+def test_unpaired_conversational(tmp_path, tokenizer):
+    tokenizer.chat_template = TEMPLATE
+    records = [{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": c}],
+                "label": c == "hello"} for c in ("hello", "go away")]
+    try:
+        dm = load(tmp_path, tokenizer, records)
+    finally:
+        tokenizer.chat_template = None
+    assert dm.stats["train"].format == "unpaired (conversational)"
+    examples = [dm.datasets["train"][i] for i in range(2)]
+    assert [decoded(tokenizer, e.chosen) for e in examples] == ["hello</s>", "go away</s>"]
+    assert [e.label for e in examples] == [True, False]
+
+
+def test_unpair_turns_each_pair_into_two_examples(tmp_path, tokenizer):
+    records = [{"prompt": f"p{i}", "chosen": "yes", "rejected": "no"} for i in range(3)]
+    dm = load(tmp_path, tokenizer, records, unpair=True, batch_size=6)
+    examples = [dm.datasets["train"][i] for i in range(len(dm.datasets["train"]))]
+    assert dm.stats["train"].kept == 6 and [e.label for e in examples] == [True, False] * 3
+    assert all(e.rejected is None for e in examples)
+    batch = next(iter(dm.train_dataloader()))
+    assert not batch.paired and batch.num_chosen == 3 and batch.num_rejected == 3
+
+
+def test_columns_remapped(tmp_path, tokenizer):
+    records = [{"question": "Q", "response_j": "good", "response_k": "bad", "extra": 1}]
+    dm = load(tmp_path, tokenizer, records, columns={"prompt": "question", "chosen": "response_j",
+                                                     "rejected": "response_k"})
+    assert decoded(tokenizer, dm.datasets["train"][0].chosen) == "good</s>"
+
+
+def test_format_override(tmp_path, tokenizer):
+    # With format implicit_prompt the prompt column is ignored and the prompt comes from the shared prefix.
+    records = [{"prompt": "ignored", "chosen": "Q: x A: yes", "rejected": "Q: x A: no"}]
+    dm = load(tmp_path, tokenizer, records, format="implicit_prompt")
+    assert decoded(tokenizer, dm.datasets["train"][0].prompt) == "Q: x A: "
+
+
+def test_truncation_rules(tmp_path, tokenizer):
+    records = [
+        {"prompt": "p" * 20, "chosen": "c" * 10, "rejected": "r" * 3},
+        {"prompt": "q" * 30, "chosen": "ok", "rejected": "no"},
+    ]
+    dm = load(tmp_path, tokenizer, records, max_length=16, max_prompt_length=12)
+    first, second = dm.datasets["train"][0], dm.datasets["train"][1]
+    # First: the prompt is cut to max_prompt_length=12, then further but not below 16 // 2 = 8 tokens to make
+    # room for the 11-token chosen; responses keep their start, the prompt its end.
+    assert first.prompt == tokenizer("p" * 8, add_special_tokens=False)["input_ids"]
+    assert first.chosen == tokenizer("c" * 8, add_special_tokens=False)["input_ids"]
+    assert decoded(tokenizer, first.rejected) == "rrr</s>"
+    # Second: only max_prompt_length applies.
+    assert len(second.prompt) == 12 and decoded(tokenizer, second.chosen) == "ok</s>"
+    assert dm.stats["train"].kept == 2 and dm.stats["train"].length_max == 16
+
+
+def test_pair_identical_after_truncation_is_dropped_and_counted(tmp_path, tokenizer):
+    records = [{"prompt": "p", "chosen": "same start, then A", "rejected": "same start, then B"},
+               {"prompt": "q", "chosen": "A", "rejected": "B"}]
+    dm = load(tmp_path, tokenizer, records, max_length=8)
+    assert dm.stats["train"].kept == 1 and dm.stats["train"].dropped == {"truncated": 1}
