@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -101,6 +102,32 @@ class LightningPrefCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
 
+    def before_fit(self) -> None:
+        self._resolve_last_checkpoint()
+
+    def before_validate(self) -> None:
+        self._resolve_last_checkpoint()
+
+    def before_test(self) -> None:
+        self._resolve_last_checkpoint()
+
+    def _resolve_last_checkpoint(self) -> None:
+        """``--ckpt_path last``: the newest ``last.ckpt`` of earlier runs under ``default_root_dir``.
+
+        Lightning's own ``last`` looks only in this run's new ``version_N`` directory, where there is none yet.
+        The resumed run logs and checkpoints into a new version directory, so nothing earlier is overwritten.
+        """
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        root = Path(config.trainer.get("default_root_dir") or ".")
+        found = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"), key=_version_number)
+        if not found:
+            raise UserInputError(
+                f"--ckpt_path last: no lightning_logs/version_*/checkpoints/last.ckpt under {root}; give a path"
+            )
+        config["ckpt_path"] = str(found[-1])
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # A CSV logger under default_root_dir unless the config names a logger: Lightning's own default would
         # switch to TensorBoard whenever it happens to be installed, changing where metrics land.
@@ -108,6 +135,10 @@ class LightningPrefCLI(LightningCLI):
         if trainer_config.get("logger") in (None, True) and "logger" not in kwargs:
             kwargs["logger"] = CSVLogger(trainer_config.get("default_root_dir") or ".")
         return super().instantiate_trainer(**kwargs)
+
+
+def _version_number(path: Path) -> int:
+    return int(path.parts[-3].removeprefix("version_"))
 
 
 def print_losses() -> None:

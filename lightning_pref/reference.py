@@ -27,6 +27,11 @@ def check_reference_mode(mode: str, loss: nn.Module, ref_sync_steps: int | None)
             f"model.reference_mode: 'none' gives no reference log-probs, but {name} requires them; use "
             "reference_mode 'model', 'precomputed' or 'adapter', or a reference-free loss (simpo, orpo, nll)"
         )
+    if mode == "precomputed" and loss.requires_kl_baseline:
+        raise UserInputError(
+            f"model.reference_mode: 'precomputed' cannot serve {name}: its KL baseline pairs are drawn anew in every "
+            "batch, so their reference log-probs cannot be computed ahead; use reference_mode 'model'"
+        )
     if ref_sync_steps is not None and mode != "model":
         raise UserInputError(
             f"model.ref_sync_steps: syncing the reference with the policy needs reference_mode 'model', got {mode!r}"

@@ -73,9 +73,8 @@ class PreferenceBatch:
     kl_input_ids: Tensor | None = None  # (M, T')
     kl_attention_mask: Tensor | None = None  # (M, T')
     kl_response_mask: Tensor | None = None  # (M, T')
-    # ``reference_mode: precomputed``: cached reference log-probs of each row and of each KL row.
+    # ``reference_mode: precomputed``: the cached reference log-prob of each row.
     reference_logps: Tensor | None = None  # (N,)
-    kl_reference_logps: Tensor | None = None  # (M,)
     # Per-sequence weights for metrics: 0 marks duplicates a distributed sampler padded in, so epoch metrics
     # count every example exactly once.
     weights: Tensor | None = None  # (N,)

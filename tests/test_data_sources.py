@@ -148,5 +148,5 @@ def test_group_by_length_loader_covers_every_example(tmp_path, tokenizer):
     dm = PreferenceDataModule(train=write(tmp_path, "json"), tokenizer=tokenizer, batch_size=3, group_by_length=True)
     dm.setup("fit")
     loader = dm.train_dataloader()
-    assert isinstance(loader.sampler, LengthGroupedSampler)
+    assert isinstance(loader.sampler.grouped, LengthGroupedSampler)
     assert sum(batch.num_chosen for batch in loader) == 10

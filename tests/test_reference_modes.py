@@ -7,7 +7,7 @@ from functools import partial
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 
 from lightning_pref import LossOutput, PreferenceDataModule, PreferenceLoss, PreferenceModule
 from lightning_pref.errors import TrainingError, UserInputError
@@ -106,3 +106,47 @@ def test_nonfinite_loss_skip(pairs_file):
     with pytest.warns(UserWarning, match="non-finite loss at step 0.*skipped"):
         _fit(model, pairs_file, steps=2, max_epochs=1, limit_train_batches=2)
     assert all(torch.equal(v, initial[k]) for k, v in model.policy.state_dict().items())
+
+
+class _Losses(Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.values.append(float(outputs["loss"]))
+
+
+def _losses(pairs_file, **kwargs) -> list[float]:
+    torch.manual_seed(0)
+    recorder = _Losses()
+    _fit(_module(**kwargs), pairs_file, steps=3, callbacks=[recorder])
+    return recorder.values
+
+
+def test_precomputed_matches_model_mode_and_reuses_its_cache(pairs_file, tmp_path, monkeypatch):
+    import lightning_pref.precompute as precompute
+
+    calls = []
+    real = precompute.score_examples
+    monkeypatch.setattr(precompute, "score_examples", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model_mode = _losses(pairs_file)
+    first = _losses(pairs_file, reference_mode="precomputed", reference_cache_dir=str(tmp_path))
+    assert len(calls) == 1  # one split (train) computed
+    torch.testing.assert_close(torch.tensor(first), torch.tensor(model_mode), rtol=1e-5, atol=1e-6)
+    assert first[0] == pytest.approx(math.log(2), abs=1e-6)
+    second = _losses(pairs_file, reference_mode="precomputed", reference_cache_dir=str(tmp_path))
+    assert len(calls) == 1 and second == first  # the cache was reused, nothing recomputed
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+
+
+def test_precomputed_holds_no_reference_model(pairs_file, tmp_path):
+    model = _module(reference_mode="precomputed", reference_cache_dir=str(tmp_path))
+    _fit(model, pairs_file, steps=1)
+    assert model.reference is None
+
+
+def test_precomputed_refuses_kto():
+    from lightning_pref.losses import KTOLoss
+
+    with pytest.raises(UserInputError, match="'precomputed' cannot serve KTOLoss"):
+        _module(loss=KTOLoss(), reference_mode="precomputed")

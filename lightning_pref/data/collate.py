@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lightning_pref.data.tokenize import Encoded
@@ -52,25 +54,37 @@ class PreferenceCollator:
     Args:
         pad_token_id: the tokenizer's pad id (padding is masked everywhere).
         kl_baseline: also build the mismatched prompt/completion rows for KTO's KL baseline.
+        reference_logps: returns the split's precomputed reference log-probs, ``(n, 2)`` indexed by example
+            (column 0 chosen/completion, 1 rejected), or ``None`` when reference log-probs are not precomputed.
     """
 
-    def __init__(self, pad_token_id: int, kl_baseline: bool = False) -> None:
+    def __init__(
+        self, pad_token_id: int, kl_baseline: bool = False,
+        reference_logps: Callable[[], torch.Tensor | None] | None = None,
+    ) -> None:
         self.pad_token_id = pad_token_id
         self.kl_baseline = kl_baseline
+        self.reference_logps = reference_logps
 
     def __call__(self, examples: list[Encoded]) -> PreferenceBatch:
         paired = all(e.rejected is not None for e in examples)
         if paired:
             ordered = [(e.prompt, e.chosen) for e in examples] + [(e.prompt, e.rejected) for e in examples]
+            rows = [(e, 0) for e in examples] + [(e, 1) for e in examples]  # (example, table column) per row
             num_chosen = len(examples)
         elif any(e.rejected is not None for e in examples):
             raise ValueError("a batch mixes paired and unpaired examples")
         else:
-            desirable = [(e.prompt, e.chosen) for e in examples if e.label]
-            ordered = desirable + [(e.prompt, e.chosen) for e in examples if not e.label]
-            num_chosen = len(desirable)
+            rows = [(e, 0) for e in examples if e.label] + [(e, 0) for e in examples if not e.label]
+            ordered = [(e.prompt, e.chosen) for e, _ in rows]
+            num_chosen = sum(e.label for e in examples)
         input_ids, attention_mask, response_mask = pad(ordered, self.pad_token_id)
         batch = PreferenceBatch(input_ids, attention_mask, response_mask, num_chosen=num_chosen, paired=paired)
+        if any(e.weight != 1.0 for e in examples):
+            batch.weights = torch.tensor([e.weight for e, _ in rows])
+        table = self.reference_logps() if self.reference_logps is not None else None
+        if table is not None:
+            batch.reference_logps = table[[e.index for e, _ in rows], [column for _, column in rows]]  # (N,)
         if self.kl_baseline:
             pairs = mismatched([tuple(prompt) for prompt, _ in ordered])
             kl_sequences = [(ordered[i][0], ordered[k][1]) for i, k in pairs]

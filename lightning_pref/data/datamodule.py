@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import datasets
+import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
@@ -16,7 +17,7 @@ from lightning_pref.data import cache as tokenized_cache
 from lightning_pref.data.collate import PreferenceCollator
 from lightning_pref.data.formats import Format
 from lightning_pref.data.prepare import Options, prepare
-from lightning_pref.data.sampler import LengthGroupedSampler
+from lightning_pref.data.sampler import EvalSampler, LengthGroupedSampler, TrainSampler
 from lightning_pref.data.sources import Source, bundled, read_source
 from lightning_pref.data.stats import SplitStats, print_summary
 from lightning_pref.data.tokenize import Encoded
@@ -32,9 +33,11 @@ class EncodedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, index: int) -> Encoded:
+    def __getitem__(self, key: int | tuple[int, bool]) -> Encoded:
+        index, padding = key if isinstance(key, tuple) else (key, False)  # EvalSampler marks padding
         row = self.table[index]
-        return Encoded(row["prompt"], row["chosen"], row["rejected"], label=row["label"])
+        return Encoded(row["prompt"], row["chosen"], row["rejected"], label=row["label"], index=index,
+                       weight=0.0 if padding else 1.0)
 
     @property
     def lengths(self) -> list[int]:
@@ -121,6 +124,8 @@ class PreferenceDataModule(LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else tokenized_cache.default_dir() / "data"
         self.datasets: dict[str, EncodedDataset] = {}
         self.stats: dict[str, SplitStats] = {}
+        # ``reference_mode: precomputed``: per split, reference log-probs of each example. # (n, 2)
+        self.reference_logps: dict[str, torch.Tensor] = {}
 
     def prepare_data(self) -> None:
         # Runs on one process per node before setup: with the cache on, the splits are tokenized once here and
@@ -172,27 +177,39 @@ class PreferenceDataModule(LightningDataModule):
         columns, stats = prepare(source, indices, self.tokenizer, self.options, field)
         return tokenized_cache.store(self.cache_dir, key, tokenized_cache.to_dataset(columns), stats), stats
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        collate = PreferenceCollator(self.tokenizer.pad_token_id, kl_baseline=self.hparams.kl_baseline)
-        dataset, sampler = self.datasets[split], None
-        if shuffle and self.hparams.group_by_length:
-            world_size = self.trainer.world_size if self.trainer is not None else 1
-            sampler = LengthGroupedSampler(dataset.lengths, self.hparams.batch_size * world_size, self.hparams.seed)
-            shuffle = False
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        # The collator reads the reference table at collate time: it may be precomputed after this loader exists.
+        collate = PreferenceCollator(
+            self.tokenizer.pad_token_id, kl_baseline=self.hparams.kl_baseline,
+            reference_logps=lambda: self.reference_logps.get(split),
+        )
+        dataset, trainer = self.datasets[split], self.trainer
+        world = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else {}
+        if train:
+            grouped = None
+            if self.hparams.group_by_length:
+                batch = self.hparams.batch_size * world.get("num_replicas", 1)
+                grouped = LengthGroupedSampler(dataset.lengths, batch, self.hparams.seed)
+            sampler = TrainSampler(dataset, seed=self.hparams.seed, grouped=grouped, done=self._samples_done, **world)
+        else:
+            sampler = EvalSampler(dataset, **world)
         return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            collate_fn=collate,
+            dataset, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=collate,
             num_workers=self.hparams.num_workers,
         )
 
+    def _samples_done(self) -> int:
+        """Samples of the current epoch this process already trained on (read when the epoch's iteration starts:
+        non-zero only after resuming from a mid-epoch checkpoint, once Lightning has restored its loop)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed * self.hparams.batch_size
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", shuffle=False) if "val" in self.datasets else []
+        return self._loader("val", train=False) if "val" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -54,3 +54,59 @@ class LengthGroupedSampler(Sampler[int]):
             if not tail or longest != len(batches) - 1:
                 batches.insert(0, batches.pop(longest))
         return iter([i for batch in batches for i in batch])
+
+
+class TrainSampler(DistributedSampler):
+    """The training order: seeded per epoch, split across processes, and resumable in the middle of an epoch.
+
+    Each epoch's global order is a seeded permutation (or the order of ``grouped``, a
+    :class:`LengthGroupedSampler`), padded by repetition to a multiple of the number of processes, of which
+    process ``rank`` takes every ``num_replicas``-th index. Being a ``DistributedSampler``, Lightning uses it
+    as is instead of replacing it. ``done`` tells, when an epoch's iteration starts, how many samples of this
+    epoch were already trained on (non-zero only when resuming from a mid-epoch checkpoint); they are skipped,
+    so the resumed run sees exactly the batches the uninterrupted run would have.
+    """
+
+    def __init__(
+        self,
+        dataset: Sized,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        grouped: LengthGroupedSampler | None = None,
+        done: Callable[[], int] | None = None,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.grouped = grouped
+        self.done = done
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self.grouped is not None:
+            self.grouped.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.grouped is not None:
+            order = list(self.grouped)
+        else:
+            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            order = order.tolist()
+        order += order[: self.total_size - len(order)]
+        skip = self.done() if self.done is not None else 0
+        return iter(order[self.rank : self.total_size : self.num_replicas][skip:])
+
+
+class EvalSampler(DistributedSampler):
+    """Evaluation order that marks the duplicates a distributed sampler pads in.
+
+    Like ``DistributedSampler`` (no shuffle) every process gets the same number of samples, so collective calls
+    per batch stay matched, but each index comes as ``(index, is_padding)``: the dataset gives padded duplicates
+    weight 0, and epoch metrics over several processes equal the single-process values exactly.
+    """
+
+    def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:  # type: ignore[override]
+        n = len(self.dataset)
+        return iter((p % n, p >= n) for p in range(self.rank, self.total_size, self.num_replicas))

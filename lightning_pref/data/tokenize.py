@@ -20,6 +20,8 @@ class Encoded:
     chosen: list[int]  # desirable completion for unpaired data
     rejected: list[int] | None = None  # None for unpaired data
     label: bool = True  # unpaired data: desirable?
+    index: int = -1  # position in its split (to look up precomputed reference log-probs)
+    weight: float = 1.0  # 0 for a duplicate padded in by a distributed sampler: not counted in metrics
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

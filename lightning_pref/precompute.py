@@ -1,0 +1,95 @@
+"""``reference_mode: precomputed``: reference log-probs computed once, cached on disk, looked up per batch.
+
+The cache key covers the tokenized data (a hash of its token ids, so tokenizer and truncation settings are
+included), the reference model's identity (spec, seed, dtype) and a format version. On a miss the reference
+model is loaded, every process scores a strided share of the examples, the shares are summed across processes
+so each holds the full table, the model is released, and process 0 writes the table atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+import torch
+from lightning.pytorch import Trainer
+from rich.progress import Progress
+
+from lightning_pref.data.cache import default_dir
+from lightning_pref.data.collate import pad
+from lightning_pref.logps import SequenceScorer
+
+VERSION = 1
+
+
+def data_fingerprint(table: datasets.Dataset) -> str:
+    """Hash of a tokenized split's Arrow buffers (token ids, labels)."""
+    digest = hashlib.sha256()
+    for column in table.data.table.columns:
+        for chunk in column.chunks:
+            for buffer in chunk.buffers():
+                if buffer is not None:
+                    digest.update(memoryview(buffer))
+    return digest.hexdigest()
+
+
+def cache_path(cache_dir: str | None, table: datasets.Dataset, reference_identity: dict) -> Path:
+    key = json.dumps({"data": data_fingerprint(table), "reference": reference_identity, "v": VERSION}, sort_keys=True)
+    root = Path(cache_dir) if cache_dir else default_dir() / "reference_logps"
+    return root / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+
+
+@torch.no_grad()
+def score_examples(scorer: SequenceScorer, dataset, pad_token_id: int, batch_size: int, rank: int, world: int,
+                   device: torch.device, label: str) -> torch.Tensor:
+    """Reference log-probs of this process's share of ``dataset``: ``(n, 2)``, zeros outside the share."""
+    table = torch.zeros(len(dataset), 2)
+    mine = list(range(rank, len(dataset), world))
+    with Progress(disable=rank != 0, transient=True) as progress:
+        task = progress.add_task(f"reference log-probs ({label})", total=len(mine))
+        for start in range(0, len(mine), batch_size):
+            sequences, cells = [], []
+            for i in mine[start : start + batch_size]:
+                example = dataset[i]
+                sequences.append((example.prompt, example.chosen))
+                cells.append((i, 0))
+                if example.rejected is not None:
+                    sequences.append((example.prompt, example.rejected))
+                    cells.append((i, 1))
+            ids, attention, response = (t.to(device) for t in pad(sequences, pad_token_id))
+            logps, _ = scorer(ids, attention, response)
+            rows, columns = zip(*cells, strict=True)
+            table[list(rows), list(columns)] = logps.float().cpu()
+            progress.advance(task, len(mine[start : start + batch_size]))
+    return table
+
+
+def load_or_compute(
+    trainer: Trainer, dataset, reference_identity: dict, cache_dir: str | None, build_scorer: Callable[[], SequenceScorer],
+    pad_token_id: int, batch_size: int, label: str,
+) -> tuple[torch.Tensor, bool]:
+    """The split's reference table, from the cache or computed (``build_scorer`` is only called on a miss).
+
+    Returns:
+        The ``(n, 2)`` table and whether it came from the cache.
+    """
+    strategy = trainer.strategy
+    path = cache_path(cache_dir, dataset.table, reference_identity)
+    if strategy.broadcast(path.is_file()):  # one decision for all processes
+        return torch.load(path, map_location="cpu"), True
+    scorer = build_scorer()
+    table = score_examples(scorer, dataset, pad_token_id, batch_size, trainer.global_rank, trainer.world_size,
+                           strategy.root_device, label)
+    del scorer
+    table = strategy.reduce(table.to(strategy.root_device), reduce_op="sum").cpu()
+    if trainer.is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(table, tmp)
+        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache entry
+    strategy.barrier()
+    return table, False
