@@ -56,6 +56,8 @@ class PreferenceModule(LightningModule):
         init_seed: seed of the random initialization of a config-dict policy.
         chunk_size: response tokens per LM-head chunk when computing log-probs.
         response_only_head: apply the LM head only at response positions (same values, less work).
+        gradient_checkpointing: recompute the policy's activations in backward (less memory, ~30% more time).
+        compile: ``torch.compile`` the policy's forward (in place, so checkpoint keys do not change).
     """
 
     def __init__(
@@ -76,6 +78,8 @@ class PreferenceModule(LightningModule):
         init_seed: int = 0,
         chunk_size: int = 1024,
         response_only_head: bool = True,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # The loss and the factories are kept by the CLI's config.yaml; as hparams they would be pickled objects.
@@ -111,9 +115,13 @@ class PreferenceModule(LightningModule):
             return
         hp = self.hparams
         policy = self.load_model(hp.policy, "model.policy")
+        if hp.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hp.reference_mode == "adapter":
             policy = apply_lora(policy, hp.lora)
         self.policy = SequenceScorer(policy, hp.chunk_size, hp.response_only_head)
+        if hp.compile:
+            self.policy.compile()
         if self.uses_reference_model:
             dtype = _DTYPES[hp.reference_dtype] if hp.reference_dtype else None
             if hp.reference is None:

@@ -150,3 +150,23 @@ def test_precomputed_refuses_kto():
 
     with pytest.raises(UserInputError, match="'precomputed' cannot serve KTOLoss"):
         _module(loss=KTOLoss(), reference_mode="precomputed")
+
+
+def test_gradient_checkpointing_gives_the_same_losses(pairs_file):
+    assert _losses(pairs_file, gradient_checkpointing=True) == pytest.approx(_losses(pairs_file), rel=1e-5)
+
+
+def test_adapter_policy_exports_merged(pairs_file, tmp_path):
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from lightning_pref.export import save_policy
+
+    model = _module(reference_mode="adapter", lora={"r": 4, "lora_alpha": 8})
+    _fit(model, pairs_file, steps=2)
+    save_policy(model, tmp_path / "merged")
+    ids = torch.randint(3, 200, (1, 12))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, model.policy.model.eval()(ids).logits, rtol=1e-4, atol=1e-5)
+    assert not any("lora" in k for k in exported.state_dict())
