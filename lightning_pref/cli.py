@@ -18,6 +18,7 @@ from jsonargparse import ArgumentParser, set_loader
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -188,7 +189,7 @@ def main(args: list[str] | None = None) -> None:
             parser_kwargs={"parser_mode": PARSER_MODE},
             args=resolve_loss_args(argv),
         )
-    except (UserInputError, TrainingError) as err:
+    except (UserInputError, TrainingError, MisconfigurationException) as err:
         Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
         sys.exit(2)
 

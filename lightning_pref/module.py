@@ -20,6 +20,7 @@ from lightning_pref.metrics import PreferenceMetrics
 from lightning_pref.models import ModelSpec, load_causal_lm, load_tokenizer
 from lightning_pref.precompute import load_or_compute
 from lightning_pref.reference import ReferenceMode, apply_lora, check_reference_mode, soft_update
+from lightning_pref.sharding import apply_fsdp2, fsdp_mesh
 from lightning_pref.types import PreferenceBatch, SequenceLogps
 
 # The frozen reference is in eval mode on purpose; Lightning warns about any eval-mode module at fit start.
@@ -130,6 +131,8 @@ class PreferenceModule(LightningModule):
                 reference = self.load_model(hp.reference, "model.reference", dtype)
             scorer = SequenceScorer(reference, hp.chunk_size, hp.response_only_head)
             self.reference = scorer.requires_grad_(False).eval()
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its device mesh
+            apply_fsdp2([s for s in (self.policy, self.reference) if s is not None], fsdp_mesh(self.device_mesh))
 
     def train(self, mode: bool = True) -> PreferenceModule:
         """Switch modes, but keep the reference in eval mode (no dropout) even after validation."""
@@ -176,9 +179,11 @@ class PreferenceModule(LightningModule):
                 "set data.kl_baseline: true (the CLI links it automatically)"
             )
         args = (batch.kl_input_ids, batch.kl_attention_mask, batch.kl_response_mask)
-        reference_logps = self.reference_scores(*args)
-        policy_logps, _ = self.policy(*args)
-        stats = torch.stack([(policy_logps - reference_logps).sum(), policy_logps.new_tensor(len(policy_logps))])
+        stats = torch.zeros(2, device=self.device)  # (sum of log-ratios, count) of this process's KL rows
+        if len(batch.kl_input_ids):  # none when every row of the batch shares one prompt
+            logratios = self.policy(*args)[0] - self.reference_scores(*args)
+            stats = torch.stack([logratios.sum().float(), stats.new_tensor(len(logratios))])
+        # Every process joins the reduction, with or without rows of its own.
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum") if self._trainer is not None else stats
         return (stats[0] / stats[1].clamp(min=1)).clamp(min=0).detach()
 
@@ -271,10 +276,25 @@ class PreferenceModule(LightningModule):
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
+    @property
+    def strict_loading(self) -> bool:
+        """Strict, except where a sharded strategy loads a checkpoint straight into the model.
+
+        ``ModelParallelStrategy`` (FSDP2) loads weights before ``on_load_checkpoint`` could put the rebuilt
+        reference back, so there the reference keys, left out of checkpoints on purpose, must be allowed missing.
+        """
+        if self._strict_loading is not None:
+            return self._strict_loading
+        return not (self.device_mesh is not None and self.reference is not None and not self.hparams.ref_sync_steps)
+
+    @strict_loading.setter
+    def strict_loading(self, value: bool) -> None:
+        self._strict_loading = value
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Put the rebuilt reference's weights back so strict loading succeeds, and restore the RNG states."""
-        if self.reference is not None:
-            state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict")  # absent where the strategy has loaded the weights itself
+        if self.reference is not None and state is not None:
             for key, value in self.reference.state_dict().items():
                 state.setdefault(_REFERENCE_PREFIX + key, value)
         rng = checkpoint.get("rng_states")

@@ -87,3 +87,13 @@ def test_kto_batch_with_one_kind_of_example(labels):
     batch = PreferenceCollator(0, kl_baseline=True)(examples)
     out = model.loss(*model(batch), kl_baseline=model.kl_baseline(batch))
     assert out.losses.shape == (len(labels),) and torch.isfinite(out.losses).all()
+
+
+def test_kl_baseline_without_mismatched_rows_is_zero():
+    """One pair: both rows share the prompt, so there is no mismatched pair; z0 = 0/0 -> 0, no crash."""
+    model = _kto_module()
+    batch = PreferenceCollator(0, kl_baseline=True)([Encoded([5, 6], [7, 1], [8, 1])])
+    assert batch.kl_input_ids.shape[0] == 0
+    assert model.kl_baseline(batch).item() == 0.0
+    out = model.loss(*model(batch), kl_baseline=model.kl_baseline(batch))
+    assert torch.isfinite(out.losses).all()

@@ -18,13 +18,12 @@ from tests.conftest import REPO, write_jsonl
 def _fit(root: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
     args = [
         "fit", "--config", str(REPO / "configs/dpo.yaml"), "--data.train", str(data), "--data.val", "null",
-        "--data.batch_size", "4", "--trainer.max_steps", "10", "--trainer.val_check_interval", "1.0",
+        "--data.batch_size", "4", "--trainer.max_steps", "10",
         "--checkpoint.every_n_train_steps", "3", "--trainer.log_every_n_steps", "1",
         "--progress_bar.refresh_rate", "0", "--trainer.default_root_dir", str(root), *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    code = "import sys; from lightning_pref.cli import main; main(sys.argv[1:])"
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "lightning_pref", *args], env=env, capture_output=True, text=True)
 
 
 def _losses(metrics: Path) -> dict[str, str]:

@@ -1,0 +1,5 @@
+"""``python -m lightning_pref ...`` is the ``lightning-pref`` command (multi-process launchers re-run it)."""
+
+from lightning_pref.cli import main
+
+main()

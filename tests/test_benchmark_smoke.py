@@ -1,0 +1,54 @@
+"""The training-step benchmark runs end to end in smoke mode and writes its results (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+SCRIPT = REPO / "benchmarks" / "train_step.py"
+ROW_KEYS = {
+    "seconds_per_step", "tokens_per_second", "pairs_per_second", "tokens_per_step", "train_peak_rss_mb",
+    "peak_rss_mb", "model_flops_per_second", "mfu", "time_vs_floor",
+}
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_train_step_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--no-trl", "--out-dir", str(out), "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "smoke.json").read_text())
+    assert (out / "smoke.md").read_text().startswith("# smoke")
+    assert summary["errors"] == {}
+    assert _positive(summary["matmul_peak_flops"])
+    assert summary["params"]["flop_params"] > 0
+    assert set(summary["variants"]) == {"floor", "lp"}
+    for name, row in summary["variants"].items():
+        assert ROW_KEYS <= set(row), (name, sorted(ROW_KEYS - set(row)))
+        for key in ROW_KEYS:
+            assert _positive(row[key]), (name, key, row[key])
+        assert 0 <= row["pad_fraction"] < 1
+
+
+def test_budget_crossing() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from memory import largest_within
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert largest_within([(2, 100.0), (4, 200.0), (8, 400.0)], 300.0) == (4, 6.0)
+    assert largest_within([(2, 100.0), (4, 200.0)], 50.0) == (None, None)
+    assert largest_within([(2, 100.0), (4, 200.0)], 300.0) == (4, 6.0)  # extrapolated past the last point

@@ -1,0 +1,129 @@
+"""DDP and FSDP2 on CPU with 2 processes (gloo): same trajectory as one process, exact metrics, resume, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_pref.data.synthetic import generate
+from tests.conftest import REPO, write_jsonl
+
+pytestmark = pytest.mark.slow
+STRATEGIES = ["ddp", "fsdp2"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "lightning_pref", *args], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _strategy(name: str | None) -> list[str]:
+    if name is None:
+        return ["--trainer.devices", "1"]
+    return ["--config", str(REPO / f"configs/strategy/{name}.yaml"), "--trainer.devices", "2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("dist")
+    records, _ = generate(37, seed=7)
+    # 24 training pairs; 13 validation pairs, so 2 processes need one padded duplicate
+    return {"train": write_jsonl(tmp / "train.jsonl", records[:24]), "val": write_jsonl(tmp / "val.jsonl", records[24:])}
+
+
+def _fit(root: Path, data: dict[str, Path], strategy: str | None, batch_size: int, *extra: str) -> None:
+    _cli(
+        "fit", "--config", str(REPO / "configs/dpo.yaml"), *_strategy(strategy), "--trainer.accelerator", "cpu",
+        "--data.train", str(data["train"]), "--data.val", "null", "--data.batch_size", str(batch_size),
+        "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1", "--progress_bar.refresh_rate", "0",
+        "--trainer.default_root_dir", str(root), "--trainer.callbacks+=tests.support.RecordLosses",
+        f"--trainer.callbacks.directory={root}", *extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data) -> dict[str | None, Path]:
+    """3 steps with a global batch of 8 pairs: 1 process x 8, and 2 processes x 4 under each strategy."""
+    tmp = tmp_path_factory.mktemp("runs")
+    roots = {}
+    for strategy in [None, *STRATEGIES]:
+        roots[strategy] = tmp / (strategy or "single")
+        _fit(roots[strategy], data, strategy, 8 if strategy is None else 4)
+    return roots
+
+
+def _last(root: Path, version: int = 0) -> Path:
+    return root / f"lightning_logs/version_{version}/checkpoints/last.ckpt"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_loss_trajectory_and_weights_match_single_process(runs, strategy):
+    single = json.loads((runs[None] / "losses_rank0.json").read_text())
+    ranks = [json.loads((runs[strategy] / f"losses_rank{r}.json").read_text()) for r in (0, 1)]
+    global_losses = [(a + b) / 2 for a, b in zip(*ranks, strict=True)]  # equal per-rank batches: the global mean
+    assert len(single) == 3
+    torch.testing.assert_close(torch.tensor(global_losses), torch.tensor(single), rtol=1e-5, atol=1e-6)
+    expected = torch.load(_last(runs[None]), weights_only=False)["state_dict"]
+    got = torch.load(_last(runs[strategy]), weights_only=False)["state_dict"]
+    assert set(got) == set(expected) and not any(k.startswith("reference.") for k in got)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def _validate(root: Path, data, strategy: str | None, ckpt: Path) -> dict[str, float]:
+    _cli(
+        "validate", "--config", str(REPO / "configs/dpo.yaml"), *_strategy(strategy), "--trainer.accelerator", "cpu",
+        "--data.train", str(data["train"]), "--data.val", str(data["val"]), "--data.batch_size", "4",
+        "--trainer.default_root_dir", str(root), "--ckpt_path", str(ckpt), "--progress_bar.refresh_rate", "0",
+    )
+    (row,) = [r for r in csv.DictReader(open(root / "lightning_logs/version_0/metrics.csv")) if r["val/loss"]]
+    return {k: float(v) for k, v in row.items() if k.startswith("val/")}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_validation_metrics_equal_single_process(runs, data, tmp_path, strategy):
+    """13 pairs on 2 processes: the sampler pads one duplicate, which must not count."""
+    ckpt = _last(runs[None])
+    single = _validate(tmp_path / "single", data, None, ckpt)
+    multi = _validate(tmp_path / strategy, data, strategy, ckpt)
+    assert single.keys() == multi.keys() and "val/rewards/accuracies" in single
+    for key, value in single.items():
+        assert multi[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_checkpoint_resumes_and_exports(runs, data, tmp_path, strategy):
+    root = runs[strategy]
+    _fit(root, data, strategy, 4, "--trainer.max_steps", "5", "--ckpt_path", "last")
+    resumed = torch.load(_last(root, version=1), weights_only=False)
+    assert resumed["global_step"] == 5
+    out = tmp_path / "exported"
+    _cli("export", "--ckpt_path", str(_last(root, version=1)), "--output_dir", str(out))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(model.model.embed_tokens.weight,
+                               resumed["state_dict"]["policy.model.model.embed_tokens.weight"])
+
+
+def test_kto_kl_baseline_under_ddp(data, tmp_path):
+    root = tmp_path / "kto"
+    _cli(
+        "fit", "--config", str(REPO / "configs/kto.yaml"), *_strategy("ddp"), "--trainer.accelerator", "cpu",
+        "--data.train", str(data["train"]), "--data.val", str(data["val"]), "--data.batch_size", "3",
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
+        "--trainer.default_root_dir", str(root), "--progress_bar.refresh_rate", "0",
+    )
+    rows = list(csv.DictReader(open(root / "lightning_logs/version_0/metrics.csv")))
+    kl = [float(r["train/kl"]) for r in rows if r.get("train/kl")]
+    assert kl and all(v >= 0 and v == v for v in kl)
+    assert any(r.get("val/rewards/accuracies") for r in rows)
