@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 from jsonargparse import ArgumentParser, set_loader
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException

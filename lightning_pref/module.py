@@ -18,7 +18,7 @@ from lightning_pref.logps import SequenceScorer
 from lightning_pref.losses import DPOLoss, PreferenceLoss
 from lightning_pref.metrics import PreferenceMetrics
 from lightning_pref.models import ModelSpec, load_causal_lm, load_tokenizer
-from lightning_pref.precompute import load_or_compute
+from lightning_pref.precompute import attach_reference_logps
 from lightning_pref.reference import ReferenceMode, apply_lora, check_reference_mode, soft_update
 from lightning_pref.sharding import apply_fsdp2, fsdp_mesh
 from lightning_pref.types import PreferenceBatch, SequenceLogps
@@ -228,37 +228,15 @@ class PreferenceModule(LightningModule):
         if steps and self.global_step % steps == 0 and self.global_step > 0:
             soft_update(self.reference, self.policy, self.hparams.ref_sync_alpha)
 
+    # ``reference_mode: precomputed``: the data module gets reference log-probs before any batch is drawn.
     def on_fit_start(self) -> None:
-        self._precompute_reference()
+        attach_reference_logps(self)
 
     def on_validation_start(self) -> None:
-        self._precompute_reference()
+        attach_reference_logps(self)
 
     def on_test_start(self) -> None:
-        self._precompute_reference()
-
-    def _precompute_reference(self) -> None:
-        """``precomputed`` mode: give the data module reference log-probs for every split it holds."""
-        if self.hparams.reference_mode != "precomputed" or not self.loss.requires_reference:
-            return
-        datamodule = self.trainer.datamodule
-        if not hasattr(datamodule, "reference_logps"):
-            raise UserInputError("model.reference_mode: 'precomputed' needs data from a PreferenceDataModule")
-        hp = self.hparams
-        spec = hp.reference if hp.reference is not None else hp.policy
-        identity = {"spec": spec, "seed": hp.init_seed, "dtype": hp.reference_dtype}
-
-        def build_scorer() -> SequenceScorer:
-            dtype = _DTYPES[hp.reference_dtype] if hp.reference_dtype else None
-            reference = self.load_model(spec, "model.reference", dtype).to(self.device).eval()
-            return SequenceScorer(reference, hp.chunk_size, hp.response_only_head)
-
-        for split, dataset in datamodule.datasets.items():
-            if split not in datamodule.reference_logps:
-                datamodule.reference_logps[split], _ = load_or_compute(
-                    self.trainer, dataset, identity, hp.reference_cache_dir, build_scorer,
-                    self.tokenizer.pad_token_id, datamodule.hparams.batch_size, split,
-                )
+        attach_reference_logps(self)
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         self._step(batch, "val")

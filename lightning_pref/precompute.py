@@ -21,6 +21,7 @@ from rich.progress import Progress
 
 from lightning_pref.data.cache import default_dir
 from lightning_pref.data.collate import pad
+from lightning_pref.errors import UserInputError
 from lightning_pref.logps import SequenceScorer
 
 VERSION = 1
@@ -93,3 +94,31 @@ def load_or_compute(
         os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache entry
     strategy.barrier()
     return table, False
+
+
+def attach_reference_logps(module) -> None:
+    """Give ``module``'s data module reference log-probs for every split it holds (``precomputed`` mode only).
+
+    Args:
+        module: the :class:`~lightning_pref.module.PreferenceModule`, attached to a trainer.
+    """
+    hp = module.hparams
+    if hp.reference_mode != "precomputed" or not module.loss.requires_reference:
+        return
+    datamodule = module.trainer.datamodule
+    if not hasattr(datamodule, "reference_logps"):
+        raise UserInputError("model.reference_mode: 'precomputed' needs data from a PreferenceDataModule")
+    spec = hp.reference if hp.reference is not None else hp.policy
+    identity = {"spec": spec, "seed": hp.init_seed, "dtype": hp.reference_dtype}
+
+    def build_scorer() -> SequenceScorer:
+        dtype = getattr(torch, hp.reference_dtype) if hp.reference_dtype else None
+        reference = module.load_model(spec, "model.reference", dtype).to(module.device).eval()
+        return SequenceScorer(reference, hp.chunk_size, hp.response_only_head)
+
+    for split, dataset in datamodule.datasets.items():
+        if split not in datamodule.reference_logps:
+            datamodule.reference_logps[split], _ = load_or_compute(
+                module.trainer, dataset, identity, hp.reference_cache_dir, build_scorer,
+                module.tokenizer.pad_token_id, datamodule.hparams.batch_size, split,
+            )
