@@ -26,6 +26,10 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+bench: install
+	$(BIN)/python -m pip install -q "trl>=1.16"
+	$(BIN)/python benchmarks/run_all.py
+
 lint: install
 	$(BIN)/ruff check .
 

@@ -3,7 +3,8 @@
 ``log p(y_t) = z[y_t] - logsumexp(z)`` for the logits ``z`` at each *response* position only: the transformer
 body runs on every token, but the LM head (the ``(T, V)`` matmul that dominates memory at large vocabularies)
 is applied to response positions in chunks of ``chunk_size`` tokens, each recomputed in backward instead of
-stored, so peak memory does not scale with ``B * T * V``.
+stored, so peak memory does not scale with ``B * T * V``. The default chunk holds at most ``2**25`` fp32
+logits (128 MB): 4096 rows at an 8k vocabulary, 262 at 128k.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from torch.utils.checkpoint import checkpoint
 # Config attributes of models whose logits are post-processed after the LM head (soft-capping, scaling): for
 # them the response-only head would be wrong, so the scorer falls back to the model's own ``logits``.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_CHUNK_LOGITS = 2**25  # logits per chunk by default
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per LM-head chunk so that a chunk's fp32 logits stay within ``2**25`` values (128 MB)."""
+    return max(64, min(4096, _CHUNK_LOGITS // vocab_size))
 
 
 def token_logps(hidden: Tensor, head: nn.Module, targets: Tensor, chunk_size: int = 1024) -> Tensor:
@@ -30,9 +37,11 @@ def token_logps(hidden: Tensor, head: nn.Module, targets: Tensor, chunk_size: in
         ``log softmax(head(hidden))[targets]``. # (R,)
     """
     out = []
+    # With a single chunk its logits are the whole transient anyway: keeping them costs less than recomputing.
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and len(hidden) > chunk_size
     for h, y in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True):
-        if torch.is_grad_enabled() and h.requires_grad:
-            # Recompute the chunk's logits in backward rather than keeping (chunk, V) activations alive.
+        if recompute:
+            # Recompute each chunk's logits in backward rather than keeping all (R, V) activations alive.
             out.append(checkpoint(_chunk_logps, head, h, y, use_reentrant=False))
         else:
             out.append(_chunk_logps(head, h, y))
@@ -61,15 +70,15 @@ class SequenceScorer(nn.Module):
 
     Args:
         model: a ``transformers`` causal LM (``AutoModelForCausalLM``).
-        chunk_size: response tokens per LM-head chunk.
+        chunk_size: response tokens per LM-head chunk; ``None`` = :func:`default_chunk_size` of the vocabulary.
         response_only_head: apply the LM head only at response positions (identical values, less compute and
             memory); automatically off for models that post-process their logits.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, response_only_head: bool = True) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int | None = None, response_only_head: bool = True) -> None:
         super().__init__()
         self.model = model
-        self.chunk_size = chunk_size
+        self.chunk_size = chunk_size or default_chunk_size(self.lm.config.vocab_size)
         config = getattr(model, "config", None)
         postprocessed = any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING)
         self.response_only_head = response_only_head and not postprocessed and self._split_available()

@@ -24,46 +24,55 @@ KEYS = (
 PAIRWISE = ("rewards/accuracies", "rewards/margins")
 
 
+def per_example(
+    out: LossOutput, policy: SequenceLogps, paired: bool, weights: Tensor | None = None
+) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """Per-example values and weights of each documented key for one batch (keys with no values left out).
+
+    Args:
+        out: the loss output (per-example losses and detached rewards).
+        policy: policy log-probs of the batch.
+        paired: whether chosen[i] pairs with rejected[i]; pairwise metrics are only defined then.
+        weights: per-sequence weights ``[chosen; rejected]`` (0 for sampler-padded duplicates).
+    """
+    n = policy.chosen.shape[0]
+    w_chosen = weights[:n] if weights is not None else None
+    w_rejected = weights[n:] if weights is not None else None
+    values: dict[str, tuple[Tensor, Tensor | None]] = {
+        "rewards/chosen": (out.chosen_rewards, w_chosen),
+        "rewards/rejected": (out.rejected_rewards, w_rejected),
+        "logps/chosen": (policy.chosen.detach(), w_chosen),
+        "logps/rejected": (policy.rejected.detach(), w_rejected),
+    }
+    if paired:
+        margins = out.chosen_rewards - out.rejected_rewards  # (B,)
+        values["rewards/margins"] = (margins, w_chosen)
+        values["rewards/accuracies"] = ((margins > 0).float(), w_chosen)
+    # Paired losses give one value per pair, unpaired ones one per sequence.
+    values["loss"] = (out.losses.detach(), w_chosen if out.losses.shape[0] == n else weights)
+    # e.g. a KTO batch with only desirable examples has no rejected values
+    return {key: (value.float(), weight) for key, (value, weight) in values.items() if value.numel()}
+
+
+def batch_means(values: dict[str, tuple[Tensor, Tensor | None]]) -> dict[str, Tensor]:
+    """This batch's (weighted) mean of each key: the per-step training values."""
+    return {
+        key: value.mean() if weight is None else (value * weight).sum() / weight.sum().clamp(min=1e-12)
+        for key, (value, weight) in values.items()
+    }
+
+
 class PreferenceMetrics(nn.Module):
-    """One ``MeanMetric`` per key for one stage."""
+    """One ``MeanMetric`` per key, for exact means over a whole validation or test epoch."""
 
     def __init__(self) -> None:
         super().__init__()
-        # ModuleDict keys cannot contain "." but "/" is fine; they are also the logged names.
+        # ModuleDict keys cannot contain "." but "/" is fine. Keep the default nan_strategy: with "disable",
+        # torchmetrics 1.9 ignores the weights, and padded duplicates would count.
         self.means = nn.ModuleDict({key: MeanMetric() for key in KEYS})
 
-    def update(
-        self, out: LossOutput, policy: SequenceLogps, paired: bool, weights: Tensor | None = None
-    ) -> dict[str, MeanMetric]:
-        """Accumulate a batch and return the metrics that received values (to be passed to ``self.log``).
-
-        Args:
-            out: the loss output (per-example losses and detached rewards).
-            policy: policy log-probs of the batch.
-            paired: whether chosen[i] pairs with rejected[i]; pairwise metrics are only defined then.
-            weights: per-sequence weights ``[chosen; rejected]`` (0 for sampler-padded duplicates).
-        """
-        n = policy.chosen.shape[0]
-        w_chosen = weights[:n] if weights is not None else None
-        w_rejected = weights[n:] if weights is not None else None
-        values: dict[str, tuple[Tensor, Tensor | None]] = {
-            "rewards/chosen": (out.chosen_rewards, w_chosen),
-            "rewards/rejected": (out.rejected_rewards, w_rejected),
-            "logps/chosen": (policy.chosen.detach(), w_chosen),
-            "logps/rejected": (policy.rejected.detach(), w_rejected),
-        }
-        if paired:
-            margins = out.chosen_rewards - out.rejected_rewards  # (B,)
-            values["rewards/margins"] = (margins, w_chosen)
-            values["rewards/accuracies"] = ((margins > 0).float(), w_chosen)
-        # Paired losses give one value per pair, unpaired ones one per sequence.
-        loss_weights = w_chosen if out.losses.shape[0] == n else weights
-        values["loss"] = (out.losses.detach(), loss_weights)
-        updated = {}
+    def update(self, values: dict[str, tuple[Tensor, Tensor | None]]) -> dict[str, MeanMetric]:
+        """Accumulate a batch (from :func:`per_example`); return the updated metrics, to pass to ``self.log``."""
         for key, (value, weight) in values.items():
-            if value.numel() == 0:  # e.g. a KTO batch with only desirable examples
-                continue
-            # forward() both accumulates the epoch state and caches this batch's value for per-step logging.
-            self.means[key](value.float(), 1.0 if weight is None else weight)
-            updated[key] = self.means[key]
-        return updated
+            self.means[key].update(value, 1.0 if weight is None else weight)
+        return {key: self.means[key] for key in values}

@@ -16,7 +16,7 @@ from torch import Tensor
 from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.logps import SequenceScorer
 from lightning_pref.losses import DPOLoss, PreferenceLoss
-from lightning_pref.metrics import PreferenceMetrics
+from lightning_pref.metrics import PreferenceMetrics, batch_means, per_example
 from lightning_pref.models import ModelSpec, load_causal_lm, load_tokenizer
 from lightning_pref.precompute import attach_reference_logps
 from lightning_pref.reference import ReferenceMode, apply_lora, check_reference_mode, soft_update
@@ -27,6 +27,7 @@ from lightning_pref.types import PreferenceBatch, SequenceLogps
 warnings.filterwarnings("ignore", message=re.escape("Found ") + r"\d+ module\(s\) in eval mode at the start of training")
 
 _REFERENCE_PREFIX = "reference."
+_PROGRESS_BAR = ("train/loss", "train/rewards/accuracies")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,7 +56,8 @@ class PreferenceModule(LightningModule):
         on_nonfinite: a NaN/inf loss stops training with the step and batch (``error``) or skips that batch on
             every device (``skip``).
         init_seed: seed of the random initialization of a config-dict policy.
-        chunk_size: response tokens per LM-head chunk when computing log-probs.
+        chunk_size: response tokens per LM-head chunk when computing log-probs; ``None`` = as many as keep a
+            chunk's fp32 logits within 128 MB (4096 at an 8k vocabulary, 262 at 128k).
         response_only_head: apply the LM head only at response positions (same values, less work).
         gradient_checkpointing: recompute the policy's activations in backward (less memory, ~30% more time).
         compile: ``torch.compile`` the policy's forward (in place, so checkpoint keys do not change).
@@ -77,7 +79,7 @@ class PreferenceModule(LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         on_nonfinite: Literal["error", "skip"] = "error",
         init_seed: int = 0,
-        chunk_size: int = 1024,
+        chunk_size: int | None = None,
         response_only_head: bool = True,
         gradient_checkpointing: bool = False,
         compile: bool = False,
@@ -197,15 +199,18 @@ class PreferenceModule(LightningModule):
         kl = self.kl_baseline(batch) if self.loss.requires_kl_baseline else None
         out = self.loss(policy, reference, kl_baseline=kl)
         loss = out.losses.mean()
-        updated = getattr(self, f"{stage}_metrics").update(out, policy, batch.paired, batch.weights)
-        on_step = stage == "train"
+        values = per_example(out, policy, batch.paired, batch.weights)
         batch_size = batch.num_chosen if batch.paired else batch.input_ids.shape[0]
-        for key, metric in updated.items():
-            shown = key in ("loss", "rewards/accuracies")
-            self.log(f"{stage}/{key}", metric, on_step=on_step, on_epoch=not on_step, prog_bar=shown,
-                     batch_size=batch_size)
-        for key, value in out.metrics.items():
-            self.log(f"{stage}/{key}", value, on_step=on_step, on_epoch=not on_step, batch_size=batch_size)
+        if stage == "train":  # per step: this batch's values, logged as plain tensors in one call
+            logged = {f"train/{k}": v for k, v in (batch_means(values) | out.metrics).items()}
+            for prog_bar in (True, False):
+                part = {k: v for k, v in logged.items() if (k in _PROGRESS_BAR) is prog_bar}
+                self.log_dict(part, prog_bar=prog_bar, on_step=True, on_epoch=False, batch_size=batch_size)
+        else:  # per epoch: exact means over every example on every device
+            for key, metric in getattr(self, f"{stage}_metrics").update(values).items():
+                self.log(f"{stage}/{key}", metric, on_step=False, on_epoch=True, batch_size=batch_size)
+            for key, value in out.metrics.items():
+                self.log(f"{stage}/{key}", value, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
         return loss
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor | None:

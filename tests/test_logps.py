@@ -92,3 +92,11 @@ def test_response_only_head_gives_identical_gradients(tiny_model):
 def test_logit_postprocessing_models_fall_back_to_full_logits(tiny_model):
     tiny_model.config.final_logit_softcapping = 30.0
     assert SequenceScorer(tiny_model).response_only_head is False
+
+
+def test_default_chunk_size_bounds_chunk_logits_by_vocabulary():
+    from lightning_pref.logps import default_chunk_size
+
+    assert default_chunk_size(8000) == 4096  # capped
+    assert default_chunk_size(128_000) == 2**25 // 128_000 == 262  # 262 x 128k fp32 logits = 128 MB
+    assert default_chunk_size(10**7) == 64  # floor
