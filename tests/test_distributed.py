@@ -79,6 +79,18 @@ def test_loss_trajectory_and_weights_match_single_process(runs, strategy):
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
+def test_precomputed_reference_under_ddp_matches_model_mode(runs, data, tmp_path):
+    """Each rank looks up the cached reference log-probs of its own (shuffled) examples."""
+    root = tmp_path / "precomputed"
+    _fit(root, data, "ddp", 4, "--model.reference_mode", "precomputed",
+         f"--model.reference_cache_dir={tmp_path / 'cache'}")
+    for rank in (0, 1):
+        expected = json.loads((runs["ddp"] / f"losses_rank{rank}.json").read_text())
+        got = json.loads((root / f"losses_rank{rank}.json").read_text())
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+
+
 def _validate(root: Path, data, strategy: str | None, ckpt: Path) -> dict[str, float]:
     _cli(
         "validate", "--config", str(REPO / "configs/dpo.yaml"), *_strategy(strategy), "--trainer.accelerator", "cpu",
