@@ -48,7 +48,7 @@ def resolve_loss_name(value: Any) -> Any:
     if value in names:
         cls = get_loss_class(value)
     else:
-        cls = next((get_loss_class(n) for n in names if get_loss_class(n).__name__ == value), None)
+        cls = next((c for c in map(get_loss_class, names) if c.__name__ == value), None)
         if cls is None:
             raise UserInputError(f"model.loss: {unknown_loss_message(value)}")
     return f"{cls.__module__}.{cls.__qualname__}"

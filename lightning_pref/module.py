@@ -28,7 +28,6 @@ warnings.filterwarnings("ignore", message=re.escape("Found ") + r"\d+ module\(s\
 
 _REFERENCE_PREFIX = "reference."
 _PROGRESS_BAR = ("train/loss", "train/rewards/accuracies")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class PreferenceModule(LightningModule):
@@ -107,6 +106,15 @@ class PreferenceModule(LightningModule):
     def uses_reference_model(self) -> bool:
         return self.loss.requires_reference and self.hparams.reference_mode == "model"
 
+    @property
+    def reference_torch_dtype(self) -> torch.dtype | None:
+        """``reference_dtype`` as a ``torch.dtype`` (``None``: the policy's)."""
+        return getattr(torch, self.hparams.reference_dtype) if self.hparams.reference_dtype else None
+
+    def scorer(self, model: torch.nn.Module) -> SequenceScorer:
+        """Wrap ``model`` in a :class:`SequenceScorer` with this module's log-prob settings."""
+        return SequenceScorer(model, self.hparams.chunk_size, self.hparams.response_only_head)
+
     def load_model(self, spec: ModelSpec, field: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
         """Load ``spec`` as this module loads its policy (same seed and tokenizer-derived config fields)."""
         fields = {"vocab_size": len(self.tokenizer), "pad_token_id": self.tokenizer.pad_token_id}
@@ -122,17 +130,16 @@ class PreferenceModule(LightningModule):
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hp.reference_mode == "adapter":
             policy = apply_lora(policy, hp.lora)
-        self.policy = SequenceScorer(policy, hp.chunk_size, hp.response_only_head)
+        self.policy = self.scorer(policy)
         if hp.compile:
             self.policy.compile()
         if self.uses_reference_model:
-            dtype = _DTYPES[hp.reference_dtype] if hp.reference_dtype else None
+            dtype = self.reference_torch_dtype
             if hp.reference is None:
                 reference = copy.deepcopy(policy).to(dtype) if dtype else copy.deepcopy(policy)
             else:
                 reference = self.load_model(hp.reference, "model.reference", dtype)
-            scorer = SequenceScorer(reference, hp.chunk_size, hp.response_only_head)
-            self.reference = scorer.requires_grad_(False).eval()
+            self.reference = self.scorer(reference).requires_grad_(False).eval()
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its device mesh
             apply_fsdp2([s for s in (self.policy, self.reference) if s is not None], fsdp_mesh(self.device_mesh))
 

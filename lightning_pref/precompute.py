@@ -72,16 +72,12 @@ def score_examples(scorer: SequenceScorer, dataset, pad_token_id: int, batch_siz
 def load_or_compute(
     trainer: Trainer, dataset, reference_identity: dict, cache_dir: str | None, build_scorer: Callable[[], SequenceScorer],
     pad_token_id: int, batch_size: int, label: str,
-) -> tuple[torch.Tensor, bool]:
-    """The split's reference table, from the cache or computed (``build_scorer`` is only called on a miss).
-
-    Returns:
-        The ``(n, 2)`` table and whether it came from the cache.
-    """
+) -> torch.Tensor:
+    """The split's ``(n, 2)`` reference table, from the cache or computed (``build_scorer`` only on a miss)."""
     strategy = trainer.strategy
     path = cache_path(cache_dir, dataset.table, reference_identity)
     if strategy.broadcast(path.is_file()):  # one decision for all processes
-        return torch.load(path, map_location="cpu"), True
+        return torch.load(path, map_location="cpu")
     scorer = build_scorer()
     table = score_examples(scorer, dataset, pad_token_id, batch_size, trainer.global_rank, trainer.world_size,
                            strategy.root_device, label)
@@ -93,7 +89,7 @@ def load_or_compute(
         torch.save(table, tmp)
         os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache entry
     strategy.barrier()
-    return table, False
+    return table
 
 
 def attach_reference_logps(module) -> None:
@@ -112,13 +108,12 @@ def attach_reference_logps(module) -> None:
     identity = {"spec": spec, "seed": hp.init_seed, "dtype": hp.reference_dtype}
 
     def build_scorer() -> SequenceScorer:
-        dtype = getattr(torch, hp.reference_dtype) if hp.reference_dtype else None
-        reference = module.load_model(spec, "model.reference", dtype).to(module.device).eval()
-        return SequenceScorer(reference, hp.chunk_size, hp.response_only_head)
+        reference = module.load_model(spec, "model.reference", module.reference_torch_dtype)
+        return module.scorer(reference.to(module.device).eval())
 
     for split, dataset in datamodule.datasets.items():
         if split not in datamodule.reference_logps:
-            datamodule.reference_logps[split], _ = load_or_compute(
+            datamodule.reference_logps[split] = load_or_compute(
                 module.trainer, dataset, identity, hp.reference_cache_dir, build_scorer,
                 module.tokenizer.pad_token_id, datamodule.hparams.batch_size, split,
             )

@@ -69,15 +69,15 @@ class PreferenceCollator:
     def __call__(self, examples: list[Encoded]) -> PreferenceBatch:
         paired = all(e.rejected is not None for e in examples)
         if paired:
-            ordered = [(e.prompt, e.chosen) for e in examples] + [(e.prompt, e.rejected) for e in examples]
-            rows = [(e, 0) for e in examples] + [(e, 1) for e in examples]  # (example, table column) per row
+            rows = [(e, 0) for e in examples] + [(e, 1) for e in examples]  # (example, column) of each row
             num_chosen = len(examples)
         elif any(e.rejected is not None for e in examples):
             raise ValueError("a batch mixes paired and unpaired examples")
         else:
             rows = [(e, 0) for e in examples if e.label] + [(e, 0) for e in examples if not e.label]
-            ordered = [(e.prompt, e.chosen) for e, _ in rows]
             num_chosen = sum(e.label for e in examples)
+        # Column 0 is the chosen (or only) completion, 1 the rejected one; also the reference table's columns.
+        ordered = [(e.prompt, e.rejected if column else e.chosen) for e, column in rows]
         input_ids, attention_mask, response_mask = pad(ordered, self.pad_token_id)
         batch = PreferenceBatch(input_ids, attention_mask, response_mask, num_chosen=num_chosen, paired=paired)
         if any(e.weight != 1.0 for e in examples):
