@@ -32,6 +32,35 @@ DEFAULT_MODEL = {
     "max_position_embeddings": 1024,
 }
 
+# `--model-config <name>`: named shapes. "0.5b" is the GPU benchmark's ~0.5B-parameter Llama (470M at a 32k
+# vocabulary: 24 layers x 1024, 4096 MLP, untied LM head), sized like Qwen2.5-0.5B / TinyLlama-class models.
+MODEL_PRESETS = {
+    "small": DEFAULT_MODEL,
+    "0.5b": {
+        "model_type": "llama",
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "max_position_embeddings": 4096,
+    },
+}
+
+# Trainer precision -> (autocast dtype or None, parameter dtype): how the plain loop and TRL reproduce it.
+PRECISIONS = {
+    "32-true": (None, "float32"),
+    "bf16-mixed": ("bfloat16", "float32"),
+    "bf16-true": (None, "bfloat16"),
+}
+
+
+def device() -> str:
+    """Where the benchmark runs: the GPU when there is one (as Lightning's ``accelerator: auto`` picks)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
 
 # ----------------------------------------------------------------------------------------------- tokenizer / data
 def build_tokenizer(vocab: int, directory: Path) -> Path:
@@ -181,14 +210,25 @@ class StepClock:
         self.ends: list[float] = []
         self.tokens: list[int] = []  # non-pad tokens of the trained sequences (KL rows excluded)
         self.padded: list[int] = []  # all positions of those sequences, pads included
+        self.reference_seconds: list[float] = []  # per step: time inside the reference model's forward, if timed
+        self._reference_running = 0.0
         self.memory = MemoryProbe()
+
+    def add_reference_time(self, seconds: float) -> None:
+        self._reference_running += seconds
 
     def batch(self, attention_mask) -> None:
         self.tokens.append(int(attention_mask.sum()))
         self.padded.append(int(attention_mask.numel()))
 
     def step_end(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():  # kernels run asynchronously: the step ends when the GPU is done
+            torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
+        self.reference_seconds.append(self._reference_running)
+        self._reference_running = 0.0
 
     def report(self) -> dict[str, Any]:
         w, n = self.warmup, len(self.ends) - self.warmup
@@ -197,7 +237,9 @@ class StepClock:
         seconds = (self.ends[-1] - self.ends[w - 1]) / n
         tokens = self.tokens[w : w + n]
         padded = self.padded[w : w + n]
+        reference = sum(self.reference_seconds[w : w + n]) / n
         return {
+            **({"reference_seconds_per_step": reference} if reference > 0 else {}),
             "seconds_per_step": seconds,
             "step_times": [b - a for a, b in zip(self.ends[w - 1 : -1], self.ends[w:], strict=True)],
             "measured_steps": n,
@@ -225,6 +267,27 @@ class StepTimer(_lightning_callback_base()):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.clock.memory.on_train_start()
+        if getattr(pl_module, "reference", None) is not None:
+            self._time_reference(pl_module.reference)
+
+    def _time_reference(self, reference) -> None:
+        """Time the reference model's forward (model mode): its share of the step bounds what
+        ``reference_mode: precomputed`` can save."""
+        import torch
+
+        forward, clock = reference.forward, self.clock
+
+        def timed(*args, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = forward(*args, **kwargs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            clock.add_reference_time(time.perf_counter() - start)
+            return out
+
+        reference.forward = timed  # an instance attribute: nn.Module.__call__ looks it up first
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.clock.batch(batch.attention_mask)
@@ -239,20 +302,22 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """Best-of-``repeats`` fp32 FLOP/s of a ``size`` x ``size`` matmul on this machine's default device."""
+def matmul_peak_flops(dtype: str = "float32", size: int | None = None, repeats: int = 5) -> float:
+    """Best-of-``repeats`` FLOP/s of a ``size`` x ``size`` matmul in ``dtype`` on the benchmark's device
+    (2048 on CPU; 8192 on a GPU, which a smaller matmul does not fill)."""
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+    where = device()
+    size = size or (8192 if where == "cuda" else 2048)
+    a = torch.randn(size, size, device=where, dtype=getattr(torch, dtype))
+    b = torch.randn(size, size, device=where, dtype=getattr(torch, dtype))
     best = float("inf")
     for _ in range(repeats + 1):
-        if device == "cuda":
+        if where == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         a @ b
-        if device == "cuda":
+        if where == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return 2 * size**3 / best

@@ -1,7 +1,8 @@
-"""Regenerate every committed table under benchmarks/results/ (CPU: about 40-60 minutes on 2 cores).
+"""Regenerate every committed table under benchmarks/results/ (CPU: about an hour on 2 cores).
 
     python benchmarks/run_all.py            # or: make bench
     python benchmarks/run_all.py --quick    # fewer steps and repetitions, a few minutes (numbers are noisier)
+    python benchmarks/run_all.py --gpu      # on a GPU: the ~0.5B-parameter bf16 tables (results/gpu_*)
 """
 
 from __future__ import annotations
@@ -21,13 +22,31 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-options", action="store_true", help="skip the gradient_checkpointing/compile/grouping table")
+    p.add_argument("--skip-memory", action="store_true", help="skip the 128k-vocabulary memory table")
+    p.add_argument("--gpu", action="store_true",
+                   help="the GPU tables instead: ~0.5B-parameter Llama (preset 0.5b), bf16-mixed, 32k vocabulary")
+    p.add_argument("--peak-tflops", default="989", help="--gpu: datasheet bf16 dense peak (H100 SXM: 989)")
     args = p.parse_args()
     steps = (["--steps", "3", "--warmup", "1", "--repeats", "3"] if args.quick
-             else ["--steps", "6", "--warmup", "2", "--repeats", "5"])
+             else ["--steps", "10", "--warmup", "2", "--repeats", "7"])
+    if args.gpu:
+        gpu = ["--model-config", "0.5b", "--vocab", "32000", "--precision", "bf16-mixed", "--peak-tflops",
+               args.peak_tflops, "--prompt-len", "256", "--response-len", "768", "--steps", "10", "--warmup", "3",
+               "--repeats", "3"]
+        commands = [
+            ["train_step.py", "--loss", "dpo", "--name", "gpu_dpo_0.5b", "--batch-size", "8", *gpu,
+             "--variants", "floor,lp,lp_precomputed,trl"],
+            ["train_step.py", "--loss", "dpo", "--name", "gpu_dpo_0.5b_options", "--batch-size", "8", *gpu,
+             "--variants", "floor,lp,lp_gc,lp_compile"],
+        ]
+        return run(commands)
     commands = [
         ["train_step.py", "--loss", "dpo", *steps],
         ["train_step.py", "--loss", "kto", "--variants", "floor,lp,lp_bare,trl", *steps],
-        ["memory.py"],
+        # Precomputed vs model mode, the closest call: runs in one process, 9 repetitions, 20 steps each.
+        ["train_step.py", "--loss", "dpo", "--name", "precomputed_ab", "--variants", "lp,lp_precomputed", "--no-trl",
+         "--in-process", *steps, "--steps", "20", "--warmup", "3", "--repeats", "9"],
+        *([] if args.skip_memory else [["memory.py"]]),
         # Fixed per-step framework cost: a model so small that the step is all overhead.
         ["train_step.py", "--loss", "dpo", "--name", "overhead_tiny", "--model-config", json.dumps(TINY),
          "--vocab", "512", "--batch-size", "2", "--prompt-len", "16", "--response-len", "16",
@@ -35,7 +54,11 @@ def main() -> int:
     ]
     if not args.skip_options:
         commands.append(["train_step.py", "--loss", "dpo", "--name", "train_step_dpo_options", "--variants",
-                         "floor,lp,lp_gc,lp_compile,lp_varlen,lp_grouped", *steps])
+                         "floor,lp,lp_gc,lp_compile,lp_bf16,lp_varlen,lp_grouped", *steps, "--repeats", "5"])
+    return run(commands)
+
+
+def run(commands: list[list[str]]) -> int:
     failed = 0
     for command in commands:
         print("+ python benchmarks/" + " ".join(command), flush=True)

@@ -41,6 +41,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str, str]] = {
     "lp_bare": ("lp_bare", {}, "main", "diagnostic: bare Trainer (no progress bar/logger/checkpoint callbacks)"),
     "lp_gc": ("lp", {"gradient_checkpointing": True}, "main", "lightning-pref CLI, gradient_checkpointing=true"),
     "lp_compile": ("lp", {"compile": True}, "main", "lightning-pref CLI, compile=true"),
+    "lp_bf16": ("lp", {"precision": "bf16-mixed"}, "main", "lightning-pref CLI, trainer.precision=bf16-mixed"),
     "lp_varlen": ("lp", {}, "varlen", "lightning-pref CLI on variable-length data, group_by_length=false"),
     "lp_grouped": ("lp", {"group_by_length": True}, "varlen", "lightning-pref CLI on variable-length data, group_by_length=true"),
     "trl": ("trl", {}, "main", "TRL DPOTrainer / KTOTrainer, defaults (fp32, report_to=none)"),
@@ -52,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loss", choices=["dpo", "kto"], default="dpo")
     p.add_argument("--model-config", default=None,
-                   help="transformers config fields as JSON, or a path to a JSON file (default: 4 layers x 256 Llama)")
+                   help=f"transformers config fields as JSON, a path to a JSON file, or a preset "
+                        f"{sorted(bench_lib.MODEL_PRESETS)} (default: small = 4 layers x 256 Llama)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per step (KTO: 2x this many unpaired examples)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--response-len", type=int, default=96, help="response tokens including EOS")
@@ -61,10 +63,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps per run, excluded from timing")
     p.add_argument("--repeats", type=int, default=3, help="alternating repetitions of every variant (>= 3)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--precision", choices=list(bench_lib.PRECISIONS), default="32-true",
+                   help="every variant's precision (Lightning names; the floor and TRL reproduce it)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's datasheet dense peak in the run's precision (H100 SXM bf16: 989), for a "
+                        "second MFU column next to the one against the measured matmul peak")
     p.add_argument("--variants", default=None,
                    help=f"comma-separated subset of {list(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)} + opt-ins + trl)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="add the lp_gc variant")
     p.add_argument("--compile", action="store_true", help="add the lp_compile variant")
+    p.add_argument("--bf16", action="store_true", help="add the lp_bf16 variant (bf16-mixed, the rest at --precision)")
     p.add_argument("--group-by-length", action="store_true",
                    help="add lp_varlen / lp_grouped on a variable-length copy of the data (see --length-jitter)")
     p.add_argument("--length-jitter", type=float, default=0.5,
@@ -90,8 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_config(value: str | None) -> dict[str, Any]:
-    if value is None:
-        return dict(bench_lib.DEFAULT_MODEL)
+    if value is None or value in bench_lib.MODEL_PRESETS:
+        return dict(bench_lib.MODEL_PRESETS[value or "small"])
     path = Path(value)
     return json.loads(path.read_text() if path.is_file() else value)
 
@@ -103,6 +111,7 @@ def chosen_variants(args: argparse.Namespace) -> list[str]:
         names = list(DEFAULT_VARIANTS)
         names += ["lp_gc"] if args.gradient_checkpointing else []
         names += ["lp_compile"] if args.compile else []
+        names += ["lp_bf16"] if args.bf16 else []
         names += ["lp_varlen", "lp_grouped"] if args.group_by_length else []
         names += ["trl"]
     unknown = [n for n in names if n not in VARIANTS]
@@ -186,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         pairs = bench_lib.make_pairs(n_pairs, args.vocab, args.prompt_len, args.response_len, jitter, seed)
         datasets[key] = bench_lib.write_data(pairs, directory)
 
-    peak_flops = [bench_lib.matmul_peak_flops()]
+    # The peak in the dtype the matmuls run in: bf16 under bf16-mixed / bf16-true.
+    matmul_dtype = "float32" if args.precision == "32-true" else "bfloat16"
+    peak_flops = [bench_lib.matmul_peak_flops(matmul_dtype)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "LIGHTNING_PREF_CACHE": str(workdir / "cache"), "WANDB_DISABLED": "true", "PYTHONWARNINGS": "ignore"}
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
@@ -204,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                 "runner": runner, "loss": args.loss, "model": config, "vocab": args.vocab, "tokenizer": str(tokenizer),
                 "data": datasets[data_key], "ids": datasets[data_key]["ids"], "batch_size": args.batch_size,
                 "prompt_len": args.prompt_len, "response_len": args.response_len, "steps": args.steps,
-                "warmup": args.warmup, "lr": args.lr, "lp": lp_options, "workdir": str(workdir),
+                "warmup": args.warmup, "lr": args.lr, "precision": args.precision, "lp": lp_options,
+                "workdir": str(workdir),
                 "run_dir": str(workdir / "runs" / tag), "result": str(workdir / "runs" / f"{tag}.json"),
             }
             Path(spec["run_dir"]).mkdir(parents=True, exist_ok=True)
@@ -222,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             runs[variant].append(result)
             print(f"[{tag}] {result['seconds_per_step'] * 1e3:8.1f} ms/step  "
                   f"train peak RSS {result['train_peak_rss_mb']:7.0f} MB  ({time.time() - t:.0f} s wall)", flush=True)
-    peak_flops.append(bench_lib.matmul_peak_flops())
+    peak_flops.append(bench_lib.matmul_peak_flops(matmul_dtype))
 
     summary = summarize(args, config, variants, runs, errors, max(peak_flops), n_pairs)
+    summary["matmul_dtype"] = matmul_dtype
     summary["wall_seconds"] = time.time() - started
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +258,7 @@ def summarize(args, config, variants, runs, errors, peak_flops, n_pairs) -> dict
         "name": args.name, "loss": args.loss, "model_config": config, "vocab": args.vocab,
         "batch_size_pairs": args.batch_size, "prompt_len": args.prompt_len, "response_len": args.response_len,
         "warmup_steps": args.warmup, "measured_steps": args.steps, "repeats": args.repeats, "lr": args.lr,
-        "n_pairs": n_pairs, "precision": "fp32", "params": floor_runs[0]["params"] if floor_runs else None,
+        "n_pairs": n_pairs, "precision": args.precision, "peak_tflops": args.peak_tflops, "params": floor_runs[0]["params"] if floor_runs else None,
         "flops_note": ("model FLOPs per trained (non-pad) token = 8N (6N policy fwd+bwd, 2N reference fwd)"
                        + (" + 4N (KTO KL rows: policy and reference fwd)" if args.loss == "kto" else "")
                        + "; N = all parameters except the input embedding table (the LM head is counted); the same"
@@ -272,6 +285,10 @@ def summarize(args, config, variants, runs, errors, peak_flops, n_pairs) -> dict
             "model_flops_per_second": tokens * per_token / sec,
             "mfu": tokens * per_token / sec / peak_flops,
         }
+        if args.peak_tflops:
+            row["mfu_vs_datasheet"] = tokens * per_token / sec / (args.peak_tflops * 1e12)
+        if "reference_seconds_per_step" in rs[0]:  # model-mode reference timed inside lightning-pref's step
+            row["reference_share_of_step"] = median([r["reference_seconds_per_step"] / r["seconds_per_step"] for r in rs])
         if "cuda_max_allocated_mb" in rs[0]:
             row["cuda_max_allocated_mb"] = median([r["cuda_max_allocated_mb"] for r in rs])
         # Paired ratios: repetition k of a variant against repetition k of the floor / TRL (run next to it).
@@ -287,6 +304,9 @@ def summarize(args, config, variants, runs, errors, peak_flops, n_pairs) -> dict
     if "lp" in runs and "lp_precomputed" in runs and runs["lp"] and runs["lp_precomputed"]:
         out["precomputed_speedup_vs_model_mode"] = median([a["seconds_per_step"] / b["seconds_per_step"]
                                                            for a, b in zip(runs["lp"], runs["lp_precomputed"], strict=False)])
+    share = out["variants"].get("lp", {}).get("reference_share_of_step")
+    if share is not None:  # dropping the reference forward and nothing else: the step shrinks by this share
+        out["precomputed_speedup_bound"] = 1 / (1 - share)
     return out
 
 
@@ -299,33 +319,48 @@ def _fmt(value: Any, spec: str) -> str:
 def markdown(s: dict[str, Any]) -> str:
     env = s["environment"]
     params = s["params"] or {}
+    rows = s["variants"]
+    gpu = any("cuda_max_allocated_mb" in r for r in rows.values())
+    datasheet = bool(s.get("peak_tflops"))
+    columns = ["variant", "s/step", "tokens/s", "pairs/s", "time vs floor", "speedup vs TRL", "train peak RSS (MB)",
+               "process peak RSS (MB)"] + (["GPU peak allocated (MB)"] if gpu else []) + ["MFU"] + (
+               [f"MFU vs {s['peak_tflops']:g} TFLOP/s"] if datasheet else []) + ["pad fraction"]
     lines = [
         f"# {s['name'] or 'train_step'}: {s['loss'].upper()} training step",
         "",
         f"Model: `{json.dumps(s['model_config'])}`, vocab {s['vocab']}, "
         f"{params.get('total', 0) / 1e6:.2f}M parameters ({params.get('flop_params', 0) / 1e6:.2f}M without the input embedding). "
         f"Batch {s['batch_size_pairs']} pairs{' (KTO: ' + str(2 * s['batch_size_pairs']) + ' unpaired examples + as many KL rows)' if s['loss'] == 'kto' else ''}, "
-        f"prompt {s['prompt_len']} + response {s['response_len']} tokens, fp32, AdamW lr {s['lr']}. "
+        f"prompt {s['prompt_len']} + response {s['response_len']} tokens, precision {s['precision']}, AdamW lr {s['lr']}. "
         f"{s['warmup_steps']} warm-up + {s['measured_steps']} measured steps per run, {s['repeats']} alternating repetitions, medians.",
         "",
         f"Machine: {env['device']}, {env['cpu_count']} CPUs, torch {env['torch']} ({env['torch_threads']} threads), "
         f"lightning {env['lightning']}, transformers {env['transformers']}, trl {env['trl']}. "
-        f"Measured fp32 matmul peak: {s['matmul_peak_flops'] / 1e9:.1f} GFLOP/s.",
+        f"Measured {s.get('matmul_dtype', 'float32')} matmul peak: {s['matmul_peak_flops'] / 1e9:,.1f} GFLOP/s.",
         "",
-        "| variant | s/step | tokens/s | pairs/s | time vs floor | speedup vs TRL | train peak RSS (MB) | process peak RSS (MB) | MFU | pad fraction |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * (len(columns) - 1),
     ]
-    for name, r in s["variants"].items():
-        lines.append(
-            f"| `{name}` | {_fmt(r['seconds_per_step'], '.4f')} | {_fmt(r['tokens_per_second'], ',.0f')} | "
-            f"{_fmt(r['pairs_per_second'], '.1f')} | {_fmt(r.get('time_vs_floor'), '.2f')}× | "
-            f"{_fmt(r.get('speedup_vs_trl'), '.2f')}× | {_fmt(r['train_peak_rss_mb'], ',.0f')} | "
-            f"{_fmt(r['peak_rss_mb'], ',.0f')} | {_fmt(100 * r['mfu'], '.1f')}% | {_fmt(r['pad_fraction'], '.3f')} |"
-        )
+    for name, r in rows.items():
+        cells = [
+            f"`{name}`", _fmt(r["seconds_per_step"], ".4f"), _fmt(r["tokens_per_second"], ",.0f"),
+            _fmt(r["pairs_per_second"], ".1f"), _fmt(r.get("time_vs_floor"), ".2f") + "×",
+            _fmt(r.get("speedup_vs_trl"), ".2f") + "×", _fmt(r["train_peak_rss_mb"], ",.0f"),
+            _fmt(r["peak_rss_mb"], ",.0f"),
+        ]
+        cells += [_fmt(r.get("cuda_max_allocated_mb"), ",.0f")] if gpu else []
+        cells += [_fmt(100 * r["mfu"], ".1f") + "%"]
+        cells += [_fmt(100 * r["mfu_vs_datasheet"], ".1f") + "%"] if datasheet else []
+        cells += [_fmt(r["pad_fraction"], ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Variants:", ""]
     lines += [f"- `{name}`: {r['description']}" for name, r in s["variants"].items()]
     if "precomputed_speedup_vs_model_mode" in s:
         lines += ["", f"Precomputed reference vs model mode: {s['precomputed_speedup_vs_model_mode']:.2f}× faster per step."]
+    if "precomputed_speedup_bound" in s:
+        share = s["variants"]["lp"]["reference_share_of_step"]
+        lines += ["", f"The reference forward takes {100 * share:.1f}% of `lp`'s step (timed inside the run), so "
+                      f"precomputing it can make a step at most {s['precomputed_speedup_bound']:.2f}× faster."]
     lines += [
         "",
         "*time vs floor* and *speedup vs TRL* are medians of per-repetition ratios (each repetition's runs are "

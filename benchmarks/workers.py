@@ -7,6 +7,7 @@ same weights, and reads the same generated data.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_lib import PAD, StepClock, StepTimer, load_model, param_counts
+from bench_lib import PAD, PRECISIONS, StepClock, StepTimer, device, load_model, param_counts
 
 BETA = 0.1
 
@@ -49,10 +50,12 @@ def _sequence_logps(model, ids: torch.Tensor, attention: torch.Tensor, response:
 
 
 def run_floor(spec: dict[str, Any]) -> dict[str, Any]:
-    """Minimal DPO (or KTO) loop: same model, data and optimizer; no framework at all."""
+    """Minimal DPO (or KTO) loop: same model, data, optimizer and precision; no framework at all."""
     _seed()
     pairs = json.loads(Path(spec["ids"]).read_text())
-    policy = load_model(spec["model"], spec["vocab"])
+    autocast, param_dtype = PRECISIONS[spec["precision"]]
+    where = device()
+    policy = load_model(spec["model"], spec["vocab"]).to(where, getattr(torch, param_dtype))
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=spec["lr"], weight_decay=0.0)
@@ -70,22 +73,23 @@ def run_floor(spec: dict[str, Any]) -> dict[str, Any]:
             kl_rows = [(rows[i][0], rows[i // B * B + (i + 1) % B][1]) for i in range(len(rows))]
         else:
             rows = [(p["prompt"], p["chosen"] + eos) for p in chunk] + [(p["prompt"], p["rejected"] + eos) for p in chunk]
-        ids, attention, response = _pad_rows(rows)
+        ids, attention, response = (t.to(where) for t in _pad_rows(rows))
         clock.batch(attention)
-        logps = _sequence_logps(policy, ids, attention, response)
-        with torch.no_grad():
-            ref_logps = _sequence_logps(reference, ids, attention, response)
-        ratio = logps - ref_logps
-        if kto:
-            kl_ids, kl_attention, kl_response = _pad_rows(kl_rows)
+        with torch.autocast(where, getattr(torch, autocast)) if autocast else contextlib.nullcontext():
+            logps = _sequence_logps(policy, ids, attention, response)
             with torch.no_grad():
-                kl = (_sequence_logps(policy, kl_ids, kl_attention, kl_response)
-                      - _sequence_logps(reference, kl_ids, kl_attention, kl_response)).mean().clamp(min=0)
-            desirable, undesirable = ratio[:B], ratio[B:]
-            loss = torch.cat([1 - torch.sigmoid(BETA * (desirable - kl)),
-                              1 - torch.sigmoid(BETA * (kl - undesirable))]).mean()
-        else:
-            loss = -F.logsigmoid(BETA * (ratio[:B] - ratio[B:])).mean()
+                ref_logps = _sequence_logps(reference, ids, attention, response)
+            ratio = logps - ref_logps
+            if kto:
+                kl_ids, kl_attention, kl_response = (t.to(where) for t in _pad_rows(kl_rows))
+                with torch.no_grad():
+                    kl = (_sequence_logps(policy, kl_ids, kl_attention, kl_response)
+                          - _sequence_logps(reference, kl_ids, kl_attention, kl_response)).mean().clamp(min=0)
+                desirable, undesirable = ratio[:B], ratio[B:]
+                loss = torch.cat([1 - torch.sigmoid(BETA * (desirable - kl)),
+                                  1 - torch.sigmoid(BETA * (kl - undesirable))]).mean()
+            else:
+                loss = -F.logsigmoid(BETA * (ratio[:B] - ratio[B:])).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -125,7 +129,7 @@ def _lp_config(spec: dict[str, Any], root: Path) -> dict[str, Any]:
         "default_root_dir": str(root),
         "accelerator": "auto",
         "devices": 1,
-        "precision": "32-true",
+        "precision": lp.get("precision", spec["precision"]),
         "callbacks": [{"class_path": "bench_lib.StepTimer", "init_args": {"warmup": spec["warmup"]}}],
     }
     return {"seed_everything": 0, "trainer": trainer, "model": model, "data": data}
@@ -167,7 +171,8 @@ def run_lp_bare(spec: dict[str, Any]) -> dict[str, Any]:
     data = PreferenceDataModule(tokenizer=module.tokenizer, kl_baseline=module.requires_kl_baseline, **cfg["data"])
     timer = StepTimer(spec["warmup"])
     trainer = Trainer(
-        max_steps=cfg["trainer"]["max_steps"], accelerator="auto", devices=1, precision="32-true", logger=False,
+        max_steps=cfg["trainer"]["max_steps"], accelerator="auto", devices=1, precision=cfg["trainer"]["precision"],
+        logger=False,
         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, callbacks=[timer],
         default_root_dir=spec["run_dir"],
     )
@@ -177,8 +182,9 @@ def run_lp_bare(spec: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------- TRL
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
-    """TRL's DPOTrainer / KTOTrainer with its defaults, except: fp32 (TRL defaults to bf16), the same lr and
-    AdamW without weight decay (TRL's default weight decay is already 0), no reporting integrations."""
+    """TRL's DPOTrainer / KTOTrainer with its defaults, except: the benchmark's precision (TRL defaults to bf16
+    mixed precision; fp32 unless ``--precision`` says otherwise), the same lr and AdamW without weight decay (TRL's
+    default weight decay is already 0), no reporting integrations."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_DISABLED", "true")
     import datasets
@@ -198,10 +204,11 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         "json", data_files=spec["data"]["unpaired" if kto else "paired"], split="train",
         cache_dir=str(Path(spec["workdir"]) / "hf_datasets"),
     )
-    model = load_model(spec["model"], spec["vocab"])
+    param_dtype = PRECISIONS[spec["precision"]][1]
+    model = load_model(spec["model"], spec["vocab"]).to(getattr(torch, param_dtype))
     # TRL would otherwise rebuild the reference with from_pretrained(config.name_or_path); a config-built model
     # has no path, so the reference is passed in: the same weights (same helper and seed), frozen by TRL.
-    reference = load_model(spec["model"], spec["vocab"])
+    reference = load_model(spec["model"], spec["vocab"]).to(getattr(torch, param_dtype))
     clock = StepClock(spec["warmup"])
 
     class Clock(TrainerCallback):
@@ -217,7 +224,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         learning_rate=spec["lr"],
         weight_decay=0.0,
         max_steps=spec["warmup"] + spec["steps"],
-        bf16=False,
+        bf16=spec["precision"] != "32-true",  # autocast; with bf16 weights (bf16-true) the step is pure bf16
         fp16=False,
         report_to="none",
         seed=0,

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "train_step.py"
@@ -22,11 +24,14 @@ def _positive(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-def test_train_step_smoke(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_train_step_smoke(tmp_path: Path, precision: str) -> None:
+    """Every variant's path runs in both precisions (bf16 on CPU autocast here, the GPU benchmark's setting)."""
     out = tmp_path / "results"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--no-trl", "--out-dir", str(out), "--workdir", str(tmp_path / "work")],
+        [sys.executable, str(SCRIPT), "--smoke", "--no-trl", "--precision", precision, "--out-dir", str(out),
+         "--workdir", str(tmp_path / "work")],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -35,7 +40,12 @@ def test_train_step_smoke(tmp_path: Path) -> None:
     assert summary["errors"] == {}
     assert _positive(summary["matmul_peak_flops"])
     assert summary["params"]["flop_params"] > 0
+    assert summary["precision"] == precision
+    assert summary["matmul_dtype"] == ("float32" if precision == "32-true" else "bfloat16")
     assert set(summary["variants"]) == {"floor", "lp"}
+    # The reference forward was timed inside lightning-pref's step: a share strictly between 0 and 1.
+    assert 0 < summary["variants"]["lp"]["reference_share_of_step"] < 1
+    assert summary["precomputed_speedup_bound"] > 1
     for name, row in summary["variants"].items():
         assert ROW_KEYS <= set(row), (name, sorted(ROW_KEYS - set(row)))
         for key in ROW_KEYS:
