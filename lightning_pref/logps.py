@@ -107,12 +107,15 @@ class SequenceScorer(nn.Module):
         target_mask = response_mask[:, 1:].bool()  # (N, T-1)
         targets = input_ids[:, 1:][target_mask]  # (R,)
         if self.response_only_head:
-            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            # use_cache=False: a scoring pass never decodes further, so keeping every layer's K/V is waste.
+            hidden = self.lm.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
             per_token = token_logps(
                 hidden[:, :-1][target_mask], self.lm.get_output_embeddings(), targets, self.chunk_size
             )  # (N, T, H) -> (R, H) -> (R,)
         else:
-            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits  # (N, T, V)
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, T, V)
             per_token = logits_logps(logits[:, :-1][target_mask], targets, self.chunk_size)  # (R, V) -> (R,)
         rows = target_mask.nonzero()[:, 0]  # (R,) sequence index of each scored token
         logps = per_token.new_zeros(input_ids.shape[0]).index_add(0, rows, per_token)  # (N,)
