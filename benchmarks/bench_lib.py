@@ -55,11 +55,25 @@ PRECISIONS = {
 }
 
 
+def compute_dtype(precision: str) -> str:
+    """The dtype the matmuls of a ``precision`` run in (the autocast dtype, else the parameters')."""
+    autocast, param_dtype = PRECISIONS[precision]
+    return autocast or param_dtype
+
+
 def device() -> str:
     """Where the benchmark runs: the GPU when there is one (as Lightning's ``accelerator: auto`` picks)."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    """Wait for queued GPU kernels (a no-op on CPU), so a timestamp taken next covers them."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer / data
@@ -222,10 +236,7 @@ class StepClock:
         self.padded.append(int(attention_mask.numel()))
 
     def step_end(self) -> None:
-        import torch
-
-        if torch.cuda.is_available():  # kernels run asynchronously: the step ends when the GPU is done
-            torch.cuda.synchronize()
+        sync()  # kernels run asynchronously: the step ends when the GPU is done
         self.ends.append(time.perf_counter())
         self.reference_seconds.append(self._reference_running)
         self._reference_running = 0.0
@@ -273,17 +284,13 @@ class StepTimer(_lightning_callback_base()):
     def _time_reference(self, reference) -> None:
         """Time the reference model's forward (model mode): its share of the step bounds what
         ``reference_mode: precomputed`` can save."""
-        import torch
-
         forward, clock = reference.forward, self.clock
 
         def timed(*args, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
             out = forward(*args, **kwargs)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            sync()
             clock.add_reference_time(time.perf_counter() - start)
             return out
 
@@ -313,12 +320,10 @@ def matmul_peak_flops(dtype: str = "float32", size: int | None = None, repeats: 
     b = torch.randn(size, size, device=where, dtype=getattr(torch, dtype))
     best = float("inf")
     for _ in range(repeats + 1):
-        if where == "cuda":
-            torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         a @ b
-        if where == "cuda":
-            torch.cuda.synchronize()
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * size**3 / best
 

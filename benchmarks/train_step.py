@@ -44,7 +44,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str, str]] = {
     "lp_bf16": ("lp", {"precision": "bf16-mixed"}, "main", "lightning-pref CLI, trainer.precision=bf16-mixed"),
     "lp_varlen": ("lp", {}, "varlen", "lightning-pref CLI on variable-length data, group_by_length=false"),
     "lp_grouped": ("lp", {"group_by_length": True}, "varlen", "lightning-pref CLI on variable-length data, group_by_length=true"),
-    "trl": ("trl", {}, "main", "TRL DPOTrainer / KTOTrainer, defaults (fp32, report_to=none)"),
+    "trl": ("trl", {}, "main", "TRL DPOTrainer / KTOTrainer, defaults (the benchmark's precision, report_to=none)"),
 }
 DEFAULT_VARIANTS = ["floor", "lp", "lp_full_head", "lp_precomputed", "lp_bare"]
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         datasets[key] = bench_lib.write_data(pairs, directory)
 
     # The peak in the dtype the matmuls run in: bf16 under bf16-mixed / bf16-true.
-    matmul_dtype = "float32" if args.precision == "32-true" else "bfloat16"
+    matmul_dtype = bench_lib.compute_dtype(args.precision)
     peak_flops = [bench_lib.matmul_peak_flops(matmul_dtype)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "LIGHTNING_PREF_CACHE": str(workdir / "cache"), "WANDB_DISABLED": "true", "PYTHONWARNINGS": "ignore"}
@@ -237,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     peak_flops.append(bench_lib.matmul_peak_flops(matmul_dtype))
 
     summary = summarize(args, config, variants, runs, errors, max(peak_flops), n_pairs)
-    summary["matmul_dtype"] = matmul_dtype
     summary["wall_seconds"] = time.time() - started
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -258,7 +257,8 @@ def summarize(args, config, variants, runs, errors, peak_flops, n_pairs) -> dict
         "name": args.name, "loss": args.loss, "model_config": config, "vocab": args.vocab,
         "batch_size_pairs": args.batch_size, "prompt_len": args.prompt_len, "response_len": args.response_len,
         "warmup_steps": args.warmup, "measured_steps": args.steps, "repeats": args.repeats, "lr": args.lr,
-        "n_pairs": n_pairs, "precision": args.precision, "peak_tflops": args.peak_tflops, "params": floor_runs[0]["params"] if floor_runs else None,
+        "n_pairs": n_pairs, "precision": args.precision, "matmul_dtype": bench_lib.compute_dtype(args.precision),
+        "peak_tflops": args.peak_tflops, "params": floor_runs[0]["params"] if floor_runs else None,
         "flops_note": ("model FLOPs per trained (non-pad) token = 8N (6N policy fwd+bwd, 2N reference fwd)"
                        + (" + 4N (KTO KL rows: policy and reference fwd)" if args.loss == "kto" else "")
                        + "; N = all parameters except the input embedding table (the LM head is counted); the same"
@@ -336,7 +336,7 @@ def markdown(s: dict[str, Any]) -> str:
         "",
         f"Machine: {env['device']}, {env['cpu_count']} CPUs, torch {env['torch']} ({env['torch_threads']} threads), "
         f"lightning {env['lightning']}, transformers {env['transformers']}, trl {env['trl']}. "
-        f"Measured {s.get('matmul_dtype', 'float32')} matmul peak: {s['matmul_peak_flops'] / 1e9:,.1f} GFLOP/s.",
+        f"Measured {s['matmul_dtype']} matmul peak: {s['matmul_peak_flops'] / 1e9:,.1f} GFLOP/s.",
         "",
         "| " + " | ".join(columns) + " |",
         "|---|" + "---:|" * (len(columns) - 1),

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_lib import PAD, PRECISIONS, StepClock, StepTimer, device, load_model, param_counts
+from bench_lib import PAD, PRECISIONS, StepClock, StepTimer, compute_dtype, device, load_model, param_counts
 
 BETA = 0.1
 
@@ -224,7 +224,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         learning_rate=spec["lr"],
         weight_decay=0.0,
         max_steps=spec["warmup"] + spec["steps"],
-        bf16=spec["precision"] != "32-true",  # autocast; with bf16 weights (bf16-true) the step is pure bf16
+        bf16=compute_dtype(spec["precision"]) == "bfloat16",  # autocast; with bf16 weights (bf16-true) the step is pure bf16
         fp16=False,
         report_to="none",
         seed=0,
