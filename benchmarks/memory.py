@@ -32,7 +32,7 @@ MODEL = {
 # name -> (runner, lightning-pref options, description)
 VARIANTS = {
     "floor": ("floor", {}, "plain PyTorch loop: full (N, T, V) logits + log_softmax"),
-    "lp": ("lp", {}, "lightning-pref CLI, defaults (response-only head, vocabulary-aware chunk: 262 rows at 128k)"),
+    "lp": ("lp", {}, "lightning-pref CLI, defaults (response-only head, vocabulary-aware chunk: 65 rows at 128k)"),
     "lp_chunk256": ("lp", {"chunk_size": 256}, "lightning-pref CLI, model.chunk_size=256"),
     "lp_precomputed": ("lp", {"reference_mode": "precomputed"}, "lightning-pref CLI, reference_mode=precomputed"),
     "trl": ("trl", {}, "TRL DPOTrainer, defaults (fp32, report_to=none)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import re
@@ -21,7 +22,7 @@ from lightning_pref.models import ModelSpec, load_causal_lm, load_tokenizer
 from lightning_pref.precompute import attach_reference_logps
 from lightning_pref.reference import ReferenceMode, apply_lora, check_reference_mode, soft_update
 from lightning_pref.sharding import apply_fsdp2, fsdp_mesh
-from lightning_pref.types import PreferenceBatch, SequenceLogps
+from lightning_pref.types import KLRows, PreferenceBatch, SequenceLogps
 
 # The frozen reference is in eval mode on purpose; Lightning warns about any eval-mode module at fit start.
 warnings.filterwarnings("ignore", message=re.escape("Found ") + r"\d+ module\(s\) in eval mode at the start of training")
@@ -56,7 +57,7 @@ class PreferenceModule(LightningModule):
             every device (``skip``).
         init_seed: seed of the random initialization of a config-dict policy.
         chunk_size: response tokens per LM-head chunk when computing log-probs; ``None`` = as many as keep a
-            chunk's fp32 logits within 128 MB (4096 at an 8k vocabulary, 262 at 128k).
+            chunk's fp32 logits within 32 MB (1048 at an 8k vocabulary, 65 at 128k).
         response_only_head: apply the LM head only at response positions (same values, less work).
         gradient_checkpointing: recompute the policy's activations in backward (less memory, ~30% more time).
         compile: ``torch.compile`` the policy's forward (in place, so checkpoint keys do not change).
@@ -157,42 +158,47 @@ class PreferenceModule(LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def reference_scores(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
-        """Reference log-probs from the reference model, or from the policy with its adapters disabled."""
-        if self.hparams.reference_mode == "adapter":
-            with torch.no_grad(), self.policy.model.disable_adapter():
-                return self.policy(input_ids, attention_mask, response_mask)[0]
-        with torch.no_grad():
-            return self.reference(input_ids, attention_mask, response_mask)[0]
+    def reference_scores(self, batch: PreferenceBatch, kl_rows: KLRows | None = None) -> tuple[Tensor, Tensor | None]:
+        """Reference log-probs of the batch (and of ``kl_rows``) from the reference model, or from the policy
+        with its adapters disabled."""
+        adapter = self.hparams.reference_mode == "adapter"
+        scorer = self.policy if adapter else self.reference
+        with torch.no_grad(), self.policy.model.disable_adapter() if adapter else contextlib.nullcontext():
+            logps, _, kl_logps = scorer(batch.input_ids, batch.attention_mask, batch.response_mask, kl_rows)
+        return logps, kl_logps
 
-    def forward(self, batch: PreferenceBatch) -> tuple[SequenceLogps, SequenceLogps | None]:
-        """Policy and reference log-probs of a batch: one concatenated forward of chosen and rejected rows."""
-        logps, tokens = self.policy(batch.input_ids, batch.attention_mask, batch.response_mask)  # (N,), (N,)
-        policy = SequenceLogps.split(logps, tokens, batch.num_chosen)
+    def forward(self, batch: PreferenceBatch) -> tuple[SequenceLogps, SequenceLogps | None, Tensor | None]:
+        """Policy and reference log-probs of a batch (one concatenated forward of chosen and rejected rows), and
+        KTO's KL baseline ``z0`` when the loss needs one (``None`` otherwise)."""
+        kl_rows = self.kl_rows(batch)
+        logps, tokens, policy_kl = self.policy(batch.input_ids, batch.attention_mask, batch.response_mask, kl_rows)
+        policy = SequenceLogps.split(logps, tokens, batch.num_chosen)  # (N,) -> (B,), (B,)
         if not self.loss.requires_reference:
-            return policy, None
-        if self.hparams.reference_mode == "precomputed":
+            return policy, None, None
+        if self.hparams.reference_mode == "precomputed":  # never with a KL baseline (check_reference_mode)
             if batch.reference_logps is None:
                 raise TrainingError("reference_mode 'precomputed' but the batch carries no reference log-probs")
-            ref_logps = batch.reference_logps.to(logps.dtype)
-        else:
-            ref_logps = self.reference_scores(batch.input_ids, batch.attention_mask, batch.response_mask)
-        return policy, SequenceLogps.split(ref_logps, tokens, batch.num_chosen)
+            return policy, SequenceLogps.split(batch.reference_logps.to(logps.dtype), tokens, batch.num_chosen), None
+        ref_logps, reference_kl = self.reference_scores(batch, kl_rows)
+        kl = self.kl_baseline(policy_kl - reference_kl) if kl_rows is not None else None
+        return policy, SequenceLogps.split(ref_logps, tokens, batch.num_chosen), kl
 
-    @torch.no_grad()
-    def kl_baseline(self, batch: PreferenceBatch) -> Tensor:
-        """KTO's z0: mean policy-minus-reference log-prob of mismatched pairs over all ranks, clamped at 0."""
-        if batch.kl_input_ids is None:
+    def kl_rows(self, batch: PreferenceBatch) -> KLRows | None:
+        """The batch's mismatched rows when the loss needs a KL baseline, else ``None``."""
+        if not self.loss.requires_kl_baseline:
+            return None
+        if batch.kl_rows is None:
             raise UserInputError(
                 f"{type(self.loss).__name__} needs a KL baseline but the batch has no mismatched pairs; "
                 "set data.kl_baseline: true (the CLI links it automatically)"
             )
-        args = (batch.kl_input_ids, batch.kl_attention_mask, batch.kl_response_mask)
-        stats = torch.zeros(2, device=self.device)  # (sum of log-ratios, count) of this process's KL rows
-        if len(batch.kl_input_ids):  # none when every row of the batch shares one prompt
-            logratios = self.policy(*args)[0] - self.reference_scores(*args)
-            stats = torch.stack([logratios.sum().float(), stats.new_tensor(len(logratios))])
-        # Every process joins the reduction, with or without rows of its own.
+        return batch.kl_rows
+
+    def kl_baseline(self, logratios: Tensor) -> Tensor:
+        """KTO's z0: the mean of the mismatched pairs' policy-minus-reference log-probs over all ranks, clamped
+        at 0. # (M,) -> ()"""
+        stats = torch.stack([logratios.sum().float(), torch.tensor(len(logratios), device=logratios.device).float()])
+        # Every process joins the reduction, with or without rows of its own (M = 0 when all share one prompt).
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum") if self._trainer is not None else stats
         return (stats[0] / stats[1].clamp(min=1)).clamp(min=0).detach()
 
@@ -202,8 +208,7 @@ class PreferenceModule(LightningModule):
                 f"model.loss: {type(self.loss).__name__} needs paired data (prompt/chosen/rejected) but the "
                 f"{stage} batch is unpaired; use paired data or an unpaired loss such as kto"
             )
-        policy, reference = self(batch)
-        kl = self.kl_baseline(batch) if self.loss.requires_kl_baseline else None
+        policy, reference, kl = self(batch)
         out = self.loss(policy, reference, kl_baseline=kl)
         loss = out.losses.mean()
         values = per_example(out, policy, batch.paired, batch.weights)

@@ -62,7 +62,7 @@ def score_examples(scorer: SequenceScorer, dataset, pad_token_id: int, batch_siz
                     sequences.append((example.prompt, example.rejected))
                     cells.append((i, 1))
             ids, attention, response = (t.to(device) for t in pad(sequences, pad_token_id))
-            logps, _ = scorer(ids, attention, response)
+            logps, _, _ = scorer(ids, attention, response)
             rows, columns = zip(*cells, strict=True)
             table[list(rows), list(columns)] = logps.float().cpu()
             progress.advance(task, len(mine[start : start + batch_size]))

@@ -8,6 +8,7 @@ Names follow the DPO paper (Rafailov et al., 2023): ``policy_chosen_logps``, ``r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -55,6 +56,19 @@ class LossOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)  # extra scalars to log, e.g. {"kl": ...}
 
 
+class KLRows(NamedTuple):
+    """KTO's mismatched prompt/completion rows for the KL baseline ``z0``, right-padded like a batch.
+
+    Row ``m`` is the prompt of batch row ``prompt_rows[m]`` followed by another row's completion, so its first
+    tokens repeat that batch row's prompt exactly (the scorer reuses their keys and values).
+    """
+
+    input_ids: Tensor  # (M, T')
+    attention_mask: Tensor  # (M, T')
+    response_mask: Tensor  # (M, T')
+    prompt_rows: Tensor  # (M,) index of the batch row whose prompt the row starts with
+
+
 @dataclass
 class PreferenceBatch:
     """A collated batch: every sequence is ``prompt + response`` right-padded to a common length ``T``.
@@ -68,11 +82,8 @@ class PreferenceBatch:
     response_mask: Tensor  # (N, T) bool, True where the token is a response token that is scored
     num_chosen: int
     paired: bool = True
-    # Mismatched prompt/completion sequences for KTO's KL baseline z0 (each prompt with another example's
-    # completion); absent unless the loss asks for a KL baseline.
-    kl_input_ids: Tensor | None = None  # (M, T')
-    kl_attention_mask: Tensor | None = None  # (M, T')
-    kl_response_mask: Tensor | None = None  # (M, T')
+    # Mismatched prompt/completion rows for KTO's KL baseline z0; absent unless the loss asks for a KL baseline.
+    kl_rows: KLRows | None = None
     # ``reference_mode: precomputed``: the cached reference log-prob of each row.
     reference_logps: Tensor | None = None  # (N,)
     # Per-sequence weights for metrics: 0 marks duplicates a distributed sampler padded in, so epoch metrics

@@ -39,7 +39,7 @@ def test_collate_paired_layout():
     assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 0, 0, 0], [1, 2, 6, 0, 0], [7, 9, 10, 0, 0]]
     assert batch.response_mask.int().tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 1, 1, 0, 0]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
-    assert batch.kl_input_ids is None
+    assert batch.kl_rows is None
 
 
 def test_collate_unpaired_puts_desirable_first():
@@ -64,10 +64,15 @@ def test_mismatched_single_prompt_has_no_partner():
 def test_collate_builds_kl_rows():
     examples = [Encoded([1], [2], label=True), Encoded([3], [4, 4], label=False), Encoded([5], [6], label=True)]
     batch = PreferenceCollator(pad_token_id=0, kl_baseline=True)(examples)
-    rows = [row[m.bool()].tolist() for row, m in zip(batch.kl_input_ids, batch.kl_attention_mask, strict=True)]
+    kl = batch.kl_rows
+    rows = [row[m.bool()].tolist() for row, m in zip(kl.input_ids, kl.attention_mask, strict=True)]
     # ordered rows: desirable (1,2), (5,6), undesirable (3,44); each prompt takes the next row's completion
     assert rows == [[1, 6], [5, 4, 4], [3, 2]]
-    assert batch.kl_response_mask.sum().item() == 4
+    assert kl.response_mask.sum().item() == 4
+    assert kl.prompt_rows.tolist() == [0, 1, 2]  # each KL row starts with the prompt of the batch row it names
+    for m, row in enumerate(kl.prompt_rows.tolist()):
+        prompt = batch.input_ids[row][batch.attention_mask[row].bool() & ~batch.response_mask[row]]
+        assert kl.input_ids[m][: len(prompt)].tolist() == prompt.tolist()
 
 
 def test_datamodule_reads_and_batches(pairs_file, tokenizer):

@@ -73,10 +73,11 @@ def test_kl_baseline_is_mean_logratio_of_mismatched_pairs_clamped():
     examples = [Encoded([5, 6], [7, 8, 1], label=True), Encoded([9], [10, 1], label=False),
                 Encoded([11, 12, 13], [14, 1], label=True)]
     batch = PreferenceCollator(0, kl_baseline=True)(examples)
-    args = (batch.kl_input_ids, batch.kl_attention_mask, batch.kl_response_mask)
+    args = batch.kl_rows[:3]
     with torch.no_grad():
         expected = (model.policy(*args)[0] - model.reference(*args)[0]).mean().clamp(min=0)
-    torch.testing.assert_close(model.kl_baseline(batch), expected)
+    assert expected > 0  # so the clamp does not hide a wrong mean
+    torch.testing.assert_close(model(batch)[2], expected)
 
 
 @pytest.mark.parametrize("labels", [[True, True], [False, False, False]])
@@ -85,7 +86,8 @@ def test_kto_batch_with_one_kind_of_example(labels):
     model = _kto_module()
     examples = [Encoded([i + 3], [i + 20, 1], label=label) for i, label in enumerate(labels)]
     batch = PreferenceCollator(0, kl_baseline=True)(examples)
-    out = model.loss(*model(batch), kl_baseline=model.kl_baseline(batch))
+    policy, reference, kl = model(batch)
+    out = model.loss(policy, reference, kl_baseline=kl)
     assert out.losses.shape == (len(labels),) and torch.isfinite(out.losses).all()
 
 
@@ -93,7 +95,8 @@ def test_kl_baseline_without_mismatched_rows_is_zero():
     """One pair: both rows share the prompt, so there is no mismatched pair; z0 = 0/0 -> 0, no crash."""
     model = _kto_module()
     batch = PreferenceCollator(0, kl_baseline=True)([Encoded([5, 6], [7, 1], [8, 1])])
-    assert batch.kl_input_ids.shape[0] == 0
-    assert model.kl_baseline(batch).item() == 0.0
-    out = model.loss(*model(batch), kl_baseline=model.kl_baseline(batch))
+    assert batch.kl_rows.input_ids.shape[0] == 0
+    policy, reference, kl = model(batch)
+    assert kl.item() == 0.0
+    out = model.loss(policy, reference, kl_baseline=kl)
     assert torch.isfinite(out.losses).all()

@@ -43,7 +43,7 @@ def test_sequence_logps_match_brute_force(tiny_model, response_only_head, chunk_
     assert scorer.response_only_head is response_only_head
     batch = _batch(tiny_model.config.vocab_size)
     with torch.no_grad():
-        logps, tokens = scorer(*batch)
+        logps, tokens, _ = scorer(*batch)
         expected = _brute_force(tiny_model, *batch)
     torch.testing.assert_close(logps.double(), expected, rtol=1e-5, atol=1e-4)
     assert tokens.tolist() == [8, 5, 1]
@@ -56,25 +56,54 @@ def test_prompt_and_padding_do_not_count(tiny_model):
     other = input_ids.clone()
     other[attention_mask == 0] = 7  # different padding token ids
     with torch.no_grad():
-        a, _ = scorer(input_ids, attention_mask, response_mask)
-        b, _ = scorer(other, attention_mask, response_mask)
+        a = scorer(input_ids, attention_mask, response_mask)[0]
+        b = scorer(other, attention_mask, response_mask)[0]
     torch.testing.assert_close(a, b)
 
 
-def test_chunked_token_logps_value_and_gradient():
+@pytest.mark.parametrize("head_kind", ["linear", "linear_bias", "module"])
+@pytest.mark.parametrize("chunk_size", [3, 10])
+def test_chunked_token_logps_value_and_gradient(head_kind, chunk_size):
+    """Against ``log_softmax`` of the full logits, with uneven upstream gradients: the fused path of a plain
+    ``nn.Linear`` head (with and without bias) and the checkpointed path of any other head module."""
     g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(16, 50, bias=head_kind == "linear_bias")
+    head = torch.nn.Sequential(linear) if head_kind == "module" else linear
+    hidden = torch.randn(10, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (10,), generator=g)
+    upstream = torch.randn(10, generator=g)
+    params = (hidden, *linear.parameters())
+
+    naive = torch.log_softmax(head(hidden), -1).gather(-1, targets[:, None]).squeeze(-1)
+    expected = torch.autograd.grad((naive * upstream).sum(), params)
+    chunked = token_logps(hidden, head, targets, chunk_size=chunk_size)
+    grads = torch.autograd.grad((chunked * upstream).sum(), params)
+
+    torch.testing.assert_close(chunked, naive)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_fused_head_under_bf16_autocast_matches_autograd():
+    """Under autocast the fused head recomputes its logits in bf16 in backward, as autograd's linear would."""
+    g = torch.Generator().manual_seed(1)
     head = torch.nn.Linear(16, 50, bias=False)
     hidden = torch.randn(10, 16, generator=g, requires_grad=True)
     targets = torch.randint(0, 50, (10,), generator=g)
-
-    naive = torch.log_softmax(head(hidden), -1).gather(-1, targets[:, None]).squeeze(-1)
-    (grad_h_naive, grad_w_naive) = torch.autograd.grad(naive.sum() * 2, (hidden, head.weight))
-    chunked = token_logps(hidden, head, targets, chunk_size=3)
-    (grad_h, grad_w) = torch.autograd.grad(chunked.sum() * 2, (hidden, head.weight))
-
-    torch.testing.assert_close(chunked, naive)
-    torch.testing.assert_close(grad_h, grad_h_naive)
-    torch.testing.assert_close(grad_w, grad_w_naive)
+    upstream = torch.randn(10, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = token_logps(hidden, head, targets, chunk_size=4)
+        reference = torch.cat([
+            _chunk.float().gather(-1, y[:, None]).squeeze(-1) - _chunk.float().logsumexp(-1)
+            for _chunk, y in zip(head(hidden).split(4), targets.split(4), strict=True)
+        ])
+    assert head(hidden).dtype == torch.float32  # outside autocast
+    got = torch.autograd.grad((fused * upstream).sum(), (hidden, head.weight))
+    want = torch.autograd.grad((reference * upstream).sum(), (hidden, head.weight))
+    torch.testing.assert_close(fused, reference)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 def test_response_only_head_gives_identical_gradients(tiny_model):
@@ -82,7 +111,7 @@ def test_response_only_head_gives_identical_gradients(tiny_model):
     grads = []
     for response_only in (True, False):
         tiny_model.zero_grad()
-        logps, _ = SequenceScorer(tiny_model, chunk_size=5, response_only_head=response_only)(*batch)
+        logps = SequenceScorer(tiny_model, chunk_size=5, response_only_head=response_only)(*batch)[0]
         (logps * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
         grads.append({n: p.grad.clone() for n, p in tiny_model.named_parameters()})
     for name in grads[0]:
@@ -97,6 +126,82 @@ def test_logit_postprocessing_models_fall_back_to_full_logits(tiny_model):
 def test_default_chunk_size_bounds_chunk_logits_by_vocabulary():
     from lightning_pref.logps import default_chunk_size
 
-    assert default_chunk_size(8000) == 4096  # capped
-    assert default_chunk_size(128_000) == 2**25 // 128_000 == 262  # 262 x 128k fp32 logits = 128 MB
+    assert default_chunk_size(1000) == 4096  # capped
+    assert default_chunk_size(8000) == 2**23 // 8000 == 1048  # 1048 x 8k fp32 logits = 32 MB
+    assert default_chunk_size(128_000) == 2**23 // 128_000 == 65
     assert default_chunk_size(10**7) == 64  # floor
+
+
+# Tiny configs of other architectures: absolute positions (gpt2), partial rotary (gpt_neox), grouped K/V heads
+# (qwen2), a sliding-window cache that cannot be shared (mistral: the scorer must fall back to a full pass).
+_ARCHITECTURES = {
+    "llama": {},
+    "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64},
+    "gpt_neox": {"model_type": "gpt_neox", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 2, "rotary_pct": 0.5, "max_position_embeddings": 64},
+    "qwen2": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
+    "mistral": {"model_type": "mistral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "num_key_value_heads": 1, "sliding_window": 4096,
+                "max_position_embeddings": 64},
+}
+_SHARES_PROMPTS = {"llama", "gpt2", "gpt_neox", "qwen2"}
+
+
+def _kto_batch():
+    """Unpaired rows with prompts of 1-6 tokens and responses of 1-6 tokens, plus their mismatched KL rows."""
+    from lightning_pref.data.collate import PreferenceCollator
+    from lightning_pref.data.tokenize import Encoded
+
+    g = torch.Generator().manual_seed(5)
+    lengths = [(4, 6, True), (2, 3, False), (6, 1, True), (1, 5, False), (3, 2, True)]
+    examples = [
+        Encoded(torch.randint(3, 250, (p,), generator=g).tolist(), torch.randint(3, 250, (r,), generator=g).tolist(),
+                label=label)
+        for p, r, label in lengths
+    ]
+    return PreferenceCollator(pad_token_id=0, kl_baseline=True)(examples)
+
+
+@pytest.mark.parametrize("architecture", list(_ARCHITECTURES))
+def test_kl_rows_reusing_prompt_cache_match_a_full_pass(tokenizer, tiny_model, monkeypatch, architecture):
+    """The KL rows' log-probs, computed on top of the batch's cached prompt K/V, equal scoring them from scratch
+    (and the brute-force loop), while the batch's own log-probs are unchanged and still carry gradients."""
+    from lightning_pref.models import load_causal_lm
+
+    model = tiny_model if architecture == "llama" else load_causal_lm(
+        _ARCHITECTURES[architecture], field="test", seed=0, vocab_size=len(tokenizer)
+    )
+    model.train()  # dropout-free configs; training mode is where the policy's cache must still be usable
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    scorer = SequenceScorer(model, chunk_size=4)
+    calls = []
+    original = SequenceScorer._score_continuations
+    monkeypatch.setattr(SequenceScorer, "_score_continuations", lambda *a: calls.append(1) or original(*a))
+    batch = _kto_batch()
+    main = (batch.input_ids, batch.attention_mask, batch.response_mask)
+
+    logps, tokens, kl_logps = scorer(*main, batch.kl_rows)
+    assert len(calls) == (architecture in _SHARES_PROMPTS)
+    assert logps.requires_grad and not kl_logps.requires_grad
+    with torch.no_grad():
+        plain_logps, plain_tokens, none = scorer(*main)
+        expected = scorer(*batch.kl_rows[:3])[0]
+        brute = _brute_force(model, *batch.kl_rows[:3])
+    assert none is None and tokens.tolist() == plain_tokens.tolist()
+    torch.testing.assert_close(logps.detach(), plain_logps)
+    torch.testing.assert_close(kl_logps, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl_logps.double(), brute, rtol=1e-5, atol=1e-4)
+
+
+def test_kl_rows_fall_back_to_a_full_pass_under_gradient_checkpointing(tiny_model, monkeypatch):
+    """Gradient checkpointing turns the policy's cache off in training, so the KL rows are scored from scratch."""
+    tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tiny_model.train()
+    monkeypatch.setattr(SequenceScorer, "_score_continuations", lambda *a: pytest.fail("must not reuse a cache"))
+    batch = _kto_batch()
+    kl_logps = SequenceScorer(tiny_model)(batch.input_ids, batch.attention_mask, batch.response_mask, batch.kl_rows)[2]
+    with torch.no_grad():
+        torch.testing.assert_close(kl_logps, SequenceScorer(tiny_model)(*batch.kl_rows[:3])[0])

@@ -12,6 +12,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning_pref import LossOutput, PreferenceDataModule, PreferenceLoss, PreferenceModule
 from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.losses import DPOLoss, SimPOLoss
+from lightning_pref.types import PreferenceBatch
 from tests.conftest import TINY
 
 
@@ -62,13 +63,14 @@ def test_adapter_mode_reference_is_policy_with_adapters_disabled(pairs_file):
     batch_ids = torch.randint(3, 200, (2, 10))
     mask, response = torch.ones_like(batch_ids), torch.zeros_like(batch_ids, dtype=torch.bool)
     response[:, 5:] = True
-    before = model.reference_scores(batch_ids, mask, response)
+    batch = PreferenceBatch(batch_ids, mask, response, num_chosen=1)
+    before = model.reference_scores(batch)[0]
     # LoRA's B matrices start at zero, so the policy starts equal to its reference: DPO loss ln 2
     torch.testing.assert_close(model.policy(batch_ids, mask, response)[0], before)
     _fit(model, pairs_file, steps=3)
     with torch.no_grad():
         after_policy = model.policy(batch_ids, mask, response)[0]
-    torch.testing.assert_close(model.reference_scores(batch_ids, mask, response), before)  # base untouched
+    torch.testing.assert_close(model.reference_scores(batch)[0], before)  # base untouched
     assert not torch.allclose(after_policy, before)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from lightning_pref.data.tokenize import Encoded
-from lightning_pref.types import PreferenceBatch
+from lightning_pref.types import KLRows, PreferenceBatch
 
 Sequence = tuple[list[int], list[int]]  # (prompt ids, response ids)
 
@@ -88,5 +88,6 @@ class PreferenceCollator:
         if self.kl_baseline:
             pairs = mismatched([tuple(prompt) for prompt, _ in ordered])
             kl_sequences = [(ordered[i][0], ordered[k][1]) for i, k in pairs]
-            batch.kl_input_ids, batch.kl_attention_mask, batch.kl_response_mask = pad(kl_sequences, self.pad_token_id)
+            prompt_rows = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+            batch.kl_rows = KLRows(*pad(kl_sequences, self.pad_token_id), prompt_rows)
         return batch
