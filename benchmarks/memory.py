@@ -32,8 +32,8 @@ MODEL = {
 # name -> (runner, lightning-pref options, description)
 VARIANTS = {
     "floor": ("floor", {}, "plain PyTorch loop: full (N, T, V) logits + log_softmax"),
-    "lp": ("lp", {}, "lightning-pref CLI, defaults (response-only head, vocabulary-aware chunk: 65 rows at 128k)"),
-    "lp_chunk256": ("lp", {"chunk_size": 256}, "lightning-pref CLI, model.chunk_size=256"),
+    "lp": ("lp", {}, "lightning-pref CLI, defaults (response-only head, vocabulary-aware chunk: 256 rows at 128k)"),
+    "lp_chunk64": ("lp", {"chunk_size": 64}, "lightning-pref CLI, model.chunk_size=64 (below the default minimum)"),
     "lp_precomputed": ("lp", {"reference_mode": "precomputed"}, "lightning-pref CLI, reference_mode=precomputed"),
     "trl": ("trl", {}, "TRL DPOTrainer, defaults (fp32, report_to=none)"),
 }
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 "runner": runner, "loss": "dpo", "model": config, "vocab": args.vocab, "tokenizer": str(tokenizer),
                 "data": data[b], "ids": data[b]["ids"], "batch_size": b, "prompt_len": args.prompt_len,
                 "response_len": args.response_len, "steps": 1, "warmup": 1, "lr": 1e-4, "lp": lp_options,
+                "precision": "32-true",
                 "workdir": str(workdir), "run_dir": str(workdir / "runs" / tag),
                 "result": str(workdir / "runs" / f"{tag}.json"),
             }

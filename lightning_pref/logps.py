@@ -5,8 +5,8 @@ body runs on every token, but the LM head (the ``(T, V)`` matmul that dominates 
 is applied to response positions in chunks of ``chunk_size`` tokens. For a plain ``nn.Linear`` head, a chunk
 keeps only its ``logsumexp`` for backward, which recomputes the logits and writes the gradient in place of
 them, so peak memory does not scale with ``B * T * V`` and no ``(C, V)`` temporary is allocated beyond the
-logits themselves. The default chunk holds at most ``2**23`` fp32 logits (32 MB): 1048 rows at an 8k
-vocabulary, 65 at 128k.
+logits themselves. The default chunk holds at most ``2**23`` fp32 logits (32 MB) but at least 256 rows: 1048
+rows at an 8k vocabulary, 256 at 128k.
 """
 
 from __future__ import annotations
@@ -26,13 +26,18 @@ from lightning_pref.types import KLRows
 # them the response-only head would be wrong, so the scorer falls back to the model's own ``logits``.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 # Logits per chunk by default: 32 MB of fp32 is a small transient on a GPU, and on a CPU it stays within
-# glibc's largest heap allocation, so a chunk's buffer is reused instead of being mapped (page-faulted) anew.
+# glibc's largest heap allocation, so a chunk's buffer is reused instead of being mapped (page-faulted) anew
+# (measured: faster than 128 MB chunks at an 8k vocabulary). At very large vocabularies fewer, larger chunks
+# had the lower peak (128k: 256 rows 1,104 MB vs 65 rows 1,523 MB at batch 8; benchmarks/memory.py), hence
+# the 256-row minimum.
 _CHUNK_LOGITS = 2**23
+_MIN_CHUNK_ROWS = 256
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    """Rows per LM-head chunk so that a chunk's fp32 logits stay within ``2**23`` values (32 MB)."""
-    return max(64, min(4096, _CHUNK_LOGITS // vocab_size))
+    """Rows per LM-head chunk: as many as keep a chunk's fp32 logits within ``2**23`` values (32 MB), at
+    least 256 and at most 4096."""
+    return max(_MIN_CHUNK_ROWS, min(4096, _CHUNK_LOGITS // vocab_size))
 
 
 def token_logps(hidden: Tensor, head: nn.Module, targets: Tensor, chunk_size: int = 1024) -> Tensor:
@@ -238,5 +243,7 @@ def _sum_rows(per_token: Tensor, mask: Tensor) -> Tensor:
 def _plain_kv_cache(cache: Any) -> bool:
     """Whether ``cache`` is a ``DynamicCache`` of full-attention layers only, whose positions can be cropped and
     rows selected (sliding-window, linear-attention or quantized layers keep other state)."""
-    layers = getattr(cache, "layers", [])
-    return isinstance(cache, DynamicCache) and all(type(x) is DynamicLayer and x.is_initialized for x in layers)
+    layers = getattr(cache, "layers", None)
+    return isinstance(cache, DynamicCache) and bool(layers) and all(
+        type(x) is DynamicLayer and x.is_initialized for x in layers
+    )

@@ -57,7 +57,7 @@ class PreferenceModule(LightningModule):
             every device (``skip``).
         init_seed: seed of the random initialization of a config-dict policy.
         chunk_size: response tokens per LM-head chunk when computing log-probs; ``None`` = as many as keep a
-            chunk's fp32 logits within 32 MB (1048 at an 8k vocabulary, 65 at 128k).
+            chunk's fp32 logits within 32 MB, at least 256 (1048 at an 8k vocabulary, 256 at 128k).
         response_only_head: apply the LM head only at response positions (same values, less work).
         gradient_checkpointing: recompute the policy's activations in backward (less memory, ~30% more time).
         compile: ``torch.compile`` the policy's forward (in place, so checkpoint keys do not change).

@@ -53,6 +53,24 @@ def test_train_step_smoke(tmp_path: Path, precision: str) -> None:
         assert 0 <= row["pad_fraction"] < 1
 
 
+def test_memory_smoke(tmp_path: Path) -> None:
+    """The memory table's script runs end to end on a small vocabulary (no TRL): peaks for every batch."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "memory.py"), "--no-trl", "--vocab", "512", "--batches", "1,2",
+         "--budget-batch", "1", "--prompt-len", "8", "--response-len", "8", "--variants", "floor,lp", "--in-process",
+         "--name", "mem", "--out-dir", str(out), "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=REPO, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "mem.json").read_text())
+    assert summary["errors"] == {}, summary["errors"]
+    for name in ("floor", "lp"):
+        peaks = summary["variants"][name]["peak_mb"]
+        assert set(peaks) == {"1", "2"} and all(_positive(v) for v in peaks.values()), (name, peaks)
+    assert (out / "mem.md").read_text().startswith("#")
+
+
 def test_budget_crossing() -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:

@@ -128,8 +128,8 @@ def test_default_chunk_size_bounds_chunk_logits_by_vocabulary():
 
     assert default_chunk_size(1000) == 4096  # capped
     assert default_chunk_size(8000) == 2**23 // 8000 == 1048  # 1048 x 8k fp32 logits = 32 MB
-    assert default_chunk_size(128_000) == 2**23 // 128_000 == 65
-    assert default_chunk_size(10**7) == 64  # floor
+    assert default_chunk_size(32_000) == 2**23 // 32_000 == 262
+    assert default_chunk_size(128_000) == 256  # floor: 2**23 // 128_000 would be 65 rows
 
 
 # Tiny configs of other architectures: absolute positions (gpt2), partial rotary (gpt_neox), grouped K/V heads
