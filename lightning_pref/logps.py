@@ -132,6 +132,10 @@ class SequenceScorer(nn.Module):
         config = getattr(model, "config", None)
         postprocessed = any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING)
         self.response_only_head = response_only_head and not postprocessed and self._split_available()
+        # Reusing cached prompts runs the body at explicit positions, so it must accept ``position_ids``.
+        self._takes_position_ids = self.response_only_head and "position_ids" in inspect.signature(
+            type(self.lm.base_model).forward
+        ).parameters
 
     @property
     def lm(self) -> nn.Module:
@@ -195,13 +199,11 @@ class SequenceScorer(nn.Module):
     def _can_share_prompts(self, kl_rows: KLRows) -> bool:
         """Whether the KL rows can reuse the prompts' K/V: a split head, a non-empty prompt in every row, a model
         that takes ``position_ids``, and no gradient checkpointing (which turns the cache off in training)."""
-        if not self.response_only_head or len(kl_rows.prompt_rows) == 0:
+        if not self._takes_position_ids or len(kl_rows.prompt_rows) == 0:
             return False
         if self.lm.training and any(getattr(m, "gradient_checkpointing", False) for m in self.lm.modules()):
             return False
-        prompt_lengths = (kl_rows.attention_mask.bool() & ~kl_rows.response_mask.bool()).sum(-1)
-        body = inspect.signature(type(self.lm.base_model).forward).parameters
-        return bool((prompt_lengths > 0).all() and kl_rows.response_mask.any()) and "position_ids" in body
+        return bool((_prompt_lengths(kl_rows) > 0).all() and kl_rows.response_mask.any())
 
     def _score_continuations(self, hidden: Tensor, cache: Any, kl_rows: KLRows) -> Tensor:
         """Score ``kl_rows`` by running only their responses on top of their prompts' cached K/V.
@@ -212,7 +214,7 @@ class SequenceScorer(nn.Module):
         token is predicted from the batch row's hidden state at the prompt's last position.
         """
         ids, attention, response, rows = kl_rows
-        prompt_lengths = (attention.bool() & ~response.bool()).sum(-1)  # (M,)
+        prompt_lengths = _prompt_lengths(kl_rows)  # (M,)
         response_lengths = response.sum(-1)  # (M,)
         offsets = torch.arange(int(response_lengths.max()), device=ids.device)  # (R_max,)
         valid = offsets < response_lengths[:, None]  # (M, R_max)
@@ -232,6 +234,11 @@ class SequenceScorer(nn.Module):
         predictors = torch.cat([last_prompt[:, None], out[:, :-1]], 1)  # (M, R_max, H): position j predicts token j
         per_token = token_logps(predictors[valid], self.lm.get_output_embeddings(), responses[valid], self.chunk_size)
         return _sum_rows(per_token, valid)
+
+
+def _prompt_lengths(kl_rows: KLRows) -> Tensor:
+    """Prompt tokens of each (right-padded) row: attended tokens outside the response. # (M,)"""
+    return (kl_rows.attention_mask.bool() & ~kl_rows.response_mask.bool()).sum(-1)
 
 
 def _sum_rows(per_token: Tensor, mask: Tensor) -> Tensor:
