@@ -67,3 +67,11 @@ def tiny_model(tokenizer):
 def pairs_file(tmp_path: Path) -> Path:
     records, _ = generate(24, seed=3)
     return write_jsonl(tmp_path / "pairs.jsonl", records)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Path of SmolLM2-135M-Instruct as a plain bf16 Hugging Face directory (see ``tests/real.py``)."""
+    from tests.real import smollm2_dir
+
+    return smollm2_dir()
