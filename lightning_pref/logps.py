@@ -1,12 +1,10 @@
-"""Per-sequence log-probabilities of response tokens, without a full-vocabulary ``log_softmax``.
+"""Per-sequence log-probabilities of response tokens: the transformer body on every token, the LM head only at
+response positions (chunked, see :mod:`lightning_pref.head`).
 
-``log p(y_t) = z[y_t] - logsumexp(z)`` for the logits ``z`` at each *response* position only: the transformer
-body runs on every token, but the LM head (the ``(T, V)`` matmul that dominates memory at large vocabularies)
-is applied to response positions in chunks of ``chunk_size`` tokens. For a plain ``nn.Linear`` head, a chunk
-keeps only its ``logsumexp`` for backward, which recomputes the logits and writes the gradient in place of
-them, so peak memory does not scale with ``B * T * V`` and no ``(C, V)`` temporary is allocated beyond the
-logits themselves. The default chunk holds at most ``2**23`` fp32 logits (32 MB) but at least 256 rows: 1048
-rows at an 8k vocabulary, 256 at 128k.
+``log p(y_t) = s[y_t] - logsumexp(s)`` for the (post-processed) logits ``s`` at each *response* position only, so
+peak memory does not scale with ``B * T * V``. A self-check on the first batch compares this split computation
+with the model's own logits, so an architecture whose logits are post-processed in a way the head does not
+reproduce stops with an error instead of training on wrong log-probs.
 """
 
 from __future__ import annotations
@@ -15,101 +13,19 @@ import inspect
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from lightning_pref.errors import UserInputError
+from lightning_pref.head import LogitTransform, default_chunk_size, logits_logps, token_logps
 from lightning_pref.types import KLRows
 
-# Config attributes of models whose logits are post-processed after the LM head (soft-capping, scaling): for
-# them the response-only head would be wrong, so the scorer falls back to the model's own ``logits``.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-# Logits per chunk by default: 32 MB of fp32 is a small transient on a GPU, and on a CPU it stays within
-# glibc's largest heap allocation, so a chunk's buffer is reused instead of being mapped (page-faulted) anew
-# (measured: faster than 128 MB chunks at an 8k vocabulary). At very large vocabularies fewer, larger chunks
-# had the lower peak (128k: 256 rows 1,104 MB vs 65 rows 1,523 MB at batch 8; benchmarks/memory.py), hence
-# the 256-row minimum.
-_CHUNK_LOGITS = 2**23
-_MIN_CHUNK_ROWS = 256
-
-
-def default_chunk_size(vocab_size: int) -> int:
-    """Rows per LM-head chunk: as many as keep a chunk's fp32 logits within ``2**23`` values (32 MB), at
-    least 256 and at most 4096."""
-    return max(_MIN_CHUNK_ROWS, min(4096, _CHUNK_LOGITS // vocab_size))
-
-
-def token_logps(hidden: Tensor, head: nn.Module, targets: Tensor, chunk_size: int = 1024) -> Tensor:
-    """Log-probs of ``targets`` under ``head(hidden)``, computed ``chunk_size`` rows at a time.
-
-    Args:
-        hidden: hidden states at the positions that predict ``targets``. # (R, H)
-        head: the LM head (``hidden -> logits``).
-        targets: token ids to score. # (R,)
-        chunk_size: rows per chunk; bounds the transient ``(chunk_size, V)`` fp32 logits.
-
-    Returns:
-        ``log softmax(head(hidden))[targets]``. # (R,)
-    """
-    out = []
-    linear = type(head) is nn.Linear  # quantized or adapter-wrapped heads go through their own forward
-    for h, y in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True):
-        if linear:
-            out.append(_LinearLogps.apply(h, head.weight, head.bias, y))
-        elif torch.is_grad_enabled() and h.requires_grad:
-            # Recompute each chunk's logits in backward rather than keeping all (R, V) activations alive.
-            out.append(checkpoint(_chunk_logps, head, h, y, use_reentrant=False))
-        else:
-            out.append(_chunk_logps(head, h, y))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
-
-
-def _chunk_logps(head: nn.Module, h: Tensor, y: Tensor) -> Tensor:
-    logits = head(h).float()  # (C, V), fp32 for a stable logsumexp
-    return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
-class _LinearLogps(torch.autograd.Function):
-    """``log softmax(h W^T + b)[y]`` for one chunk, saving ``logsumexp`` (``C`` values) instead of the logits.
-
-    ``d log p_i / d z_ij = 1[j = y_i] - softmax_ij``, and ``softmax_ij = exp(z_ij - logsumexp_i)``: backward
-    recomputes ``z`` (one matmul) and turns it into the gradient in place. The caller's autocast state is
-    replayed in backward, so the recomputed logits and the gradient matmuls use the forward's dtype.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor) -> Tensor:
-        device = h.device.type
-        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
-        z = F.linear(h, weight, bias).float()  # (C, V), fp32 for a stable logsumexp
-        picked = z.gather(-1, y[:, None]).squeeze(-1)  # (C,)
-        top = z.amax(-1, keepdim=True)  # (C, 1)
-        lse = z.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))  # (C,) in place: z is not needed again
-        ctx.save_for_backward(h, weight, bias, y, lse)
-        return picked - lse
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        h, weight, bias, y, lse = ctx.saved_tensors
-        device, dtype, enabled = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            z = F.linear(h, weight, bias)  # (C, V) in the forward's compute dtype
-            dz = z.float().sub_(lse[:, None]).exp_().mul_(-grad[:, None])  # -g * softmax
-            dz = dz.scatter_add_(-1, y[:, None], grad[:, None].float()).to(z.dtype)  # + g at the target
-            grad_h = (dz @ weight.to(z.dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None  # (C, H)
-            grad_w = (dz.T @ h.to(z.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None  # (V, H)
-            grad_b = dz.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_h, grad_w, grad_b, None
-
-
-def logits_logps(logits: Tensor, targets: Tensor, chunk_size: int = 1024) -> Tensor:
-    """Same as :func:`token_logps` for logits already computed by the model. # (R, V) -> (R,)"""
-    out = [
-        z.float().gather(-1, y[:, None]).squeeze(-1) - z.float().logsumexp(-1)
-        for z, y in zip(logits.split(chunk_size), targets.split(chunk_size), strict=True)
-    ]
-    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+# Positions compared by the self-check, and its tolerance on |log p| differences: fp32 agrees to rounding; in
+# bf16/fp16 the model's own head post-processes bf16 logits while ours works in fp32. A missing soft-cap or
+# scale is off by whole nats.
+_CHECK_POSITIONS = 16
+_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
+_CHECK_TOLERANCE_HALF = 0.1
 
 
 class SequenceScorer(nn.Module):
@@ -122,20 +38,21 @@ class SequenceScorer(nn.Module):
         model: a ``transformers`` causal LM (``AutoModelForCausalLM``).
         chunk_size: response tokens per LM-head chunk; ``None`` = :func:`default_chunk_size` of the vocabulary.
         response_only_head: apply the LM head only at response positions (identical values, less compute and
-            memory); automatically off for models that post-process their logits.
+            memory), with the model's logit post-processing (:class:`LogitTransform`) inside the head; off when
+            the model has no separate body and head.
     """
 
     def __init__(self, model: nn.Module, chunk_size: int | None = None, response_only_head: bool = True) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size or default_chunk_size(self.lm.config.vocab_size)
-        config = getattr(model, "config", None)
-        postprocessed = any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING)
-        self.response_only_head = response_only_head and not postprocessed and self._split_available()
+        self.transform = LogitTransform.from_config(getattr(self.lm, "config", None))
+        self.response_only_head = response_only_head and self._split_available()
         # Reusing cached prompts runs the body at explicit positions, so it must accept ``position_ids``.
         self._takes_position_ids = self.response_only_head and "position_ids" in inspect.signature(
             type(self.lm.base_model).forward
         ).parameters
+        self.checked = not self.response_only_head  # the self-check runs once, on the first scored batch
 
     @property
     def lm(self) -> nn.Module:
@@ -180,6 +97,8 @@ class SequenceScorer(nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, keep_cache: bool = False
     ) -> tuple[Tensor, Tensor | None, Any]:
         """Summed response log-probs, and the final hidden states and K/V cache when ``keep_cache``."""
+        if not self.checked:
+            self.check_head(input_ids, attention_mask, response_mask)
         # Logits at position t predict token t + 1, so token t is scored from position t - 1.
         target_mask = response_mask[:, 1:].bool()  # (N, T-1)
         targets = input_ids[:, 1:][target_mask]  # (R,)
@@ -188,13 +107,62 @@ class SequenceScorer(nn.Module):
             # use_cache only when the K/V are reused: otherwise a scoring pass keeping every layer's K/V is waste.
             out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=keep_cache)
             hidden, cache = out.last_hidden_state, out.past_key_values if keep_cache else None  # (N, T, H)
-            per_token = token_logps(
-                hidden[:, :-1][target_mask], self.lm.get_output_embeddings(), targets, self.chunk_size
-            )  # (N, T, H) -> (R, H) -> (R,)
+            per_token = self._head(hidden[:, :-1][target_mask], targets)  # (N, T, H) -> (R, H) -> (R,)
         else:
-            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, T, V)
-            per_token = logits_logps(logits[:, :-1][target_mask], targets, self.chunk_size)  # (R, V) -> (R,)
+            per_token = self._full_logits(input_ids, attention_mask, target_mask, targets)
         return _sum_rows(per_token, target_mask), hidden, cache
+
+    def _head(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        """Log-probs of ``targets`` from final hidden states, through the response-only head. # (R, H) -> (R,)"""
+        return token_logps(hidden, self.lm.get_output_embeddings(), targets, self.chunk_size, self.transform)
+
+    def _full_logits(self, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor, targets: Tensor) -> Tensor:
+        """Log-probs of ``targets`` from the model's own ``(N, T, V)`` logits. # -> (R,)"""
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, T, V)
+        return logits_logps(logits[:, :-1][target_mask], targets, self.chunk_size)  # (R, V) -> (R,)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def check_head(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> None:
+        """Compare the response-only head with the model's own logits on one row's first response positions.
+
+        Both run in eval mode (dropout would make them differ) and without gradients, on the first row that has
+        response tokens. Every rank of a sharded run calls this on its first batch, so collectives stay matched.
+
+        Raises:
+            UserInputError: when they disagree: the architecture post-processes its logits in a way the head does
+                not reproduce, and every log-prob would be wrong.
+        """
+        self.checked = True
+        target_mask = response_mask[:, 1:].bool()  # (N, T-1)
+        rows = target_mask.any(-1).nonzero()
+        if len(rows) == 0:
+            return
+        row = int(rows[0])
+        ids, mask = input_ids[row : row + 1], attention_mask[row : row + 1]  # (1, T)
+        positions = target_mask[row : row + 1].clone()
+        positions[0, positions[0].nonzero()[_CHECK_POSITIONS:, 0]] = False  # (1, T-1) at most 16 positions
+        targets = ids[:, 1:][positions]
+        was_training = self.lm.training
+        self.lm.eval()
+        try:
+            hidden = self.lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            ours = self._head(hidden[:, :-1][positions], targets)
+            theirs = self._full_logits(ids, mask, positions, targets)
+        finally:
+            self.lm.train(was_training)
+        dtype = hidden.dtype if not torch.is_autocast_enabled(hidden.device.type) else torch.bfloat16
+        tolerance = _CHECK_TOLERANCE.get(dtype, _CHECK_TOLERANCE_HALF)
+        error = (ours - theirs).abs() / (1 + theirs.abs())  # (P,) relative beyond 1 nat, absolute below
+        if error.numel() and float(error.max()) > tolerance:
+            name = type(self.lm).__name__
+            raise UserInputError(
+                f"model: the response-only LM head disagrees with {name}'s own logits (max |log p difference| "
+                f"{float((ours - theirs).abs().max()):.3g} over {error.numel()} positions): this architecture "
+                f"post-processes its logits in a way lightning-pref does not reproduce ({self.transform} known), so "
+                "every log-prob would be wrong; set model.response_only_head: false to score from the model's own "
+                "logits"
+            )
 
     def _can_share_prompts(self, kl_rows: KLRows) -> bool:
         """Whether the KL rows can reuse the prompts' K/V: a split head, a non-empty prompt in every row, a model
@@ -232,7 +200,7 @@ class SequenceScorer(nn.Module):
         ).last_hidden_state  # (M, R_max, H)
         last_prompt = hidden[rows, prompt_lengths - 1]  # (M, H) predicts each response's first token
         predictors = torch.cat([last_prompt[:, None], out[:, :-1]], 1)  # (M, R_max, H): position j predicts token j
-        per_token = token_logps(predictors[valid], self.lm.get_output_embeddings(), responses[valid], self.chunk_size)
+        per_token = self._head(predictors[valid], responses[valid])
         return _sum_rows(per_token, valid)
 
 

@@ -3,14 +3,19 @@
 A model is given as a Hugging Face hub id or local directory (loaded with ``from_pretrained``), or as a dict
 of ``transformers`` config fields (``{"model_type": "llama", "hidden_size": 64, ...}``) for a randomly
 initialized model: that is how the embedded default and the tests run without any download.
+
+Parameter dtypes follow Lightning's precision convention, not the checkpoint's storage dtype (transformers 5
+loads ``dtype="auto"``, so a bf16 checkpoint would otherwise train bf16 parameters under ``32-true``):
+``32-true`` and every ``*-mixed`` precision give fp32 master weights, ``bf16-true``/``16-true`` that dtype.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -23,13 +28,37 @@ from transformers import (
 from lightning_pref.errors import UserInputError
 
 ModelSpec = str | dict[str, Any]
+DtypeName = Literal["float32", "bfloat16", "float16"]
+
+#: ``from_pretrained`` options that also select which config and tokenizer files are read.
+_TOKENIZER_KWARGS = ("revision", "trust_remote_code", "subfolder", "cache_dir", "token")
+_TRUE_PRECISIONS = {"64": torch.float64, "32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 
 #: Tokenizer name that builds a byte-level tokenizer needing no files (``transformers.ByT5Tokenizer``).
 BYTE_TOKENIZER = "byte"
 
 
+def parameter_dtype(precision: str | None, override: DtypeName | None = None) -> torch.dtype:
+    """The parameter dtype for a Lightning ``precision`` (``"32-true"``, ``"bf16-mixed"``, ...).
+
+    ``*-true`` precisions train parameters of that dtype; mixed precisions (and anything else, e.g.
+    transformer-engine) keep fp32 master weights and let autocast pick the compute dtype. ``override``
+    (``model.dtype``) wins.
+    """
+    if override is not None:
+        return getattr(torch, override)
+    head, _, kind = str(precision or "32-true").partition("-")
+    return _TRUE_PRECISIONS.get(head, torch.float32) if kind == "true" else torch.float32
+
+
 def load_causal_lm(
-    spec: ModelSpec, *, field: str, seed: int = 0, dtype: torch.dtype | None = None, **config_overrides: Any
+    spec: ModelSpec,
+    *,
+    field: str,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    **config_overrides: Any,
 ) -> PreTrainedModel:
     """Build a causal LM from a hub id / local directory or from config fields.
 
@@ -39,17 +68,22 @@ def load_causal_lm(
         seed: seed of the random initialization, so the same spec always gives the same weights (the
             reference of a randomly initialized policy is rebuilt from it when a checkpoint is reloaded).
         dtype: parameter dtype; ``None`` keeps the checkpoint's / default dtype.
+        model_kwargs: more ``from_pretrained`` (or ``from_config``) arguments, e.g. ``attn_implementation``,
+            ``revision``; ``trust_remote_code`` stays off unless given here.
         config_overrides: config fields filled in when the dict spec does not set them (e.g. ``vocab_size``).
     """
+    kwargs = {"trust_remote_code": False, **(model_kwargs or {})}
     if isinstance(spec, str):
         try:
-            return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+            return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, **kwargs)
         except OSError as err:
             raise UserInputError(
                 f"{field}: cannot load {spec!r} as a causal LM: not a local model directory and not available "
                 f"from the Hugging Face hub ({str(err).splitlines()[0]}). Give a path to a directory written by "
                 "save_pretrained, a hub id, or a dict of config fields."
             ) from None
+        except (TypeError, ValueError) as err:  # e.g. an unknown model_kwargs key, or remote code not trusted
+            raise UserInputError(f"{field}: cannot load {spec!r}: {str(err).splitlines()[0]}") from None
     fields = dict(spec)
     model_type = fields.pop("model_type", None)
     if model_type is None:
@@ -59,21 +93,64 @@ def load_causal_lm(
     config = AutoConfig.for_model(model_type, **fields)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        try:
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise UserInputError(f"{field}: cannot build a {model_type} model: {str(err).splitlines()[0]}") from None
     return model.to(dtype) if dtype is not None else model
 
 
-def load_tokenizer(name: str, *, field: str = "model.tokenizer") -> PreTrainedTokenizerBase:
+def storage_dtype(spec: ModelSpec, model_kwargs: dict[str, Any] | None = None) -> str:
+    """The dtype ``spec``'s checkpoint is stored in (its config's ``dtype``), for the start-up message;
+    ``"random init"`` for a config dict. Read from the config file, since loading rewrites the config's dtype."""
+    if not isinstance(spec, str):
+        return "random init"
+    kwargs = {k: v for k, v in (model_kwargs or {}).items() if k in _TOKENIZER_KWARGS}
+    try:
+        config = AutoConfig.from_pretrained(spec, **kwargs)
+    except (OSError, ValueError):
+        return "unknown"
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else "unknown"
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Turn off every dropout of ``model``: ``nn.Dropout`` modules and the float dropout rates attention layers
+    read when training (``attention_dropout`` in Llama-style attention), as TRL does for DPO, so policy and
+    reference agree at step 0. The config is left alone: an exported model keeps its own dropout settings."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute decoder-layer activations in backward (``activation_checkpointing_enable`` in transformers
+    >= 5.x, ``gradient_checkpointing_enable`` before it), non-reentrant."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def load_tokenizer(
+    name: str, *, field: str = "model.tokenizer", model_kwargs: dict[str, Any] | None = None
+) -> PreTrainedTokenizerBase:
     """Load a tokenizer by hub id or local path; ``"byte"`` builds a byte-level one that needs no files.
 
     A tokenizer without a pad token gets its EOS token as pad (padding is masked out everywhere, so the choice
-    does not change any value), and a warning says so.
+    does not change any value), and a warning says so. ``model_kwargs`` that select files (``revision``,
+    ``trust_remote_code``, ...) are passed on, so the policy's own tokenizer comes from the same revision.
     """
     if name == BYTE_TOKENIZER:
         tokenizer = ByT5Tokenizer()
     else:
+        kwargs = {k: v for k, v in (model_kwargs or {}).items() if k in _TOKENIZER_KWARGS}
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
+            tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         except OSError as err:
             raise UserInputError(
                 f"{field}: cannot load tokenizer {name!r} ({str(err).splitlines()[0]}). Give a local directory, a "

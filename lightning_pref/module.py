@@ -12,13 +12,23 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.logps import SequenceScorer
 from lightning_pref.losses import DPOLoss, PreferenceLoss
 from lightning_pref.metrics import PreferenceMetrics, batch_means, per_example
-from lightning_pref.models import ModelSpec, load_causal_lm, load_tokenizer
+from lightning_pref.models import (
+    DtypeName,
+    ModelSpec,
+    disable_dropout,
+    enable_activation_checkpointing,
+    load_causal_lm,
+    load_tokenizer,
+    parameter_dtype,
+    storage_dtype,
+)
 from lightning_pref.precompute import attach_reference_logps
 from lightning_pref.reference import ReferenceMode, apply_lora, check_reference_mode, soft_update
 from lightning_pref.sharding import apply_fsdp2, fsdp_mesh
@@ -44,6 +54,14 @@ class PreferenceModule(LightningModule):
             (LoRA policy; the reference is the same model with adapters disabled). See ``reference.py``.
         reference_dtype: dtype of a ``model``-mode reference (``bfloat16`` halves its memory); ``None`` = the
             policy's.
+        dtype: parameter dtype of the policy; ``None`` = from ``trainer.precision``: fp32 master weights under
+            ``32-true`` and ``*-mixed``, bf16/fp16 under ``bf16-true``/``16-true`` (whatever the checkpoint's
+            storage dtype).
+        model_kwargs: more ``from_pretrained`` arguments for the policy (and its tokenizer's files), e.g.
+            ``{attn_implementation: sdpa, revision: main}``; ``trust_remote_code`` is off unless set here.
+        reference_model_kwargs: the same for ``reference``; ``None`` = ``model_kwargs``.
+        disable_dropout: turn off the policy's dropout (as TRL), so policy and reference agree at step 0 and the
+            DPO loss starts at ln 2.
         lora: ``peft.LoraConfig`` fields for ``adapter`` mode (default r=8, alpha=16, all linear layers).
         ref_sync_steps: TR-DPO: every this many optimizer steps, move the reference towards the policy.
         ref_sync_alpha: TR-DPO mixing weight: ref <- (1 - alpha) ref + alpha policy (1.0 = hard copy).
@@ -52,7 +70,9 @@ class PreferenceModule(LightningModule):
         tokenizer: hub id or local directory of the tokenizer, or ``"byte"`` for a byte-level tokenizer that
             needs no files; ``None`` = the policy's (requires ``policy`` to be a path or hub id).
         optimizer: optimizer factory, applied to the trainable policy parameters only.
-        scheduler: optional learning-rate scheduler factory, stepped every optimizer step.
+        scheduler: optional learning-rate scheduler factory, stepped every optimizer step. One with a
+            ``set_total_steps`` method (:class:`~lightning_pref.schedules.WarmupDecay`) is told the run's total
+            optimizer steps.
         on_nonfinite: a NaN/inf loss stops training with the step and batch (``error``) or skips that batch on
             every device (``skip``).
         init_seed: seed of the random initialization of a config-dict policy.
@@ -69,7 +89,11 @@ class PreferenceModule(LightningModule):
         loss: PreferenceLoss | None = None,
         reference: ModelSpec | None = None,
         reference_mode: ReferenceMode = "model",
-        reference_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        reference_dtype: DtypeName | None = None,
+        dtype: DtypeName | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        reference_model_kwargs: dict[str, Any] | None = None,
+        disable_dropout: bool = True,
         lora: dict[str, Any] | None = None,
         ref_sync_steps: int | None = None,
         ref_sync_alpha: float = 1.0,
@@ -93,7 +117,8 @@ class PreferenceModule(LightningModule):
         self.scheduler_factory = scheduler
         if tokenizer is None and not isinstance(policy, str):
             raise UserInputError("model.tokenizer: required when model.policy is a config dict (e.g. 'byte')")
-        self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else policy)
+        own = tokenizer is None  # the policy's own tokenizer comes from the same revision as the policy
+        self.tokenizer = load_tokenizer(policy if own else tokenizer, model_kwargs=model_kwargs if own else None)
         self.policy: SequenceScorer | None = None
         self.reference: SequenceScorer | None = None
         self.train_metrics, self.val_metrics, self.test_metrics = (PreferenceMetrics() for _ in range(3))
@@ -116,19 +141,37 @@ class PreferenceModule(LightningModule):
         """Wrap ``model`` in a :class:`SequenceScorer` with this module's log-prob settings."""
         return SequenceScorer(model, self.hparams.chunk_size, self.hparams.response_only_head)
 
-    def load_model(self, spec: ModelSpec, field: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    @property
+    def parameter_dtype(self) -> torch.dtype:
+        """The policy's parameter dtype: ``model.dtype``, else from the trainer's precision (fp32 without one)."""
+        precision = self._trainer.precision if self._trainer is not None else None
+        return parameter_dtype(precision, self.hparams.dtype)
+
+    def load_model(
+        self, spec: ModelSpec, field: str, dtype: torch.dtype | None = None, model_kwargs: dict[str, Any] | None = None
+    ) -> torch.nn.Module:
         """Load ``spec`` as this module loads its policy (same seed and tokenizer-derived config fields)."""
         fields = {"vocab_size": len(self.tokenizer), "pad_token_id": self.tokenizer.pad_token_id}
-        return load_causal_lm(spec, field=field, seed=self.hparams.init_seed, dtype=dtype, **fields)
+        return load_causal_lm(
+            spec, field=field, seed=self.hparams.init_seed, dtype=dtype or self.parameter_dtype,
+            model_kwargs=model_kwargs, **fields,
+        )
+
+    @property
+    def reference_model_kwargs(self) -> dict[str, Any] | None:
+        hp = self.hparams
+        return hp.reference_model_kwargs if hp.reference_model_kwargs is not None else hp.model_kwargs
 
     def configure_model(self) -> None:
         """Build the models here, not in ``__init__``, so sharded strategies can materialize them per rank."""
         if self.policy is not None:  # called again by load_from_checkpoint and by each trainer entry point
             return
         hp = self.hparams
-        policy = self.load_model(hp.policy, "model.policy")
+        policy = self.load_model(hp.policy, "model.policy", model_kwargs=hp.model_kwargs)
+        if hp.disable_dropout:
+            disable_dropout(policy)
         if hp.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(policy)
         if hp.reference_mode == "adapter":
             policy = apply_lora(policy, hp.lora)
         self.policy = self.scorer(policy)
@@ -139,10 +182,23 @@ class PreferenceModule(LightningModule):
             if hp.reference is None:
                 reference = copy.deepcopy(policy).to(dtype) if dtype else copy.deepcopy(policy)
             else:
-                reference = self.load_model(hp.reference, "model.reference", dtype)
+                reference = self.load_model(hp.reference, "model.reference", dtype, self.reference_model_kwargs)
             self.reference = self.scorer(reference).requires_grad_(False).eval()
+        if self._trainer is not None:
+            rank_zero_info(self._describe_dtypes())
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its device mesh
             apply_fsdp2([s for s in (self.policy, self.reference) if s is not None], fsdp_mesh(self.device_mesh))
+
+    def _describe_dtypes(self) -> str:
+        """One line: the policy's parameter dtype and why, and the reference's."""
+        hp = self.hparams
+        policy_dtype = str(next(self.policy.parameters()).dtype).removeprefix("torch.")
+        why = "model.dtype" if hp.dtype else f"trainer.precision {self._trainer.precision}"
+        line = f"lightning-pref: policy parameters {policy_dtype} ({why}; checkpoint {storage_dtype(hp.policy, hp.model_kwargs)})"
+        if self.reference is not None:
+            reference_dtype = str(next(self.reference.parameters()).dtype).removeprefix("torch.")
+            line += f", reference {reference_dtype}" + (" (model.reference_dtype)" if hp.reference_dtype else "")
+        return line
 
     def train(self, mode: bool = True) -> PreferenceModule:
         """Switch modes, but keep the reference in eval mode (no dropout) even after validation."""
@@ -156,6 +212,8 @@ class PreferenceModule(LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
+        if hasattr(scheduler, "set_total_steps"):  # e.g. WarmupDecay: schedules that span the whole run
+            scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def reference_scores(self, batch: PreferenceBatch, kl_rows: KLRows | None = None) -> tuple[Tensor, Tensor | None]:
@@ -245,8 +303,11 @@ class PreferenceModule(LightningModule):
         if steps and self.global_step % steps == 0 and self.global_step > 0:
             soft_update(self.reference, self.policy, self.hparams.ref_sync_alpha)
 
-    # ``reference_mode: precomputed``: the data module gets reference log-probs before any batch is drawn.
     def on_fit_start(self) -> None:
+        # from_pretrained returns eval mode and Lightning keeps each module's mode: without this a loaded policy
+        # would train in eval mode (gradient checkpointing and dropout silently off). The reference stays eval.
+        self.train()
+        # ``reference_mode: precomputed``: the data module gets reference log-probs before any batch is drawn.
         attach_reference_logps(self)
 
     def on_validation_start(self) -> None:

@@ -108,7 +108,8 @@ def attach_reference_logps(module) -> None:
     identity = {"spec": spec, "seed": hp.init_seed, "dtype": hp.reference_dtype}
 
     def build_scorer() -> SequenceScorer:
-        reference = module.load_model(spec, "model.reference", module.reference_torch_dtype)
+        kwargs = module.reference_model_kwargs if hp.reference is not None else hp.model_kwargs
+        reference = module.load_model(spec, "model.reference", module.reference_torch_dtype, kwargs)
         return module.scorer(reference.to(module.device).eval())
 
     for split, dataset in datamodule.datasets.items():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_pref.logps import SequenceScorer, token_logps
+from lightning_pref.head import LogitTransform, token_logps
+from lightning_pref.logps import SequenceScorer
 
 
 def _batch(vocab: int, seed: int = 0):
@@ -118,13 +119,141 @@ def test_response_only_head_gives_identical_gradients(tiny_model):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_logit_postprocessing_models_fall_back_to_full_logits(tiny_model):
-    tiny_model.config.final_logit_softcapping = 30.0
-    assert SequenceScorer(tiny_model).response_only_head is False
+# Architectures whose CausalLM post-processes the head's logits: final soft-capping (Gemma 2), a multiplier
+# (Cohere's logit_scale), a divisor (Granite's logits_scaling).
+_POSTPROCESSING = {
+    "gemma2": {"model_type": "gemma2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "final_logit_softcapping": 2.0,
+               "max_position_embeddings": 64},
+    "cohere": {"model_type": "cohere", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "num_key_value_heads": 2, "logit_scale": 3.0, "max_position_embeddings": 64},
+    "granite": {"model_type": "granite", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                "num_attention_heads": 2, "num_key_value_heads": 2, "logits_scaling": 0.25,
+                "max_position_embeddings": 64},
+}
+
+
+def _sharpened(architecture: str, tokenizer):
+    """A tiny model of ``architecture`` with its head scaled up, so logits are large and post-processing matters
+    (a soft-cap of 2 changes logits of +-10 by whole nats)."""
+    from lightning_pref.models import load_causal_lm
+
+    model = load_causal_lm(_POSTPROCESSING[architecture], field="test", seed=0, vocab_size=len(tokenizer))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model
+
+
+@pytest.mark.parametrize("architecture", list(_POSTPROCESSING))
+def test_postprocessed_logits_inside_the_response_only_head(tokenizer, architecture):
+    """The chunked head applies the model's own post-processing: values equal the model's logits (brute force)
+    and gradients equal the full-logits path, without falling back to (N, T, V) logits."""
+    model = _sharpened(architecture, tokenizer)
+    scorer = SequenceScorer(model, chunk_size=3)
+    assert scorer.response_only_head and not scorer.transform.identity
+    batch = _batch(model.config.vocab_size, seed=2)
+    logps = scorer(*batch)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(logps.double(), _brute_force(model, *batch), rtol=1e-5, atol=1e-4)
+    weights = torch.tensor([1.0, -2.0, 0.5])
+    grads = []
+    for response_only in (True, False):
+        model.zero_grad()
+        (SequenceScorer(model, chunk_size=3, response_only_head=response_only)(*batch)[0] * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, want in grads[1].items():  # sharpened logits give gradients of ~1e3: tolerance relative to them
+        atol = 1e-5 * float(want.abs().max()) + 1e-7
+        torch.testing.assert_close(grads[0][name], want, rtol=1e-3, atol=atol, msg=name)
+
+
+def test_self_check_catches_postprocessing_the_head_does_not_apply(tokenizer):
+    """Had the head missed Gemma 2's soft-cap, the first batch stops with an error naming the architecture."""
+    from lightning_pref.errors import UserInputError
+
+    model = _sharpened("gemma2", tokenizer)
+    batch = _batch(model.config.vocab_size, seed=2)
+    assert SequenceScorer(model).checked is False
+    right = SequenceScorer(model)
+    right(*batch)  # passes
+    assert right.checked
+    wrong = SequenceScorer(model)
+    wrong.transform = LogitTransform()  # what the head would do without knowing final_logit_softcapping
+    with pytest.raises(UserInputError, match="Gemma2ForCausalLM.*response_only_head: false"):
+        wrong(*batch)
+
+
+def test_self_check_runs_once_and_not_for_the_full_logits_path(tiny_model, monkeypatch):
+    calls = []
+    original = SequenceScorer.check_head
+    monkeypatch.setattr(SequenceScorer, "check_head", lambda self, *a: calls.append(1) or original(self, *a))
+    batch = _batch(tiny_model.config.vocab_size)
+    scorer = SequenceScorer(tiny_model)
+    for _ in range(3):
+        scorer(*batch)
+    SequenceScorer(tiny_model, response_only_head=False)(*batch)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_embeddings_gradients_through_the_fused_head(tokenizer, tied):
+    """With tied input/output embeddings the one weight gets the head's and the embedding's gradient: the
+    fused head's equals autograd's."""
+    from lightning_pref.models import load_causal_lm
+
+    config = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": tied,
+              "max_position_embeddings": 64}
+    model = load_causal_lm(config, field="test", seed=0, vocab_size=len(tokenizer))
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) is tied
+    batch = _batch(model.config.vocab_size, seed=3)
+    grads = []
+    for response_only in (True, False):
+        model.zero_grad()
+        (SequenceScorer(model, chunk_size=4, response_only_head=response_only)(*batch)[0]).sum().backward()
+        grads.append(model.get_input_embeddings().weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_fused_head_under_bf16_never_holds_an_fp32_copy_of_the_chunk(softcap):
+    """Under bf16 autocast no fp32 tensor as large as a chunk's logits is created, in forward or backward: the
+    fp32 work runs on row blocks (the module docstring's claim)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lightning_pref import head as head_module
+
+    rows, vocab = 64, 512
+    head = torch.nn.Linear(16, vocab, bias=False)
+    hidden = torch.randn(rows, 16, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,))
+    sizes: list[tuple[torch.dtype, int]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else [out]:
+                if isinstance(t, torch.Tensor):
+                    sizes.append((t.dtype, t.numel()))
+            return out
+
+    block_rows = 8
+    original = head_module._BLOCK_LOGITS
+    head_module._BLOCK_LOGITS = block_rows * vocab
+    try:
+        with Record(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = token_logps(hidden, head, targets, chunk_size=rows, transform=LogitTransform(1.0, softcap))
+            out.sum().backward()
+    finally:
+        head_module._BLOCK_LOGITS = original
+    chunk = rows * vocab
+    assert (torch.bfloat16, chunk) in sizes  # the logits themselves, in bf16
+    assert max(n for dtype, n in sizes if dtype == torch.float32 and n != vocab * 16) <= block_rows * vocab
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
 
 
 def test_default_chunk_size_bounds_chunk_logits_by_vocabulary():
-    from lightning_pref.logps import default_chunk_size
+    from lightning_pref.head import default_chunk_size
 
     assert default_chunk_size(1000) == 4096  # capped
     assert default_chunk_size(8000) == 2**23 // 8000 == 1048  # 1048 x 8k fp32 logits = 32 MB

@@ -1,0 +1,194 @@
+"""Log-probs of target tokens under the LM head, chunked, without a full-vocabulary ``log_softmax``.
+
+``log p(y) = s[y] - logsumexp(s)`` with ``s = T(z)``, ``z = W h + b`` the head's logits and ``T`` the model's own
+post-processing of them (:class:`LogitTransform`: logit scaling as in Cohere or Granite, final soft-capping as
+in Gemma 2), applied inside the head so that such models keep the response-only head.
+
+For a plain ``nn.Linear`` head a chunk of ``C`` rows keeps only its ``logsumexp`` (``C`` values) for backward,
+which recomputes the logits and turns them into the gradient in place. The ``(C, V)`` logits exist once, in the
+matmul's dtype; the fp32 work (``T``, ``exp``, the softmax gradient) runs on row blocks of at most ``2**22``
+values (16 MB) taken from them and written back. Under fp32 the blocks are views, so nothing is copied; under
+bf16 a chunk costs its bf16 logits (2 bytes per logit) plus one 16 MB fp32 block, never an fp32 copy of the
+whole chunk beside the bf16 one. The default chunk holds at most ``2**23`` logits but at least 256 rows: 1048
+rows at an 8k vocabulary, 256 at 128k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+# Logits per chunk by default: 32 MB of fp32 is a small transient on a GPU, and on a CPU it stays within
+# glibc's largest heap allocation, so a chunk's buffer is reused instead of being mapped (page-faulted) anew
+# (measured: faster than 128 MB chunks at an 8k vocabulary). At very large vocabularies fewer, larger chunks
+# had the lower peak (128k: 256 rows 1,104 MB vs 65 rows 1,523 MB at batch 8; benchmarks/memory.py), hence
+# the 256-row minimum.
+_CHUNK_LOGITS = 2**23
+_MIN_CHUNK_ROWS = 256
+# fp32 values per row block of the in-chunk softmax work (16 MB).
+_BLOCK_LOGITS = 2**22
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per LM-head chunk: as many as keep a chunk's fp32 logits within ``2**23`` values (32 MB), at
+    least 256 and at most 4096."""
+    return max(_MIN_CHUNK_ROWS, min(4096, _CHUNK_LOGITS // vocab_size))
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    r"""A model's post-processing of its LM-head logits: :math:`s = c \tanh(a z / c)`, or :math:`s = a z`
+    without soft-capping.
+
+    Attributes:
+        scale: :math:`a`, the product of the config's multipliers (``logit_scale``, ``output_multiplier``) and
+            the inverse of its divisors (``logits_scaling``).
+        softcap: :math:`c`, the config's ``final_logit_softcapping`` (``None``: no soft-capping).
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> LogitTransform:
+        """Read the known post-processing fields of a ``transformers`` config (its text config for multimodal
+        models). Anything else an architecture does is caught by the scorer's self-check."""
+        if config is None:
+            return cls()
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        scale = 1.0
+        for name in ("logit_scale", "output_multiplier"):
+            value = getattr(text, name, None)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                scale *= value
+        divisor = getattr(text, "logits_scaling", None)
+        if isinstance(divisor, int | float) and divisor:
+            scale /= divisor
+        softcap = getattr(text, "final_logit_softcapping", None)
+        return cls(float(scale), float(softcap) if softcap else None)
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def apply_(self, z: Tensor) -> Tensor:
+        """``T(z)`` in place (``z`` fp32)."""
+        if self.softcap is None:
+            return z.mul_(self.scale) if self.scale != 1.0 else z
+        return z.mul_(self.scale / self.softcap).tanh_().mul_(self.softcap)
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return self.apply_(z.float().clone()) if not self.identity else z.float()
+
+
+IDENTITY = LogitTransform()
+
+
+def token_logps(
+    hidden: Tensor, head: nn.Module, targets: Tensor, chunk_size: int = 1024, transform: LogitTransform = IDENTITY
+) -> Tensor:
+    """Log-probs of ``targets`` under ``T(head(hidden))``, computed ``chunk_size`` rows at a time.
+
+    Args:
+        hidden: hidden states at the positions that predict ``targets``. # (R, H)
+        head: the LM head (``hidden -> logits``).
+        targets: token ids to score. # (R,)
+        chunk_size: rows per chunk; bounds the transient ``(chunk_size, V)`` logits.
+        transform: the model's post-processing of the head's logits.
+
+    Returns:
+        ``log softmax(T(head(hidden)))[targets]``. # (R,)
+    """
+    out = []
+    linear = type(head) is nn.Linear  # quantized or adapter-wrapped heads go through their own forward
+    for h, y in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True):
+        if linear:
+            out.append(_LinearLogps.apply(h, head.weight, head.bias, y, transform))
+        elif torch.is_grad_enabled() and h.requires_grad:
+            # Recompute each chunk's logits in backward rather than keeping all (R, V) activations alive.
+            out.append(checkpoint(_chunk_logps, head, h, y, transform, use_reentrant=False))
+        else:
+            out.append(_chunk_logps(head, h, y, transform))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _chunk_logps(head: nn.Module, h: Tensor, y: Tensor, transform: LogitTransform) -> Tensor:
+    logits = transform(head(h))  # (C, V) fp32 for a stable logsumexp
+    return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def logits_logps(logits: Tensor, targets: Tensor, chunk_size: int = 1024) -> Tensor:
+    """Same as :func:`token_logps` for logits already computed (and post-processed) by the model.
+    # (R, V) -> (R,)"""
+    out = [
+        z.float().gather(-1, y[:, None]).squeeze(-1) - z.float().logsumexp(-1)
+        for z, y in zip(logits.split(chunk_size), targets.split(chunk_size), strict=True)
+    ]
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
+def _blocks(z: Tensor) -> list[slice]:
+    rows = max(1, _BLOCK_LOGITS // max(1, z.shape[-1]))
+    return [slice(i, i + rows) for i in range(0, z.shape[0], rows)]
+
+
+class _LinearLogps(torch.autograd.Function):
+    """``log softmax(T(h W^T + b))[y]`` for one chunk, saving ``logsumexp`` (``C`` values) instead of logits.
+
+    With ``s = T(z)``: ``d log p_i / d z_ij = (1[j = y_i] - softmax(s)_ij) T'(z_ij)``, and ``softmax(s)_ij =
+    exp(s_ij - logsumexp_i)``: backward recomputes ``z`` (one matmul) and overwrites it with the gradient, block
+    by block. The caller's autocast state is replayed in backward, so the recomputed logits and the gradient
+    matmuls use the forward's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor,
+                transform: LogitTransform) -> Tensor:
+        device = h.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        ctx.transform = transform
+        z = F.linear(h, weight, bias)  # (C, V) in the compute dtype; not needed after this pass
+        picked = z.new_empty(z.shape[0], dtype=torch.float32)  # (C,)
+        lse = torch.empty_like(picked)  # (C,)
+        for b in _blocks(z):
+            s = transform.apply_(z[b].float())  # a view of z under fp32, else a block-sized fp32 copy
+            picked[b] = s.gather(-1, y[b, None]).squeeze(-1)
+            top = s.amax(-1, keepdim=True)
+            lse[b] = s.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+        ctx.save_for_backward(h, weight, bias, y, lse)
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        h, weight, bias, y, lse = ctx.saved_tensors
+        device, dtype, enabled = ctx.autocast
+        transform: LogitTransform = ctx.transform
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            z = F.linear(h, weight, bias)  # (C, V) in the forward's compute dtype; becomes the gradient
+            for b in _blocks(z):
+                block = z[b].float()  # a view of z under fp32, else a block-sized fp32 copy
+                g = grad[b, None].float()  # (c, 1)
+                if transform.softcap is None:
+                    ds = None
+                    s = block.mul_(transform.scale) if transform.scale != 1.0 else block
+                else:  # s = c tanh(a z / c); ds/dz = a (1 - tanh^2)
+                    t = block.mul_(transform.scale / transform.softcap).tanh_()
+                    s = t * transform.softcap  # a second block-sized buffer: t is needed for ds/dz
+                    ds = t.square_().neg_().add_(1).mul_(transform.scale)
+                dz = s.sub_(lse[b, None]).exp_().mul_(-g)  # -g * softmax
+                dz.scatter_add_(-1, y[b, None], g)  # + g at the target
+                if ds is not None:
+                    dz.mul_(ds)
+                elif transform.scale != 1.0:
+                    dz.mul_(transform.scale)
+                if dz.data_ptr() != z[b].data_ptr():
+                    z[b] = dz  # back into the compute dtype, in place of the logits
+            grad_h = (z @ weight.to(z.dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None  # (C, H)
+            grad_w = (z.T @ h.to(z.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None  # (V, H)
+            grad_b = z.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_h, grad_w, grad_b, None, None

@@ -1,0 +1,117 @@
+"""The real path: SmolLM2-135M-Instruct as a hub checkpoint is (bf16 on disk, tied embeddings, pad = EOS, a ChatML
+template) trained with the shipped recipes on real human preference text (Anthropic HH-RLHF), then exported,
+reloaded and asked to generate. Skips when the model package or the data file is absent (see ``tests/real.py``)."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from lightning_pref import PreferenceModule
+from lightning_pref.cli import main
+from lightning_pref.logps import SequenceScorer
+from tests.conftest import REPO, write_jsonl
+from tests.real import hh_records
+
+pytestmark = pytest.mark.slow
+
+# Short HH pairs keep a CPU step of a 135M model around a second.
+RUN = [
+    "--trainer.precision", "32-true", "--trainer.accumulate_grad_batches", "1", "--trainer.log_every_n_steps", "1",
+    "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--data.batch_size", "2",
+    "--data.max_length", "192", "--model.optimizer.init_args.lr", "1e-5", "--progress_bar.refresh_rate", "0",
+    # one weights-only checkpoint (a 135M fp32 policy with AdamW state is 1.6 GB per file) and no sanity pass
+    "--checkpoint.save_top_k", "0", "--checkpoint.save_weights_only", "true", "--trainer.num_sanity_val_steps", "0",
+]
+
+
+@pytest.fixture(scope="module")
+def hh(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hh")
+    records = hh_records(12, max_chars=500)
+    return {"train": write_jsonl(tmp / "train.jsonl", records[:8]), "val": write_jsonl(tmp / "val.jsonl", records[8:])}
+
+
+def _metrics(root) -> list[dict]:
+    (path,) = list(root.glob("lightning_logs/version_0/metrics.csv"))
+    return list(csv.DictReader(open(path)))
+
+
+@pytest.fixture(scope="module")
+def dpo_run(smollm2, hh, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    main(["fit", "--config", str(REPO / "configs/recipes/dpo.yaml"), "--model.policy", str(smollm2),
+          "--data.train", str(hh["train"]), "--data.val", str(hh["val"]), "--trainer.default_root_dir", str(root),
+          *RUN])
+    return root
+
+
+@pytest.mark.parametrize(("precision", "expected"), [("32-true", torch.float32), ("bf16-true", torch.bfloat16)])
+def test_real_bf16_checkpoint_parameter_dtype(smollm2, precision, expected):
+    model = PreferenceModule(policy=str(smollm2))
+    model.trainer = Trainer(precision=precision, logger=False)
+    model.configure_model()
+    assert {p.dtype for p in model.policy.parameters()} == {expected}
+    assert model.tokenizer.pad_token_id == model.tokenizer.eos_token_id  # pad = EOS, as SmolLM2 ships
+
+
+def test_dpo_recipe_on_real_model_and_text(dpo_run):
+    rows = _metrics(dpo_run)
+    losses = [float(r["train/loss"]) for r in rows if r["train/loss"]]
+    assert len(losses) == 3
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # dropout off, policy == reference at step 0
+    assert abs(losses[-1] - losses[0]) > 1e-4  # and it moves (fp32 rounding is ~1e-7)
+    (val,) = [r for r in rows if r["val/loss"]]
+    assert all(math.isfinite(float(val[k])) for k in val if k.startswith("val/"))
+
+
+def test_kto_recipe_on_real_model_and_text(smollm2, hh, tmp_path):
+    main(["fit", "--config", str(REPO / "configs/recipes/kto.yaml"), "--model.policy", str(smollm2),
+          "--data.train", str(hh["train"]), "--data.val", str(hh["val"]), "--data.unpair", "true",
+          "--trainer.default_root_dir", str(tmp_path), *RUN, "--data.batch_size", "4"])
+    rows = _metrics(tmp_path)
+    losses = [float(r["train/loss"]) for r in rows if r["train/loss"]]
+    kl = [float(r["train/kl"]) for r in rows if r.get("train/kl")]
+    assert losses[0] == pytest.approx(0.5, abs=1e-4) and abs(losses[-1] - 0.5) > 1e-4
+    assert kl and all(v >= 0 and math.isfinite(v) for v in kl)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_response_only_head_equals_full_logits_on_real_model(smollm2, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_pref.data.collate import pad
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    texts = [("\n\nHuman: What is a prime number?\n\nAssistant:", " A number with exactly two divisors."),
+             ("\n\nHuman: hi", "\n\nAssistant: Hello! How can I help?")]
+    ids, attention, response = pad(
+        [(tokenizer(p)["input_ids"], tokenizer(r)["input_ids"]) for p, r in texts], tokenizer.pad_token_id
+    )
+    with torch.no_grad():
+        split = SequenceScorer(model)(ids, attention, response)[0]
+        full = SequenceScorer(model, response_only_head=False)(ids, attention, response)[0]
+    torch.testing.assert_close(split, full, rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=1e-3)
+
+
+def test_export_reloads_and_generates_with_the_chat_template(dpo_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (last,) = list(dpo_run.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
+    out = tmp_path / "aligned"
+    main(["export", "--ckpt_path", str(last), "--output_dir", str(out)])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    state = torch.load(last, weights_only=False)["state_dict"]
+    torch.testing.assert_close(model.model.embed_tokens.weight, state["policy.model.model.embed_tokens.weight"])
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    assert "Paris" in text
