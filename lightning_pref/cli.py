@@ -1,7 +1,7 @@
 """``lightning-pref``: LightningCLI over :class:`PreferenceModule` and :class:`PreferenceDataModule`.
 
-Subcommands: ``fit``, ``validate``, ``test``, ``predict`` (Lightning's), ``losses`` (the loss table) and
-``export`` (the trained policy as a Hugging Face model directory).
+Subcommands: ``fit``, ``validate``, ``test``, ``predict`` (Lightning's), ``losses`` (the loss table),
+``export`` (the trained policy as a Hugging Face model directory) and ``report`` (plots and an HTML page of a run).
 A loss is chosen by registered name (``--model.loss ipo``), class name (``IPOLoss``) or import path
 (``my_pkg.losses.MyLoss``), on the command line or as ``loss: {class_path: kto, init_args: {...}}`` in YAML.
 """
@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import lightning_pref.losses  # noqa: F401  (registers the built-in losses)
@@ -182,6 +183,19 @@ def main(args: list[str] | None = None) -> None:
             out = export_checkpoint(**parser.parse_args(argv[1:]).as_dict())
             Console().print(f"exported the policy to {out} (load it with AutoModelForCausalLM.from_pretrained)")
             return
+        if argv[:1] == ["report"]:
+            from lightning_pref.report import write_report
+
+            parser = ArgumentParser(prog="lightning-pref report", description=write_report.__doc__)
+            parser.add_function_arguments(write_report, as_positional=True)
+            given = parser.parse_args(argv[1:]).as_dict()
+            report = write_report(**given)
+            console = Console(highlight=False)
+            if report.run_dir != Path(given["run_dir"]):
+                console.print(f"newest run under {given['run_dir']}: {report.run_dir}", markup=False, soft_wrap=True)
+            console.print(f"wrote {report.html} and {len(report.plots) + bool(report.overview)} PNGs beside it",
+                          markup=False, soft_wrap=True)
+            return
         _register_parser_mode()
         LightningPrefCLI(
             PreferenceModule,
@@ -190,7 +204,8 @@ def main(args: list[str] | None = None) -> None:
             args=resolve_loss_args(argv),
         )
     except (UserInputError, TrainingError, MisconfigurationException) as err:
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
+        # escaped: a message's own brackets (e.g. "lightning-pref[report]") are text, not rich markup
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {escape(str(err))}", soft_wrap=True)
         sys.exit(2)
 
 

@@ -1,0 +1,376 @@
+"""``lightning-pref report RUN_DIR``: plots and a self-contained HTML page of a training run.
+
+Reads the run's ``metrics.csv`` (Lightning's CSVLogger: ``train/*`` per logged step, ``val/*`` per validation),
+``config.yaml`` and, when the ``SampleCompletions`` callback wrote one, ``completions.jsonl``. Writes one PNG per
+plot (``report_<plot>.png``), an overview grid (``report_overview.png``) and ``report.html``, whose images are
+embedded as data URIs so the page is a single file that can be mailed or attached. Only files this command wrote
+are ever replaced; ``metrics.csv``, the config and the checkpoints are only read.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import yaml
+
+from lightning_pref.errors import UserInputError
+
+#: Written into every PNG (as its ``Software`` text chunk) and into report.html, to recognize our own files.
+GENERATOR = "lightning-pref report"
+OVERVIEW = "report_overview.png"
+INSTALL_HINT = "pip install 'lightning-pref[report]'"
+_RUN_FORMS = "give a run directory (lightning_logs/version_N) or the root directory that contains lightning_logs/"
+
+
+class Plot(NamedTuple):
+    """One figure, ``report_<name>.png``: the metric suffixes it draws, each under every stage prefix present."""
+
+    name: str
+    title: str
+    suffixes: tuple[str, ...]
+    overview: bool = False  # also a panel of report_overview.png
+    ylim: tuple[float, float] | None = None  # for bounded quantities; None: fit the data
+
+    @property
+    def file_name(self) -> str:
+        return f"report_{self.name}.png"  # never OVERVIEW: no row is named "overview", families are "metric_*"
+
+
+#: Designed plots, in page order. Metrics logged under a stage prefix that no row claims are not dropped: each
+#: family (``judge/score`` → ``judge``) gets a plot ``report_metric_<family>.png`` of its own, so new metrics are
+#: plotted without code changes.
+PLOTS = (
+    Plot("loss", "Loss", ("loss",), overview=True),
+    Plot("accuracy", "Reward accuracy", ("rewards/accuracies",), overview=True, ylim=(-0.03, 1.03)),
+    Plot("margins", "Reward margin (chosen − rejected)", ("rewards/margins",), overview=True),
+    Plot("rewards", "Implicit rewards", ("rewards/chosen", "rewards/rejected")),
+    Plot("logps", "Policy log-probs", ("logps/chosen", "logps/rejected")),
+    Plot("kl", "KL baseline z₀", ("kl",), overview=True),
+)
+
+#: Stage prefix → matplotlib line style. Training is logged every few steps (a line); validation is sparse, so
+#: its points are marked.
+STAGE_STYLES: dict[str, dict[str, Any]] = {
+    "train": {"linewidth": 1.3},
+    "val": {"linestyle": "--", "linewidth": 1.0, "marker": "o", "markersize": 5, "markerfacecolor": "white",
+            "markeredgewidth": 1.5},
+}
+
+Series = dict[str, list[tuple[int, float]]]  # column → (step, value) of the rows where it was logged
+
+
+class Completion(NamedTuple):
+    """One sampled prompt's completions (a line of ``completions.jsonl``)."""
+
+    prompt: str
+    policy: str
+    reference: str | None
+
+
+@dataclass
+class Report:
+    """What :func:`write_report` wrote."""
+
+    run_dir: Path
+    html: Path
+    plots: list[Path]
+    overview: Path | None
+
+
+def resolve_run_dir(path: Path) -> Path:
+    """The run directory itself, or the newest ``version_N`` with a ``metrics.csv`` under a root or lightning_logs/."""
+    if not path.exists():
+        raise UserInputError(f"{path}: no such directory; {_RUN_FORMS}")
+    if not path.is_dir():
+        raise UserInputError(f"{path}: not a directory; {_RUN_FORMS}")
+    if (path / "metrics.csv").is_file():
+        return path
+    versions = [
+        p.parent
+        for pattern in ("lightning_logs/version_*/metrics.csv", "version_*/metrics.csv")
+        for p in path.glob(pattern)
+        if p.parent.name.removeprefix("version_").isdigit()
+    ]
+    if not versions:
+        raise UserInputError(f"{path}: no metrics.csv here or in lightning_logs/version_*/; {_RUN_FORMS}")
+    # Lightning numbers each new run one above the highest existing version, so the highest is the newest.
+    return max(versions, key=lambda p: int(p.name.removeprefix("version_")))
+
+
+def read_metrics(path: Path) -> Series:
+    """Every non-empty cell of a CSVLogger ``metrics.csv``, by column (``step`` and ``epoch`` excluded)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if "step" not in (reader.fieldnames or []):
+            raise UserInputError(f"{path}: no 'step' column; expected the metrics.csv of Lightning's CSVLogger")
+        series: Series = {c: [] for c in reader.fieldnames if c not in ("step", "epoch")}
+        for row in reader:
+            try:
+                step = int(row["step"])
+                for column, points in series.items():
+                    if row[column]:
+                        points.append((step, float(row[column])))
+            except (TypeError, ValueError):
+                # TypeError: a short row leaves None cells
+                raise UserInputError(
+                    f"{path}:{reader.line_num}: not a number in this row; metrics.csv must hold only numbers"
+                ) from None
+    series = {column: points for column, points in series.items() if points}
+    if not any(column.partition("/")[0] in STAGE_STYLES for column in series):
+        stages = "/, ".join(STAGE_STYLES)
+        raise UserInputError(f"{path}: no values under {stages}/ yet; nothing to report until the run logs some")
+    return series
+
+
+def plan_plots(columns: Iterable[str]) -> list[Plot]:
+    """The plots for these columns: the rows of :data:`PLOTS` that have data, then one per unclaimed family."""
+    present = {c.partition("/")[2] for c in columns if c.partition("/")[0] in STAGE_STYLES and "/" in c}
+    plots = [p._replace(suffixes=tuple(s for s in p.suffixes if s in present)) for p in PLOTS]
+    plots = [p for p in plots if p.suffixes]
+    claimed = {s for p in PLOTS for s in p.suffixes}
+    families: dict[str, list[str]] = {}
+    for suffix in sorted(present - claimed):
+        families.setdefault(suffix.rpartition("/")[0] or suffix, []).append(suffix)
+    names = {p.name for p in PLOTS}
+    for family, members in families.items():
+        title = ", ".join(members) if len(members) <= 3 else f"{family}/* ({len(members)} metrics)"
+        stem = name = "metric_" + re.sub(r"[^A-Za-z0-9]+", "_", family).strip("_")
+        n = 2
+        while name in names:  # families that differ only in punctuation ("judge-x", "judge_x")
+            name, n = f"{stem}_{n}", n + 1
+        names.add(name)
+        plots.append(Plot(name, title, tuple(members)))
+    return plots
+
+
+def final_validation(series: Series) -> list[tuple[str, float, int]]:
+    """``(column, value, step)`` of the last logged value of each ``val/`` column."""
+    return [(c, points[-1][1], points[-1][0]) for c, points in series.items() if c.startswith("val/")]
+
+
+def read_config(path: Path) -> list[tuple[str, str]]:
+    """The config summary rows (model.policy, the loss and its init_args) of a run's ``config.yaml``."""
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise UserInputError(f"{path}: not valid YAML ({type(err).__name__}); rerun fit to rewrite it") from None
+    model = config.get("model") if isinstance(config, dict) else None
+    model = model if isinstance(model, dict) else {}
+    rows = [("model.policy", _compact(model["policy"]))] if "policy" in model else []
+    loss = model.get("loss")
+    if isinstance(loss, dict):
+        rows.append(("model.loss", _compact(loss.get("class_path"))))
+        rows += [(f"model.loss.{k}", _compact(v)) for k, v in (loss.get("init_args") or {}).items()]
+    elif loss is not None:
+        rows.append(("model.loss", _compact(loss)))
+    return rows
+
+
+def _compact(value: Any) -> str:
+    """One line: strings as they are, mappings and lists in YAML flow style, other scalars as YAML writes them."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict | list):
+        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
+    return json.dumps(value)  # the YAML spelling of numbers, booleans and null, without a document end marker
+
+
+def read_completions(path: Path) -> dict[int, list[Completion]]:
+    """The ``SampleCompletions`` records of ``completions.jsonl``, grouped by step in step order."""
+    by_step: dict[int, list[Completion]] = {}
+    schema = '{"step": int, "epoch": int, "prompt": str, "policy": str, "reference": str | null}'
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserInputError(f"{path}:{number}: invalid JSON ({err.msg}); each line must be {schema}") from None
+            valid = (
+                isinstance(record, dict)
+                and isinstance(record.get("step"), int)
+                and isinstance(record.get("prompt"), str)
+                and isinstance(record.get("policy"), str)
+                and isinstance(record.get("reference"), str | None)
+            )
+            if not valid:
+                raise UserInputError(f"{path}:{number}: expected an object {schema}")
+            by_step.setdefault(record["step"], []).append(
+                Completion(record["prompt"], record["policy"], record.get("reference"))
+            )
+    return dict(sorted(by_step.items()))
+
+
+def _figure_class() -> type:
+    try:
+        # Figure objects outside pyplot render with the Agg canvas: headless, and the process-wide backend
+        # (e.g. a notebook's) is left alone.
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserInputError(f"report: matplotlib is not installed; {INSTALL_HINT}") from None
+    return Figure
+
+
+def _draw(ax: Any, plot: Plot, series: Series) -> None:
+    values = []
+    for i, suffix in enumerate(plot.suffixes):
+        for stage, style in STAGE_STYLES.items():
+            points = series.get(f"{stage}/{suffix}")
+            if not points:
+                continue
+            steps, ys = zip(*points, strict=True)
+            values += ys
+            # a lone training point would be an invisible line
+            marker = {"marker": "."} if len(points) == 1 and "marker" not in style else {}
+            ax.plot(steps, ys, color=f"C{i}", label=f"{stage}/{suffix}", **style, **marker)
+    finite = [v for v in values if math.isfinite(v)]
+    if plot.ylim is not None:
+        ax.set_ylim(*plot.ylim)
+    # Losses fall over orders of magnitude (DPO: 0.69 to 1e-4); a linear axis would flatten all but the start.
+    elif finite and min(finite) > 0 and max(finite) / min(finite) >= 100:
+        ax.set_yscale("log")
+    ax.set_title(plot.title, fontsize=10)
+    ax.set_xlabel("step", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
+def _png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": GENERATOR})
+    return buffer.getvalue()
+
+
+def render_plots(plots: list[Plot], series: Series) -> tuple[dict[str, bytes], bytes | None]:
+    """PNG bytes of each plot, by file name, and of the overview grid (``None`` when no overview plot has data)."""
+    figure = _figure_class()
+    pngs: dict[str, bytes] = {}
+    for plot in plots:
+        fig = figure(figsize=(5.2, 3.3), layout="constrained")
+        _draw(fig.add_subplot(), plot, series)
+        pngs[plot.file_name] = _png(fig)
+    panels = [p for p in plots if p.overview]
+    if not panels:
+        return pngs, None
+    fig = figure(figsize=(3.9 * len(panels), 3.0), layout="constrained")
+    for ax, plot in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        _draw(ax, plot, series)
+    return pngs, _png(fig)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.5em 0; } th, td { border: 1px solid #ccc; padding: 0.3em 0.6em;
+  text-align: left; vertical-align: top; } th { background: #f4f4f4; } td.num { text-align: right; }
+.plots { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; } img { max-width: 100%; }
+table.completions td { white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: 0.85em;
+  max-width: 30em; } .muted { color: #888; }
+"""
+
+
+def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]], css_class: str = "", numeric: int = -1) -> str:
+    """An HTML table of already-escaped cells; columns from index ``numeric`` on are right-aligned."""
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="num">{c}</td>' if 0 <= numeric <= i else f"<td>{c}</td>"
+                         for i, c in enumerate(row)) + "</tr>\n"
+        for row in rows
+    )
+    attributes = f' class="{css_class}"' if css_class else ""
+    return f"<table{attributes}><tr>{head}</tr>\n{body}</table>"
+
+
+def render_html(
+    run_dir: Path,
+    series: Series,
+    pngs: dict[str, bytes],
+    plots: list[Plot],
+    config: list[tuple[str, str]] | None,
+    completions: dict[int, list[Completion]] | None,
+) -> str:
+    """The report page; every text from the run's files is HTML-escaped, every image is a data URI."""
+    e = html.escape
+    parts = [f"<h1>lightning-pref report</h1>\n<p><code>{e(str(run_dir))}</code></p>"]
+    parts.append("<h2>Configuration</h2>")
+    if config:
+        parts.append(_table(("key", "value"), [(e(k), f"<code>{e(v)}</code>") for k, v in config]))
+    else:
+        parts.append('<p class="muted">No config.yaml in the run directory.</p>')
+    parts.append("<h2>Final validation metrics</h2>")
+    final = final_validation(series)
+    if final:
+        rows = [(e(column), f"{value:.6g}", str(step)) for column, value, step in final]
+        parts.append(_table(("metric", "value", "step"), rows, "final-val", numeric=1))
+    else:
+        parts.append('<p class="muted">No validation metrics were logged.</p>')
+    parts.append('<h2>Metrics</h2>\n<div class="plots">')
+    for plot in plots:
+        data = base64.b64encode(pngs[plot.file_name]).decode("ascii")
+        parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{e(plot.title)}" '
+                     f'title="{e(plot.file_name)}"></figure>')
+    parts.append("</div>\n<h2>Sampled completions</h2>")
+    if completions:
+        for step, records in completions.items():
+            rows = [(e(c.prompt), e(c.policy), '<span class="muted">—</span>' if c.reference is None
+                     else e(c.reference)) for c in records]
+            parts.append(f"<h3>Step {step}</h3>")
+            parts.append(_table(("prompt", "policy", "reference"), rows, "completions"))
+    else:
+        parts.append('<p class="muted">No completions.jsonl in the run directory (the SampleCompletions callback '
+                     "writes one).</p>")
+    body = "\n".join(parts)
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta name="generator" content="{GENERATOR}">\n<title>report: {e(run_dir.name)}</title>\n'
+        f"<style>{_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace a file that an earlier report did not write (it carries :data:`GENERATOR`)."""
+    if path.exists() and (not path.is_file() or GENERATOR.encode() not in path.read_bytes()):
+        raise UserInputError(
+            f"{path}: exists and was not written by lightning-pref report; move it or pass another --output_dir"
+        )
+
+
+def write_report(run_dir: str, output_dir: str | None = None) -> Report:
+    """Write plots and a self-contained report.html of a training run.
+
+    Args:
+        run_dir: a run directory (``.../lightning_logs/version_N``, with metrics.csv), or a root directory that
+            contains ``lightning_logs/`` (its newest version is used).
+        output_dir: where to write the report files; default: the run directory. Earlier report files there are
+            replaced; other files are never touched.
+    """
+    run = resolve_run_dir(Path(run_dir))
+    out = Path(output_dir) if output_dir is not None else run
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--output_dir: {out} is a file; give a directory")
+    series = read_metrics(run / "metrics.csv")
+    plots = plan_plots(series)
+    config = read_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
+    completions = read_completions(run / "completions.jsonl") if (run / "completions.jsonl").is_file() else None
+    pngs, overview = render_plots(plots, series)
+    page = render_html(run, series, pngs, plots, config, completions)
+
+    files = {**pngs, **({OVERVIEW: overview} if overview else {}), "report.html": page.encode()}
+    for name in files:  # all checked before anything is written
+        _check_replaceable(out / name)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (out / name).write_bytes(content)
+    return Report(run, out / "report.html", [out / n for n in pngs], out / OVERVIEW if overview else None)
