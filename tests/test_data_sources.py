@@ -123,8 +123,10 @@ def test_second_setup_uses_the_cache(tmp_path, tokenizer, monkeypatch):
     assert second.stats["train"] == first.stats["train"]
     build(max_length=64)  # a different option is a different cache entry
     assert len(calls) == 2
-    build(cache=False)
+    build(on_invalid="drop")  # the new options too
     assert len(calls) == 3
+    build(cache=False)
+    assert len(calls) == 4
 
 
 def test_summary_table_and_stats(tmp_path, tokenizer, capsys):
