@@ -194,7 +194,7 @@ def test_hh_transcript_that_does_not_parse(tmp_path, tokenizer):
                                  transcript="hh")
     finally:
         tokenizer.chat_template = None
-    assert "bad.jsonl:2: field 'rejected' is not an HH transcript: it does not start with a 'Human:' turn" in no_turns
+    assert "bad.jsonl:2: field 'rejected' is not an HH transcript: it has text before its first 'Human:'" in no_turns
     assert "set data.transcript: none" in no_turns
     assert "bad.jsonl:1: field 'chosen' is not an HH transcript ending with an 'Assistant:' turn" in last_human
 
@@ -252,3 +252,26 @@ def test_on_invalid_drop_still_stops_on_source_errors(tmp_path, tokenizer):
               "rejected": [{"role": "assistant", "content": "b"}]}
     assert "has no chat template" in setup_error(tmp_path, tokenizer, rows(record), on_invalid="drop")
     assert "cannot tell the data format" in setup_error(tmp_path, tokenizer, rows({"q": "a"}), on_invalid="drop")
+    assert "bad.jsonl:2: invalid JSON" in setup_error(tmp_path, tokenizer, [*rows(GOOD), "{oops"], on_invalid="drop")
+
+
+def test_template_that_cannot_render_a_row(tmp_path, tokenizer, capsys):
+    # Refuses two user turns in a row, as templates that demand alternating roles do.
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}" + TEMPLATE.split("{% for m in messages %}", 1)[1]
+    )
+    answer = {"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    good = {"prompt": [{"role": "user", "content": "hi"}], **answer}
+    bad = {"prompt": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}], **answer}
+    try:
+        message = setup_error(tmp_path, tokenizer, rows(good, bad))
+        path = tmp_path / "d.jsonl"
+        path.write_text("".join(line + "\n" for line in rows(good, bad)))
+        dm = PreferenceDataModule(train=str(path), tokenizer=tokenizer, on_invalid="drop")
+        dm.setup("fit")
+    finally:
+        tokenizer.chat_template = None
+    assert "bad.jsonl:2: the chat template cannot render this conversation: roles must alternate" in message
+    assert dm.stats["train"].kept == 1 and dm.stats["train"].dropped == {"template error": 1}
+    assert "d.jsonl:2: the chat template cannot render" in capsys.readouterr().err

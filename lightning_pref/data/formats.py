@@ -238,7 +238,7 @@ def _parse_transcript(text: str, where: str, name: str) -> Messages:
     parts = _HH_TURN.split("\n\n" + text.lstrip())
     fix = "fix the row, or set data.transcript: none to read the data as plain text"
     if parts[0].strip():
-        raise RowError(f"{where}: {name} is not an HH transcript: it does not start with a 'Human:' turn; {fix}",
+        raise RowError(f"{where}: {name} is not an HH transcript: it has text before its first 'Human:' or 'Assistant:' turn; {fix}",
                        "bad transcript")
     speakers, contents = parts[1::2], parts[2::2]  # split() with one group: text, (speaker, content) * n
     turns = [{"role": _HH_ROLES[w], "content": c.strip()} for w, c in zip(speakers, contents, strict=True)]
