@@ -236,9 +236,9 @@ def test_on_invalid_drop_skips_and_counts_by_reason(tmp_path, tokenizer, capsys)
 
 
 def test_on_invalid_error_stops_at_the_first_bad_row(tmp_path, tokenizer):
-    assert "bad.jsonl:2: field 'rejected' must be a string, got a number" in setup_error(
-        tmp_path, tokenizer, rows(*BAD_ROWS)
-    )
+    message = setup_error(tmp_path, tokenizer, rows(*BAD_ROWS))
+    assert "bad.jsonl:2: field 'rejected' must be a string, got a number" in message
+    assert message.endswith("(or set data.on_invalid: drop to skip such rows)")
 
 
 def test_on_invalid_drop_split_left_empty_still_fails(tmp_path, tokenizer):

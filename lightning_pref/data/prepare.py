@@ -74,7 +74,7 @@ def prepare(
             prompt_messages, prompt_text, texts = _texts(tokenizer, chat, layout, values, where)
         except RowError as err:
             if options.on_invalid != "drop":
-                raise
+                raise RowError(f"{err} (or set data.on_invalid: drop to skip such rows)", err.reason) from None
             dropped[err.reason] = dropped.get(err.reason, 0) + 1
             if len(invalid) < SHOW_DROPPED:
                 invalid.append(str(err))
