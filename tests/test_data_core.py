@@ -32,6 +32,22 @@ def test_truncation_keeps_prompt_end_and_response_start():
     assert p == [7, 8, 9]
 
 
+def test_truncation_keeps_the_prompt_head_and_end():
+    prompt, response = list(range(20)), [100, 101]
+    # budget max(10 - 2, min(20, 10 // 2)) = 8: the 3-token head, then the last 5 tokens
+    p, (r,) = truncate(prompt, [response], max_length=10, head=3)
+    assert p == [0, 1, 2, 15, 16, 17, 18, 19] and r == response
+    p, _ = truncate(prompt, [response], max_length=100, max_prompt_length=6, head=2)
+    assert p == [0, 1, 16, 17, 18, 19]
+    # A 5-token head is more than half of the 8 kept tokens: only BOS (when the prompt starts with one) and the end.
+    p, _ = truncate(prompt, [response], max_length=10, head=5, bos=True)
+    assert p == [0, 13, 14, 15, 16, 17, 18, 19]
+    p, _ = truncate(prompt, [response], max_length=10, head=5)
+    assert p == list(range(12, 20))
+    p, _ = truncate(prompt, [response], max_length=100, head=3)  # fits: nothing cut
+    assert p == prompt
+
+
 def test_collate_paired_layout():
     examples = [Encoded([1, 2], [3, 4, 5], [6]), Encoded([7], [8], [9, 10])]
     batch = PreferenceCollator(pad_token_id=0)(examples)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 
 import pytest
+from rich.console import Console
 
 from lightning_pref.data import PreferenceDataModule
+from lightning_pref.data.stats import summary_table
 from lightning_pref.errors import UserInputError
 from lightning_pref.models import load_tokenizer
 from tests.test_data_formats import TEMPLATE, train_bpe
@@ -169,3 +172,106 @@ def test_csv_label_strings_name_the_row(tmp_path, tokenizer):
     dm = PreferenceDataModule(train=str(path), tokenizer=tokenizer)
     with pytest.raises(UserInputError, match=r"kto.csv:row 1: field 'label' must be true or false, got str"):
         dm.setup("fit")
+
+
+def test_unknown_sharegpt_speaker(tmp_path, tokenizer):
+    tokenizer.chat_template = TEMPLATE
+    record = {"prompt": [{"from": "human", "value": "hi"}], "chosen": [{"from": "bot", "value": "a"}],
+              "rejected": [{"from": "gpt", "value": "b"}]}
+    try:
+        message = setup_error(tmp_path, tokenizer, rows(record))
+    finally:
+        tokenizer.chat_template = None
+    assert "bad.jsonl:1: field 'chosen'[0] has ShareGPT speaker 'bot'; expected one of ['human', 'gpt', 'system']" in message
+
+
+def test_hh_transcript_that_does_not_parse(tmp_path, tokenizer):
+    tokenizer.chat_template = TEMPLATE
+    good = {"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+    try:
+        no_turns = setup_error(tmp_path, tokenizer, rows(good, {**good, "rejected": "User: hi. Bot: no"}))
+        last_human = setup_error(tmp_path, tokenizer, rows({**good, "chosen": good["chosen"] + "\n\nHuman: ok?"}),
+                                 transcript="hh")
+    finally:
+        tokenizer.chat_template = None
+    assert "bad.jsonl:2: field 'rejected' is not an HH transcript: it has text before its first 'Human:'" in no_turns
+    assert "set data.transcript: none" in no_turns
+    assert "bad.jsonl:1: field 'chosen' is not an HH transcript ending with an 'Assistant:' turn" in last_human
+
+
+def test_transcript_hh_on_data_with_a_prompt_column(tmp_path, tokenizer):
+    message = setup_error(tmp_path, tokenizer, rows(GOOD), transcript="hh")
+    assert "data.transcript hh needs chosen/rejected transcript strings" in message and "data is standard" in message
+
+
+def test_unpaired_conversation_not_ending_with_the_assistant(tmp_path, tokenizer):
+    tokenizer.chat_template = TEMPLATE
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"},
+                           {"role": "user", "content": "bye"}], "label": True}
+    try:
+        message = setup_error(tmp_path, tokenizer, rows(record))
+    finally:
+        tokenizer.chat_template = None
+    assert "bad.jsonl:1: field 'messages' must end with the assistant message to score (the completion)" in message
+
+
+BAD_ROWS = [GOOD, {**GOOD, "rejected": 3}, {**GOOD, "prompt": " "}, {"prompt": "p", "chosen": "c"},
+            {**GOOD, "chosen": None}, GOOD]
+
+
+def test_on_invalid_drop_skips_and_counts_by_reason(tmp_path, tokenizer, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(line + "\n" for line in rows(*BAD_ROWS)))
+    dm = PreferenceDataModule(train=str(path), tokenizer=tokenizer, on_invalid="drop")
+    dm.setup("fit")
+    assert dm.stats["train"].kept == 2
+    assert dm.stats["train"].dropped == {"wrong type": 2, "empty field": 1, "missing field": 1}
+    err = capsys.readouterr().err
+    assert "dropped 4 rows of" in err and "2 wrong type, 1 empty field, 1 missing field" in err
+    for lineno in (2, 3, 4, 5):  # each dropped row's location, once
+        assert err.count(f"d.jsonl:{lineno}:") == 1
+    table = Console(width=200, record=True, file=io.StringIO())
+    table.print(summary_table(dm.stats))
+    assert "│ 2 wrong type, 1 empty field, 1 missing field │" in table.export_text()  # the summary's dropped column
+
+
+def test_on_invalid_error_stops_at_the_first_bad_row(tmp_path, tokenizer):
+    message = setup_error(tmp_path, tokenizer, rows(*BAD_ROWS))
+    assert "bad.jsonl:2: field 'rejected' must be a string, got a number" in message
+    assert message.endswith("(or set data.on_invalid: drop to skip such rows)")
+
+
+def test_on_invalid_drop_split_left_empty_still_fails(tmp_path, tokenizer):
+    message = setup_error(tmp_path, tokenizer, rows(*BAD_ROWS[1:5]), on_invalid="drop")
+    assert "data.train: no examples left in" in message and "2 wrong type, 1 empty field, 1 missing field of 4" in message
+    assert "the first invalid one: " in message and "bad.jsonl:1: field 'rejected' must be a string" in message
+
+
+def test_on_invalid_drop_still_stops_on_source_errors(tmp_path, tokenizer):
+    record = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
+              "rejected": [{"role": "assistant", "content": "b"}]}
+    assert "has no chat template" in setup_error(tmp_path, tokenizer, rows(record), on_invalid="drop")
+    assert "cannot tell the data format" in setup_error(tmp_path, tokenizer, rows({"q": "a"}), on_invalid="drop")
+    assert "bad.jsonl:2: invalid JSON" in setup_error(tmp_path, tokenizer, [*rows(GOOD), "{oops"], on_invalid="drop")
+
+
+def test_template_that_cannot_render_a_row(tmp_path, tokenizer, capsys):
+    # Refuses two user turns in a row, as templates that demand alternating roles do.
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}" + TEMPLATE.split("{% for m in messages %}", 1)[1]
+    )
+    answer = {"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    good = {"prompt": [{"role": "user", "content": "hi"}], **answer}
+    bad = {"prompt": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}], **answer}
+    try:
+        message = setup_error(tmp_path, tokenizer, rows(good, bad))
+        path = tmp_path / "d.jsonl"
+        path.write_text("".join(line + "\n" for line in rows(good, bad)))
+        dm = PreferenceDataModule(train=str(path), tokenizer=tokenizer, on_invalid="drop")
+        dm.setup("fit")
+    finally:
+        tokenizer.chat_template = None
+    assert "bad.jsonl:2: the chat template cannot render this conversation: roles must alternate" in message
+    assert dm.stats["train"].kept == 1 and dm.stats["train"].dropped == {"template error": 1}
+    assert "d.jsonl:2: the chat template cannot render" in capsys.readouterr().err

@@ -215,3 +215,127 @@ def test_pair_identical_after_truncation_is_dropped_and_counted(tmp_path, tokeni
                {"prompt": "q", "chosen": "A", "rejected": "B"}]
     dm = load(tmp_path, tokenizer, records, max_length=8)
     assert dm.stats["train"].kept == 1 and dm.stats["train"].dropped == {"truncated": 1}
+
+
+def chat_template(end_of_turn: str) -> str:
+    """ChatML-shaped: ``<|im_start|>role\\ncontent`` + ``end_of_turn`` per turn."""
+    return (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}" + end_of_turn + "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+PAIR = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello"}],
+        "rejected": [{"role": "assistant", "content": "go away"}]}
+
+
+@pytest.mark.parametrize(
+    ("end_of_turn", "chosen"),
+    [
+        ("</s>\n", "hello</s>"),  # ChatML: end-of-turn (here EOS) then a newline; the newline is not scored
+        ("<end_of_turn>\n", "hello<end_of_turn>"),  # Gemma: the end-of-turn is not EOS; no EOS is added after it
+        ("", "hello</s>"),  # nothing after the content: EOS appended once, as for plain text
+        ("\n\n", "hello</s>"),  # only whitespace after the content: not scored, EOS appended
+    ],
+)
+def test_response_ends_with_the_templates_end_of_turn(tmp_path, bpe, end_of_turn, chosen):
+    # The BPE, not ByT5: ByT5's "</s>" swallows the whitespace next to it, which would hide the newline.
+    bpe.chat_template = chat_template(end_of_turn)
+    try:
+        example = load(tmp_path, bpe, [PAIR]).datasets["train"][0]
+    finally:
+        bpe.chat_template = None
+    assert example.prompt[:1] == [bpe.bos_token_id] and example.prompt.count(bpe.bos_token_id) == 1
+    assert decoded(bpe, example.prompt[1:]) == "<|im_start|>user\nhi" + end_of_turn + "<|im_start|>assistant\n"
+    assert decoded(bpe, example.chosen) == chosen and example.chosen.count(bpe.eos_token_id) == chosen.count("</s>")
+    assert decoded(bpe, example.rejected) == chosen.replace("hello", "go away")
+
+
+def test_sharegpt_messages_and_single_message_objects(tmp_path, tokenizer):
+    # LLaMA-Factory's ShareGPT preference layout: the prompt as "conversations", chosen/rejected one message each.
+    sharegpt = {"conversations": [{"from": "system", "value": "be kind"}, {"from": "human", "value": "hi"}],
+                "chosen": {"from": "gpt", "value": "hello"}, "rejected": {"from": "gpt", "value": "go away"}}
+    single = {"prompt": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}],
+              "chosen": {"role": "assistant", "content": "hello"}, "rejected": {"role": "assistant", "content": "go away"}}
+    tokenizer.chat_template = TEMPLATE
+    try:
+        a = load(tmp_path, tokenizer, [sharegpt], columns={"prompt": "conversations"})
+        b = load(tmp_path, tokenizer, [single])
+    finally:
+        tokenizer.chat_template = None
+    for dm in (a, b):
+        example = dm.datasets["train"][0]
+        assert dm.stats["train"].format == "conversational"
+        assert decoded(tokenizer, example.prompt) == "<|system|>be kind</s><|user|>hi</s><|assistant|>"
+        assert decoded(tokenizer, example.chosen) == "hello</s>" and decoded(tokenizer, example.rejected) == "go away</s>"
+
+
+HH_CHOSEN = "\n\nHuman: hi\n\nAssistant: hey there\n\nHuman: a joke?\n\nAssistant: Sure: knock knock."
+HH_REJECTED = "\n\nHuman: hi\n\nAssistant: hey there\n\nHuman: a joke?\n\nAssistant: No."
+
+
+def test_hh_transcript_becomes_a_conversation(tmp_path, tokenizer):
+    tokenizer.chat_template = TEMPLATE
+    try:
+        dm = load(tmp_path, tokenizer, [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}])
+    finally:
+        tokenizer.chat_template = None
+    example = dm.datasets["train"][0]
+    assert dm.stats["train"].format == "implicit_prompt (HH transcript)"
+    assert decoded(tokenizer, example.prompt) == "<|user|>hi</s><|assistant|>hey there</s><|user|>a joke?</s><|assistant|>"
+    assert decoded(tokenizer, example.chosen) == "Sure: knock knock.</s>" and decoded(tokenizer, example.rejected) == "No.</s>"
+
+
+@pytest.mark.parametrize("case", ["no template", "transcript none"])
+def test_hh_transcript_stays_text_without_template_or_when_off(tmp_path, tokenizer, case):
+    tokenizer.chat_template = TEMPLATE if case == "transcript none" else None
+    try:
+        dm = load(tmp_path, tokenizer, [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}],
+                  transcript="none" if case == "transcript none" else "auto")
+    finally:
+        tokenizer.chat_template = None
+    example = dm.datasets["train"][0]
+    assert dm.stats["train"].format == "implicit_prompt"
+    assert decoded(tokenizer, example.prompt) == HH_CHOSEN[: -len("Sure: knock knock.")]  # the shared text
+    assert decoded(tokenizer, example.chosen) == "Sure: knock knock.</s>"
+
+
+def test_unpaired_conversation_last_assistant_turn_is_the_completion(tmp_path, tokenizer):
+    records = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"},
+                             {"role": "user", "content": "bye"}, {"role": "assistant", "content": c}], "label": ok}
+               for c, ok in (("see you", True), ("whatever", False))]
+    tokenizer.chat_template = TEMPLATE
+    try:
+        dm = load(tmp_path, tokenizer, records)
+    finally:
+        tokenizer.chat_template = None
+    assert dm.stats["train"].format == "unpaired (conversational)"
+    examples = [dm.datasets["train"][i] for i in range(2)]
+    assert decoded(tokenizer, examples[0].prompt) == "<|user|>hi</s><|assistant|>hey</s><|user|>bye</s><|assistant|>"
+    assert [decoded(tokenizer, e.chosen) for e in examples] == ["see you</s>", "whatever</s>"]
+    assert [e.label for e in examples] == [True, False] and examples[0].rejected is None
+
+
+def test_implicit_conversation_parting_at_a_user_turn_starts_the_responses_at_an_assistant_turn(tmp_path, tokenizer):
+    def turns(question, answer):
+        return [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"},
+                {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+    tokenizer.chat_template = TEMPLATE
+    try:
+        dm = load(tmp_path, tokenizer, [{"chosen": turns("joke?", "sure"), "rejected": turns("poem?", "no")}])
+    finally:
+        tokenizer.chat_template = None
+    example = dm.datasets["train"][0]
+    # Shared: [hi, hey]; the cut backs off to before the shared assistant turn, so each response opens with it.
+    assert decoded(tokenizer, example.prompt) == "<|user|>hi</s><|assistant|>"
+    assert decoded(tokenizer, example.chosen) == "hey</s><|user|>joke?</s><|assistant|>sure</s>"
+    assert decoded(tokenizer, example.rejected) == "hey</s><|user|>poem?</s><|assistant|>no</s>"
+
+
+def test_plain_text_prompt_cut_keeps_bos_then_its_end(tmp_path, bpe):
+    dm = load(tmp_path, bpe, [{"prompt": "say hello to the model, the model says hello", "chosen": " yes",
+                               "rejected": " no"}], max_prompt_length=5)
+    prompt = dm.datasets["train"][0].prompt
+    full = bpe("say hello to the model, the model says hello", add_special_tokens=False)["input_ids"]
+    assert len(full) > 5 and prompt == [bpe.bos_token_id, *full[-4:]]

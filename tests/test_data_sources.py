@@ -3,6 +3,7 @@ and length-grouped batching."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 
@@ -60,6 +61,27 @@ def test_json_file_holding_json_lines(tmp_path, tokenizer):
     assert len(dm.datasets["train"]) == 10
 
 
+@pytest.mark.parametrize("kind", ["jsonl.gz", "json.gz"])
+def test_gzipped_json_read_directly_with_line_numbers(tmp_path, tokenizer, kind):
+    path = tmp_path / f"data.{kind}"
+    text = json.dumps(RECORDS) if kind == "json.gz" else "".join(json.dumps(r) + "\n" for r in RECORDS)
+    path.write_bytes(gzip.compress(text.encode()))
+    dm = PreferenceDataModule(train=str(path), tokenizer=tokenizer)
+    dm.setup("fit")
+    assert chosen_texts(dm, tokenizer) == [f" answer {i}</s>" for i in range(10)]
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress((json.dumps(RECORDS[0]) + "\n" + json.dumps(RECORDS[1])[:-1] + "\n").encode()))
+    with pytest.raises(UserInputError, match=r"bad.jsonl.gz:2: invalid JSON"):
+        PreferenceDataModule(train=str(bad), tokenizer=tokenizer).setup("fit")
+
+
+def test_broken_gzip_names_the_file(tmp_path, tokenizer):
+    path = tmp_path / "data.jsonl.gz"
+    path.write_bytes(gzip.compress(json.dumps(RECORDS[0]).encode())[:-8])  # cut short, as by a failed download
+    with pytest.raises(UserInputError, match=r"data.train: cannot read .*data.jsonl.gz as .jsonl.gz"):
+        PreferenceDataModule(train=str(path), tokenizer=tokenizer).setup("fit")
+
+
 def test_dataset_dict_missing_split(tmp_path, tokenizer):
     path = tmp_path / "dd"
     datasets.DatasetDict({"other": datasets.Dataset.from_list(RECORDS)}).save_to_disk(str(path))
@@ -101,8 +123,10 @@ def test_second_setup_uses_the_cache(tmp_path, tokenizer, monkeypatch):
     assert second.stats["train"] == first.stats["train"]
     build(max_length=64)  # a different option is a different cache entry
     assert len(calls) == 2
-    build(cache=False)
+    build(on_invalid="drop")  # the new options too
     assert len(calls) == 3
+    build(cache=False)
+    assert len(calls) == 4
 
 
 def test_summary_table_and_stats(tmp_path, tokenizer, capsys):

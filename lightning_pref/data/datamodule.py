@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_pref.data import cache as tokenized_cache
 from lightning_pref.data.collate import PreferenceCollator
-from lightning_pref.data.formats import Format
+from lightning_pref.data.formats import Format, Transcript
 from lightning_pref.data.prepare import Options, prepare
 from lightning_pref.data.sampler import EvalSampler, LengthGroupedSampler, TrainSampler
 from lightning_pref.data.sources import Source, bundled, read_source
@@ -48,22 +48,26 @@ class EncodedDataset(Dataset):
 class PreferenceDataModule(LightningDataModule):
     """Preference data from files or datasets, in any of the common formats (see ``formats.py``).
 
-    Formats are detected from the columns: ``prompt/chosen/rejected`` as strings (standard) or message lists
-    (conversational, rendered with the tokenizer's chat template); ``chosen/rejected`` only (implicit prompt:
-    the shared prefix); ``prompt/completion/label`` (unpaired, KTO). With ``train`` unset, the bundled synthetic
-    set is used for train *and* val. After loading, a summary table (kept, dropped and why, token lengths) goes
-    to stderr and the counts to ``self.stats[split]``.
+    Formats are detected from the columns: ``prompt/chosen/rejected`` as strings (standard) or messages
+    (conversational, rendered with the tokenizer's chat template; role/content or ShareGPT from/value messages,
+    a list or one message object); ``chosen/rejected`` only (implicit prompt: the shared prefix; Anthropic HH
+    transcripts become conversations, see ``transcript``); ``prompt/completion/label`` or ``messages/label``
+    (unpaired, KTO). With ``train`` unset, the bundled synthetic set is used for train *and* val. After loading,
+    a summary table (kept, dropped and why, token lengths) goes to stderr and the counts to
+    ``self.stats[split]``.
 
     Args:
-        train: training data: a ``.jsonl``, ``.json``, ``.parquet`` or ``.csv`` file, a ``save_to_disk``
-            directory or a Hugging Face dataset id (``name:split`` picks a split); ``None`` = the bundled set.
+        train: training data: a ``.jsonl`` or ``.json`` file (optionally gzipped, ``.jsonl.gz``), a ``.parquet``
+            or ``.csv`` file, a ``save_to_disk`` directory or a Hugging Face dataset id (``name:split`` picks a
+            split); ``None`` = the bundled set.
         val: validation data, as ``train``; ``None`` = no validation (or the bundled held-out split when
             ``train`` is unset, or a ``val_fraction`` of train).
         tokenizer: the policy's tokenizer (linked from ``model.tokenizer`` by the CLI).
         batch_size: pairs (paired data) or examples (unpaired data) per batch.
         max_length: maximum tokens of prompt + response; longer examples are truncated (see ``truncate``), and
             an example left with no response token is dropped.
-        max_prompt_length: maximum prompt tokens; the prompt keeps its end.
+        max_prompt_length: maximum prompt tokens; a cut prompt keeps its head (BOS, and the chat template's
+            system turn up to the first user content) and its end.
         num_workers: DataLoader workers.
         kl_baseline: build KTO's mismatched pairs in each batch (linked from the loss by the CLI).
         format: ``auto`` (detect from the columns) or ``standard``, ``conversational``, ``implicit_prompt``,
@@ -73,6 +77,16 @@ class PreferenceDataModule(LightningDataModule):
         unpair: turn each pair into a desirable and an undesirable example (for unpaired losses such as KTO).
         on_identical: pairs whose chosen equals rejected: ``warn`` drops and counts them, ``error`` stops,
             ``keep`` keeps them.
+        transcript: implicit-prompt ``chosen``/``rejected`` strings as Anthropic HH transcripts
+            (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``), turned into user/assistant conversations for the chat
+            template: ``auto`` when the first row's both start with ``"\\n\\nHuman:"`` and the tokenizer has a
+            chat template (else they stay plain text), ``hh`` always (a row that does not parse is an error),
+            ``none`` never.
+        on_invalid: a row that fails a check (wrong type, empty field, a response empty once the shared prompt
+            is taken, a transcript that does not parse, a conversation the template cannot render): ``error``
+            stops with its location; ``drop`` skips it, counts it by reason in the stats and the summary, and
+            prints the first few locations. Problems of a whole source (missing file, unknown format, no chat
+            template) stop either way.
         val_fraction: carve this fraction of ``train`` out as validation (seeded by ``seed``; needs ``val``
             unset).
         seed: seed of ``val_fraction`` and of ``group_by_length``'s order.
@@ -95,6 +109,8 @@ class PreferenceDataModule(LightningDataModule):
         columns: dict[str, str] | None = None,
         unpair: bool = False,
         on_identical: Literal["warn", "error", "keep"] = "warn",
+        transcript: Transcript = "auto",
+        on_invalid: Literal["error", "drop"] = "error",
         val_fraction: float = 0.0,
         seed: int = 0,
         group_by_length: bool = False,
@@ -119,7 +135,8 @@ class PreferenceDataModule(LightningDataModule):
             train, val = bundled("train"), val or (None if val_fraction else bundled("val"))
         self.paths = {"train": train, "val": val}
         self.options = Options(
-            format, tuple(sorted((columns or {}).items())), max_length, max_prompt_length, unpair, on_identical
+            format, tuple(sorted((columns or {}).items())), max_length, max_prompt_length, unpair, on_identical,
+            transcript, on_invalid,
         )
         self.cache_dir = Path(cache_dir) if cache_dir else tokenized_cache.default_dir() / "data"
         self.datasets: dict[str, EncodedDataset] = {}

@@ -2,9 +2,9 @@
 
 One reader per kind of source:
 
-- ``.jsonl`` (one object per line) and ``.json`` (a list of objects): read here, so a malformed line is
-  reported with its line number. A ``.json`` file that is really JSON Lines (common on the Hugging Face hub)
-  is read as JSONL.
+- ``.jsonl`` (one object per line) and ``.json`` (a list of objects), also gzipped (``.jsonl.gz``,
+  ``.json.gz``): read here, so a malformed line is reported with its line number. A ``.json`` file that is
+  really JSON Lines (common on the Hugging Face hub) is read as JSONL.
 - ``.parquet`` and ``.csv`` files, directories written by ``Dataset.save_to_disk`` and Hugging Face dataset
   ids: read with the ``datasets`` library (Arrow, memory-mapped, cached by ``datasets``).
 
@@ -15,6 +15,7 @@ suffix (``Anthropic/hh-rlhf:test``), else ``train`` for ``data.train`` and ``val
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from typing import Any
 from lightning_pref.errors import UserInputError
 
 ARROW_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 #: Split taken from a multi-split dataset when the path names none, by config field.
 DEFAULT_SPLITS = {"data.train": ("train",), "data.val": ("validation", "valid", "val", "test")}
 
@@ -62,22 +64,29 @@ def read_source(path: str, field: str) -> Source:
         field: the config field naming it (e.g. ``data.train``), for error messages.
     """
     file = Path(path)
+    suffix = _suffix(file)
     if file.is_file():
-        if file.suffix in ARROW_SUFFIXES:
+        if suffix in ARROW_SUFFIXES:
             return _read_arrow_file(file, path, field)
-        if file.suffix not in (".jsonl", ".json"):
+        if suffix not in JSON_SUFFIXES:
             raise UserInputError(
-                f"{field}: {path}: unsupported file type {file.suffix!r}; give .jsonl, .json, .parquet or .csv"
+                f"{field}: {path}: unsupported file type {suffix!r}; give .jsonl, .json (optionally .gz), "
+                ".parquet or .csv"
             )
         return _read_json(file, path, field)
     if file.is_dir():
         return _read_dataset(path, field, local=True)
-    if file.suffix in (".jsonl", ".json", *ARROW_SUFFIXES) or path.startswith((".", "/", "~")):
+    if suffix in (*JSON_SUFFIXES, *ARROW_SUFFIXES) or path.startswith((".", "/", "~")):
         raise UserInputError(
-            f"{field}: file not found: {path} (give a .jsonl, .json, .parquet or .csv file, a directory written "
-            "by Dataset.save_to_disk, or a Hugging Face dataset id)"
+            f"{field}: file not found: {path} (give a .jsonl, .json (optionally .gz), .parquet or .csv file, a "
+            "directory written by Dataset.save_to_disk, or a Hugging Face dataset id)"
         )
     return _read_dataset(path, field, local=False)
+
+
+def _suffix(file: Path) -> str:
+    """``.jsonl.gz`` for a gzipped file (its inner type matters), else the last suffix."""
+    return "".join(file.suffixes[-2:]) if file.suffix == ".gz" else file.suffix
 
 
 def _file_fingerprint(file: Path) -> str:
@@ -90,8 +99,12 @@ def _digest(*parts: object) -> str:
 
 
 def _read_json(file: Path, path: str, field: str) -> Source:
-    text = file.read_text(encoding="utf-8")
-    if file.suffix == ".json" and not text.lstrip().startswith("{"):
+    try:
+        # A gzipped file is decompressed whole, like a plain one is read whole: line numbers stay the file's own.
+        text = gzip.decompress(file.read_bytes()).decode("utf-8") if file.suffix == ".gz" else file.read_text("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as err:  # a broken or truncated .gz, or not UTF-8
+        raise UserInputError(f"{field}: cannot read {path} as {_suffix(file)}: {_first_line(err)}") from None
+    if _suffix(file) in (".json", ".json.gz") and not text.lstrip().startswith("{"):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as err:
@@ -101,7 +114,8 @@ def _read_json(file: Path, path: str, field: str) -> Source:
         numbered = [(f"{path}:record {i + 1}", r) for i, r in enumerate(records)]
     else:
         numbered = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        # split("\n"), not splitlines(): JSON strings may hold a raw U+2028 or \x1c, which splitlines breaks on.
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:

@@ -17,7 +17,8 @@ class SplitStats:
         source: the file or dataset the split came from.
         format: the detected (or configured) data format.
         kept: examples in the split (after ``data.unpair``, two per pair).
-        dropped: reason -> number of source rows dropped (``identical``, ``truncated``).
+        dropped: reason -> number of source rows dropped: ``identical``, ``truncated``, and with
+            ``data.on_invalid: drop`` the failed check (``wrong type``, ``empty response``, ...).
         length_p50, length_p90, length_max: tokens of prompt + longest response over kept examples.
     """
 

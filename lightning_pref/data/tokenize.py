@@ -1,8 +1,9 @@
 """Tokenization at the prompt/response seam.
 
 Prompt and response are tokenized *separately* and concatenated, so the response token ids the model is scored
-on are exactly the tokenization of the response (a BPE merge can never cross the seam), and EOS is appended to
-each response exactly once.
+on are exactly the tokenization of the response (a BPE merge can never cross the seam). A response ends with
+one stop token: the chat template's own end-of-turn when it has one (ChatML ``<|im_end|>``), else EOS, appended
+once.
 """
 
 from __future__ import annotations
@@ -33,29 +34,42 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return ids
 
 
-def encode_response(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Response ids followed by EOS (once, even if the text already ended with the EOS string)."""
+def encode_response(tokenizer: PreTrainedTokenizerBase, text: str, end_of_turn: str = "") -> list[int]:
+    """Response ids ending with one stop token.
+
+    Args:
+        text: the response text (for a conversation, what the chat template renders for it).
+        end_of_turn: the chat template's end-of-turn (see ``chat.ChatTemplate``); a text that ends with it is
+            already ended. Otherwise EOS is appended (once, even if the text already ended with the EOS string).
+    """
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    return ids if ids[-1:] == [eos] else [*ids, eos]
+    if (end_of_turn and text.endswith(end_of_turn)) or ids[-1:] == [eos]:
+        return ids
+    return [*ids, eos]
 
 
 def truncate(
-    prompt: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int | None = None
+    prompt: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int | None = None,
+    head: int = 0, bos: bool = False,
 ) -> tuple[list[int], list[list[int]]]:
     """Fit ``prompt + response`` into ``max_length`` tokens for every response.
 
-    The prompt keeps its *end* (the part next to the response) and responses keep their *start*: first the
-    prompt is cut to ``max_prompt_length``; if the longest response still does not fit, the prompt is cut
-    further, but not below ``max_length // 2`` tokens; then responses are cut to what is left. A response can
-    come out empty only if ``max_length`` leaves no room for it; callers drop such examples.
+    A cut prompt keeps its first ``head`` tokens (BOS; for a chat prompt the header the template puts first,
+    see ``chat.ChatTemplate.head``) and its *end* (the part next to the response); responses keep their
+    *start*. First the prompt is cut to ``max_prompt_length``; if the longest response still does not fit, the
+    prompt is cut further, but not below ``max_length // 2`` tokens; then responses are cut to what is left. A
+    head longer than half of what the prompt keeps would crowd out the end (the question being answered), so
+    then only BOS (when ``bos``: the prompt starts with it) and the end are kept. A response can come out empty
+    only if ``max_length`` leaves no room for it; callers drop such examples.
     """
-    if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt = prompt[len(prompt) - max_prompt_length :]
+    keep = len(prompt) if max_prompt_length is None else min(len(prompt), max_prompt_length)
     longest = max(len(r) for r in responses)
-    if len(prompt) + longest > max_length:
-        keep = max(max_length - longest, min(len(prompt), max_length // 2))
-        prompt = prompt[len(prompt) - keep :] if keep > 0 else []
+    if keep + longest > max_length:
+        keep = max(max_length - longest, min(keep, max_length // 2), 0)
+    if keep < len(prompt):
+        head = min(head if head <= keep // 2 else int(bos), keep)
+        prompt = prompt[:head] + prompt[len(prompt) - (keep - head) :]
     room = max_length - len(prompt)
     return prompt, [r[:room] for r in responses]
 
