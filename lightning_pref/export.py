@@ -17,6 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_pref.errors import UserInputError
 from lightning_pref.losses.nll import NLLLoss
+from lightning_pref.models import DtypeName
 from lightning_pref.module import PreferenceModule
 
 _POLICY_PREFIX = "policy."
@@ -30,13 +31,18 @@ def _check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def save_policy(module: PreferenceModule, output_dir: str | Path, adapter_only: bool = False) -> Path:
-    """Write ``module``'s policy and tokenizer to ``output_dir`` with ``save_pretrained``."""
+def save_policy(
+    module: PreferenceModule, output_dir: str | Path, adapter_only: bool = False, dtype: DtypeName | None = None
+) -> Path:
+    """Write ``module``'s policy and tokenizer to ``output_dir`` with ``save_pretrained`` (in ``dtype``: ``None``
+    keeps the trained parameters' dtype)."""
     out = Path(output_dir)
     model = module.policy.model
     if hasattr(model, "merge_and_unload") and not adapter_only:
         # Merge into a copy: the module keeps training (or validating) with its adapters intact.
         model = copy.deepcopy(model).merge_and_unload()
+    if dtype is not None and getattr(torch, dtype) != next(model.parameters()).dtype:
+        model = copy.deepcopy(model).to(getattr(torch, dtype))  # a copy: the module keeps its master weights
     model.save_pretrained(out)
     module.tokenizer.save_pretrained(out)
     return out
@@ -57,15 +63,21 @@ def load_policy_from_checkpoint(ckpt_path: str | Path) -> PreferenceModule:
     if "policy" not in hparams:
         raise UserInputError(f"--ckpt_path: {path} was not written by lightning-pref (no policy in its hparams)")
     adapter = hparams.get("reference_mode") == "adapter"
-    hparams.update(loss=NLLLoss(), reference_mode="adapter" if adapter else "none", ref_sync_steps=None)
+    state = {k[len(_POLICY_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(_POLICY_PREFIX)}
+    # Built in the dtype it was trained in (no trainer here to derive it from the precision).
+    trained = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    hparams.update(loss=NLLLoss(), reference_mode="adapter" if adapter else "none", ref_sync_steps=None,
+                   dtype=str(trained).removeprefix("torch."))
     module = PreferenceModule(**hparams)
     module.configure_model()
-    state = {k[len(_POLICY_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(_POLICY_PREFIX)}
     module.policy.load_state_dict(state)
     return module
 
 
-def export_checkpoint(ckpt_path: str, output_dir: str, overwrite: bool = False, adapter_only: bool = False) -> Path:
+def export_checkpoint(
+    ckpt_path: str, output_dir: str, overwrite: bool = False, adapter_only: bool = False,
+    dtype: DtypeName | None = None,
+) -> Path:
     """Export the policy of a lightning-pref checkpoint as a Hugging Face model directory.
 
     Args:
@@ -73,9 +85,11 @@ def export_checkpoint(ckpt_path: str, output_dir: str, overwrite: bool = False, 
         output_dir: directory to write; must be empty or absent unless ``overwrite`` is set.
         overwrite: allow writing into a non-empty ``output_dir``.
         adapter_only: for a LoRA policy, save only the adapter instead of merged weights.
+        dtype: dtype of the saved weights, e.g. ``bfloat16`` for half the size; ``None`` = as trained (fp32
+            master weights under ``32-true``/``*-mixed``, which keep updates too small for bf16).
     """
     out = _check_output_dir(output_dir, overwrite)
-    return save_policy(load_policy_from_checkpoint(ckpt_path), out, adapter_only)
+    return save_policy(load_policy_from_checkpoint(ckpt_path), out, adapter_only, dtype)
 
 
 class ExportPolicy(Callback):

@@ -18,6 +18,10 @@ CONFIGS = {
     "configs/cdpo.yaml": "lightning_pref.losses.cdpo.CDPOLoss",
     "configs/ipo.yaml": "lightning_pref.losses.ipo.IPOLoss",
     "configs/kto.yaml": "lightning_pref.losses.kto.KTOLoss",
+    "configs/recipes/dpo.yaml": "lightning_pref.losses.dpo.DPOLoss",
+    "configs/recipes/cdpo.yaml": "lightning_pref.losses.cdpo.CDPOLoss",
+    "configs/recipes/ipo.yaml": "lightning_pref.losses.ipo.IPOLoss",
+    "configs/recipes/kto.yaml": "lightning_pref.losses.kto.KTOLoss",
 }
 
 
@@ -44,8 +48,12 @@ def test_every_shipped_config_parses(capsys):
     # strategy configs are parsed combined with a loss config in tests/test_sharding.py
     assert sorted(set(found) - set(strategies)) == sorted(CONFIGS), "add new configs to CONFIGS with their loss"
     for path, loss in CONFIGS.items():
-        config = _print_config(capsys, "fit", "--config", str(REPO / path))
+        recipe = ["--model.policy", "./my-sft-model"] if "/recipes/" in path else []  # recipes leave it to you
+        config = _print_config(capsys, "fit", "--config", str(REPO / path), *recipe)
         assert config["model"]["loss"]["class_path"] == loss, path
+        if recipe:  # settings for a pretrained model, not the demo's
+            assert config["model"]["optimizer"]["init_args"]["lr"] <= 1e-6
+            assert config["model"]["scheduler"]["class_path"] == "lightning_pref.schedules.WarmupDecay"
 
 
 def test_print_config_without_arguments(capsys):

@@ -61,3 +61,15 @@ def test_export_missing_checkpoint_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--ckpt_path", str(tmp_path / "nope.ckpt"), "--output_dir", str(tmp_path / "o")])
     assert "--ckpt_path: no checkpoint file" in capsys.readouterr().err
+
+
+def test_export_keeps_the_trained_dtype_unless_asked(checkpoint, tmp_path):
+    """fp32 master weights export as fp32 (bf16 would round small DPO updates away); --dtype bfloat16 halves."""
+    trained = torch.load(checkpoint, weights_only=False)["state_dict"]["policy.model.model.embed_tokens.weight"]
+    assert trained.dtype == torch.float32
+    for dtype, expected in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
+        out = tmp_path / str(dtype)
+        main(["export", "--ckpt_path", checkpoint, "--output_dir", str(out), *(["--dtype", dtype] if dtype else [])])
+        model = AutoModelForCausalLM.from_pretrained(out)  # dtype "auto": as saved
+        assert model.dtype == expected
+        torch.testing.assert_close(model.model.embed_tokens.weight, trained.to(expected))
