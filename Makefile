@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-floor lint bench clean
 
 install:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,12 @@ lint: install
 
 clean:
 	rm -rf outputs .pytest_cache
+
+# The oldest transformers the code supports (dtype= in from_pretrained, DynamicLayer caches), in its own venv.
+FLOOR_VENV ?= .venv-floor
+test-floor:
+	@test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" && $(FLOOR_VENV)/bin/python -m pip install -q -e ".[test]" "transformers==4.56.2"
+	$(FLOOR_VENV)/bin/python -m pytest -q -m "not slow" tests/test_logps.py tests/test_pretrained.py tests/test_module_e2e.py \
+		tests/test_data_formats.py tests/test_export.py tests/test_learning.py tests/test_reference_modes.py
+	$(FLOOR_VENV)/bin/python -m pytest -q tests/test_real_model.py tests/test_data_real.py

@@ -220,5 +220,5 @@ def _plain_kv_cache(cache: Any) -> bool:
     rows selected (sliding-window, linear-attention or quantized layers keep other state)."""
     layers = getattr(cache, "layers", None)
     return isinstance(cache, DynamicCache) and bool(layers) and all(
-        type(x) is DynamicLayer and x.is_initialized for x in layers
+        type(x) is DynamicLayer and getattr(x, "keys", None) is not None for x in layers
     )

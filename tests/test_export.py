@@ -70,6 +70,6 @@ def test_export_keeps_the_trained_dtype_unless_asked(checkpoint, tmp_path):
     for dtype, expected in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
         out = tmp_path / str(dtype)
         main(["export", "--ckpt_path", checkpoint, "--output_dir", str(out), *(["--dtype", dtype] if dtype else [])])
-        model = AutoModelForCausalLM.from_pretrained(out)  # dtype "auto": as saved
+        model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")  # as saved
         assert model.dtype == expected
         torch.testing.assert_close(model.model.embed_tokens.weight, trained.to(expected))

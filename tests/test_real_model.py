@@ -112,6 +112,7 @@ def test_export_reloads_and_generates_with_the_chat_template(dpo_run, tmp_path):
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
     inputs = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    generated = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
     text = tokenizer.decode(generated, skip_special_tokens=True)
     assert "Paris" in text
