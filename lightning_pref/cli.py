@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import inspect
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from jsonargparse import ArgumentParser, set_loader
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -55,17 +57,17 @@ def resolve_loss_name(value: Any) -> Any:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _resolve_in_config(node: Any) -> Any:
-    """Resolve the value of every ``loss`` key in a loaded config (``loss: kto`` or ``class_path: kto``)."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "loss" and isinstance(value, dict) and "class_path" in value:
-                value["class_path"] = resolve_loss_name(value["class_path"])
-            elif key == "loss":
-                node[key] = resolve_loss_name(value)
-            else:
-                _resolve_in_config(value)
-    return node
+def _resolve_in_config(config: Any) -> Any:
+    """Resolve a registered loss name given as ``model.loss`` (``loss: kto`` or ``class_path: kto``) in a loaded
+    config. Only that key: anything else called ``loss`` (a callback's argument, say) is left alone."""
+    model = config.get("model") if isinstance(config, dict) else None
+    if isinstance(model, dict) and "loss" in model:
+        loss = model["loss"]
+        if isinstance(loss, dict) and "class_path" in loss:
+            loss["class_path"] = resolve_loss_name(loss["class_path"])
+        else:
+            model["loss"] = resolve_loss_name(loss)
+    return config
 
 
 def resolve_loss_args(argv: list[str]) -> list[str]:
@@ -104,14 +106,43 @@ class LightningPrefCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
 
+    def instantiate_classes(self) -> None:
+        """Instantiate as LightningCLI does; an argument a constructor refuses (``--model.loss.beta -1``) is one
+        line naming the option, not a traceback (jsonargparse wraps such errors in its own)."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            raise constructor_error(err, self.config[self.subcommand] if self.subcommand else self.config) from None
+
     def before_fit(self) -> None:
         self._resolve_last_checkpoint()
+        self._check_checkpoint()
 
     def before_validate(self) -> None:
         self._resolve_last_checkpoint()
+        self._check_checkpoint()
 
     def before_test(self) -> None:
         self._resolve_last_checkpoint()
+        self._check_checkpoint()
+
+    def _check_checkpoint(self) -> None:
+        """A ``--ckpt_path`` that is missing, truncated or not a lightning-pref checkpoint is one line (Lightning
+        would fail deep inside ``torch.load``). Read memory-mapped: the check costs no second read of the file."""
+        path = self.config_init[self.subcommand].get("ckpt_path")
+        if path is None or path in ("best", "last", "hpc", "registry") or Path(path).is_dir():
+            return  # Lightning's own names; a directory is a sharded (distributed) checkpoint
+        if not Path(path).is_file():
+            raise UserInputError(f"--ckpt_path: no checkpoint file at {path}")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except Exception as err:  # noqa: BLE001 - zip, pickle and I/O errors all mean the same to the user
+            raise UserInputError(
+                f"--ckpt_path: {path} is not a readable checkpoint ({_first_line(err)}); it may be truncated by an "
+                "interrupted save or copy: use another one (e.g. an earlier epoch=...ckpt)"
+            ) from None
+        if not isinstance(checkpoint, dict) or "policy" not in checkpoint.get("hyper_parameters", {}):
+            raise UserInputError(f"--ckpt_path: {path} was not written by lightning-pref fit (no policy in its hparams)")
 
     def _resolve_last_checkpoint(self) -> None:
         """``--ckpt_path last``: the newest ``last.ckpt`` of earlier runs under ``default_root_dir``.
@@ -143,6 +174,51 @@ def _version_number(path: Path) -> int:
     return int(path.parts[-3].removeprefix("version_"))
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def constructor_error(err: ValueError, config: Any) -> UserInputError:
+    """One line for an argument a constructor refused: ``<option>: <the constructor's own message>``.
+
+    The option is found from the class whose ``__init__`` raised (the outermost one the config names, so a term
+    of a weighted loss is reported under ``model.loss``): the config key whose ``class_path`` is that class, or
+    ``model``/``data`` for the module and data module.
+    """
+    original: BaseException = err
+    while original.__cause__ is not None:  # jsonargparse re-raises a constructor's error as its own
+        original = original.__cause__
+    if isinstance(original, UserInputError):
+        return original
+    paths = {"lightning_pref.module.PreferenceModule": "model", "lightning_pref.data.datamodule.PreferenceDataModule": "data"}
+    for key, value in _flatten(config):
+        if key.endswith(".class_path") and isinstance(value, str):
+            paths.setdefault(value, key.removesuffix(".class_path"))
+    for frame, _ in traceback.walk_tb(original.__traceback__):
+        owner = frame.f_locals.get("self") if frame.f_code.co_name == "__init__" else None
+        if owner is not None:
+            cls = type(owner)
+            option = paths.get(f"{cls.__module__}.{cls.__qualname__}")
+            if option is not None:
+                return UserInputError(f"{option}: {_first_line(original)}")
+    return UserInputError(_first_line(original))
+
+
+def _flatten(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    items = node.items() if hasattr(node, "items") else []
+    out = []
+    for key, value in items:
+        name = f"{prefix}{key}"
+        out.append((name, value))
+        if hasattr(value, "items"):
+            out += _flatten(value, f"{name}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                out += _flatten(item, f"{name}.{i}.")
+    return out
+
+
 def print_losses() -> None:
     """Print the table of registered losses."""
     table = Table(title="lightning-pref losses")
@@ -167,9 +243,6 @@ def _yes(flag: bool) -> str:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-pref`` console script; ``args`` replaces ``sys.argv[1:]`` (for scripts)."""
     argv = list(sys.argv[1:] if args is None else args)
-    if args is not None:
-        # LightningCLI warns when given args while sys.argv holds flags of the calling script or test runner.
-        sys.argv = sys.argv[:1]
     load_plugins()  # third-party losses must be registered before names are resolved
     try:
         if argv[:1] == ["losses"]:
@@ -197,12 +270,13 @@ def main(args: list[str] | None = None) -> None:
                           markup=False, soft_wrap=True)
             return
         _register_parser_mode()
-        LightningPrefCLI(
-            PreferenceModule,
-            PreferenceDataModule,
-            parser_kwargs={"parser_mode": PARSER_MODE},
-            args=resolve_loss_args(argv),
-        )
+        # LightningCLI reads the (loss-resolved) arguments from sys.argv, and multi-process launchers re-run
+        # sys.argv: given as both, it would warn that args and sys.argv disagree.
+        saved, sys.argv = sys.argv, [sys.argv[0], *resolve_loss_args(argv)]
+        try:
+            LightningPrefCLI(PreferenceModule, PreferenceDataModule, parser_kwargs={"parser_mode": PARSER_MODE})
+        finally:
+            sys.argv = saved
     except (UserInputError, TrainingError, MisconfigurationException) as err:
         # escaped: a message's own brackets (e.g. "lightning-pref[report]") are text, not rich markup
         Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {escape(str(err))}", soft_wrap=True)

@@ -132,6 +132,12 @@ def logits_logps(logits: Tensor, targets: Tensor, chunk_size: int = 1024) -> Ten
     return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
 
 
+def sum_rows(per_token: Tensor, mask: Tensor) -> Tensor:
+    """Sum the values of the ``True`` cells of ``mask`` (row-major order) per row. # (R,), (N, L) -> (N,)"""
+    rows = mask.nonzero()[:, 0]  # (R,) row of each value
+    return per_token.new_zeros(mask.shape[0]).index_add(0, rows, per_token)
+
+
 def _blocks(z: Tensor) -> list[slice]:
     rows = max(1, _BLOCK_LOGITS // max(1, z.shape[-1]))
     return [slice(i, i + rows) for i in range(0, z.shape[0], rows)]

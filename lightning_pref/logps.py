@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from lightning_pref import kl
 from lightning_pref.errors import UserInputError
-from lightning_pref.head import LogitTransform, default_chunk_size, logits_logps, token_logps
+from lightning_pref.head import LogitTransform, default_chunk_size, logits_logps, sum_rows, token_logps
 from lightning_pref.types import KLRows
 
 # Positions compared by the self-check, and its tolerance on |log p| differences: fp32 agrees to rounding; in
@@ -48,10 +48,10 @@ class SequenceScorer(nn.Module):
         self.chunk_size = chunk_size or default_chunk_size(self.lm.config.vocab_size)
         self.transform = LogitTransform.from_config(getattr(self.lm, "config", None))
         self.response_only_head = response_only_head and self._split_available()
+        body_args = inspect.signature(type(self.lm.base_model).forward).parameters if self.response_only_head else {}
         # Reusing cached prompts runs the body at explicit positions, so it must accept ``position_ids``.
-        self._takes_position_ids = self.response_only_head and "position_ids" in inspect.signature(
-            type(self.lm.base_model).forward
-        ).parameters
+        self.takes_position_ids = "position_ids" in body_args
+        self._cache_arg = "cache" if "cache" in body_args else "past_key_values"  # renamed in transformers 5.x
         self.checked = not self.response_only_head  # the self-check runs once, on the first scored batch
 
     @property
@@ -80,23 +80,26 @@ class SequenceScorer(nn.Module):
             ``(logps, num_tokens, kl_logps)``: summed response log-probs and number of response tokens, and the
             summed log-probs of ``kl_rows`` (``None`` without them). # (N,), (N,), (M,)
         """
-        share = kl_rows is not None and self._can_share_prompts(kl_rows)
-        logps, hidden, cache = self._score(input_ids, attention_mask, response_mask, keep_cache=share)
-        kl_logps = None
-        if kl_rows is not None:
-            with torch.no_grad():
-                if len(kl_rows.prompt_rows) == 0:  # every row of the batch shares one prompt
-                    kl_logps = logps.new_zeros(0)
-                elif cache is not None and _plain_kv_cache(cache):
-                    kl_logps = self._score_continuations(hidden, cache, kl_rows)
-                else:
-                    kl_logps = self._score(kl_rows.input_ids, kl_rows.attention_mask, kl_rows.response_mask)[0]
+        share = kl_rows is not None and kl.can_share_prompts(self, kl_rows)
+        logps, hidden, cache = self.score(input_ids, attention_mask, response_mask, keep_cache=share)
+        kl_logps = kl.score_kl_rows(self, kl_rows, hidden, cache) if kl_rows is not None else None
         return logps, response_mask[:, 1:].sum(-1), kl_logps
 
-    def _score(
+    def body(self, cache: Any = None, **kwargs: Any) -> Any:
+        """The transformer body without the LM head; a ``cache`` given goes in under the name this version of
+        transformers uses, and the output's ``cache`` is set whichever name it came back under."""
+        if cache is not None:
+            kwargs[self._cache_arg] = cache
+            kwargs["use_cache"] = True
+        out = self.lm.base_model(**kwargs)
+        if kwargs.get("use_cache"):
+            out.cache = getattr(out, self._cache_arg, None)
+        return out
+
+    def score(
         self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, keep_cache: bool = False
     ) -> tuple[Tensor, Tensor | None, Any]:
-        """Summed response log-probs, and the final hidden states and K/V cache when ``keep_cache``."""
+        """Summed response log-probs, and the final hidden states and K/V cache when ``keep_cache``. # (N,)"""
         if not self.checked:
             self.check_head(input_ids, attention_mask, response_mask)
         # Logits at position t predict token t + 1, so token t is scored from position t - 1.
@@ -105,14 +108,14 @@ class SequenceScorer(nn.Module):
         hidden = cache = None
         if self.response_only_head:
             # use_cache only when the K/V are reused: otherwise a scoring pass keeping every layer's K/V is waste.
-            out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=keep_cache)
-            hidden, cache = out.last_hidden_state, out.past_key_values if keep_cache else None  # (N, T, H)
-            per_token = self._head(hidden[:, :-1][target_mask], targets)  # (N, T, H) -> (R, H) -> (R,)
+            out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=keep_cache)
+            hidden, cache = out.last_hidden_state, out.cache if keep_cache else None  # (N, T, H)
+            per_token = self.head_logps(hidden[:, :-1][target_mask], targets)  # (N, T, H) -> (R, H) -> (R,)
         else:
             per_token = self._full_logits(input_ids, attention_mask, target_mask, targets)
-        return _sum_rows(per_token, target_mask), hidden, cache
+        return sum_rows(per_token, target_mask), hidden, cache
 
-    def _head(self, hidden: Tensor, targets: Tensor) -> Tensor:
+    def head_logps(self, hidden: Tensor, targets: Tensor) -> Tensor:
         """Log-probs of ``targets`` from final hidden states, through the response-only head. # (R, H) -> (R,)"""
         return token_logps(hidden, self.lm.get_output_embeddings(), targets, self.chunk_size, self.transform)
 
@@ -146,8 +149,8 @@ class SequenceScorer(nn.Module):
         was_training = self.lm.training
         self.lm.eval()
         try:
-            hidden = self.lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            ours = self._head(hidden[:, :-1][positions], targets)
+            hidden = self.body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            ours = self.head_logps(hidden[:, :-1][positions], targets)
             theirs = self._full_logits(ids, mask, positions, targets)
         finally:
             self.lm.train(was_training)
@@ -163,62 +166,3 @@ class SequenceScorer(nn.Module):
                 "every log-prob would be wrong; set model.response_only_head: false to score from the model's own "
                 "logits"
             )
-
-    def _can_share_prompts(self, kl_rows: KLRows) -> bool:
-        """Whether the KL rows can reuse the prompts' K/V: a split head, a non-empty prompt in every row, a model
-        that takes ``position_ids``, and no gradient checkpointing (which turns the cache off in training)."""
-        if not self._takes_position_ids or len(kl_rows.prompt_rows) == 0:
-            return False
-        if self.lm.training and any(getattr(m, "gradient_checkpointing", False) for m in self.lm.modules()):
-            return False
-        return bool((_prompt_lengths(kl_rows) > 0).all() and kl_rows.response_mask.any())
-
-    def _score_continuations(self, hidden: Tensor, cache: Any, kl_rows: KLRows) -> Tensor:
-        """Score ``kl_rows`` by running only their responses on top of their prompts' cached K/V.
-
-        Row ``m`` continues the prompt of batch row ``prompt_rows[m]``, whose first ``P_m`` cached positions are
-        exactly that prompt's (causal attention: a prompt's K/V never depend on what follows it). The response
-        runs at positions ``P_m, P_m + 1, ...`` attending to those ``P_m`` cached entries and to itself; its first
-        token is predicted from the batch row's hidden state at the prompt's last position.
-        """
-        ids, attention, response, rows = kl_rows
-        prompt_lengths = _prompt_lengths(kl_rows)  # (M,)
-        response_lengths = response.sum(-1)  # (M,)
-        offsets = torch.arange(int(response_lengths.max()), device=ids.device)  # (R_max,)
-        valid = offsets < response_lengths[:, None]  # (M, R_max)
-        positions = prompt_lengths[:, None] + offsets  # (M, R_max) positions of the response tokens
-        responses = ids.gather(1, positions.clamp(max=ids.shape[1] - 1)).masked_fill(~valid, 0)  # (M, R_max)
-
-        prefix = int(prompt_lengths.max())
-        cache.crop(prefix - cache.get_seq_length())  # keep the first P_max positions (crop takes a negative count)
-        cache.batch_select_indices(rows)  # (N, ...) -> (M, ...): each KL row gets its prompt's K/V
-        # Cached positions past a row's own prompt belong to its batch row's response: masked out as holes.
-        prompt_mask = torch.arange(prefix, device=ids.device) < prompt_lengths[:, None]  # (M, P_max)
-        out = self.lm.base_model(
-            input_ids=responses, attention_mask=torch.cat([prompt_mask, valid], 1).long(), position_ids=positions,
-            past_key_values=cache, use_cache=True,
-        ).last_hidden_state  # (M, R_max, H)
-        last_prompt = hidden[rows, prompt_lengths - 1]  # (M, H) predicts each response's first token
-        predictors = torch.cat([last_prompt[:, None], out[:, :-1]], 1)  # (M, R_max, H): position j predicts token j
-        per_token = self._head(predictors[valid], responses[valid])
-        return _sum_rows(per_token, valid)
-
-
-def _prompt_lengths(kl_rows: KLRows) -> Tensor:
-    """Prompt tokens of each (right-padded) row: attended tokens outside the response. # (M,)"""
-    return (kl_rows.attention_mask.bool() & ~kl_rows.response_mask.bool()).sum(-1)
-
-
-def _sum_rows(per_token: Tensor, mask: Tensor) -> Tensor:
-    """Sum the values of the ``True`` cells of ``mask`` (row-major order) per row. # (R,), (N, L) -> (N,)"""
-    rows = mask.nonzero()[:, 0]  # (R,) row of each value
-    return per_token.new_zeros(mask.shape[0]).index_add(0, rows, per_token)
-
-
-def _plain_kv_cache(cache: Any) -> bool:
-    """Whether ``cache`` is a ``DynamicCache`` of full-attention layers only, whose positions can be cropped and
-    rows selected (sliding-window, linear-attention or quantized layers keep other state)."""
-    layers = getattr(cache, "layers", None)
-    return isinstance(cache, DynamicCache) and bool(layers) and all(
-        type(x) is DynamicLayer and getattr(x, "keys", None) is not None for x in layers
-    )

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_pref.errors import TrainingError, UserInputError
+from lightning_pref.kl import kl_baseline
 from lightning_pref.logps import SequenceScorer
 from lightning_pref.losses import DPOLoss, PreferenceLoss
 from lightning_pref.metrics import PreferenceMetrics, batch_means, per_example
@@ -29,8 +30,9 @@ from lightning_pref.models import (
     parameter_dtype,
     storage_dtype,
 )
-from lightning_pref.precompute import attach_reference_logps
+from lightning_pref.precompute import PrecomputedReference, weights_fingerprint
 from lightning_pref.reference import ReferenceMode, apply_lora, check_reference_mode, soft_update
+from lightning_pref.registry import UnknownLossError, loss_from_spec
 from lightning_pref.sharding import apply_fsdp2, fsdp_mesh
 from lightning_pref.types import KLRows, PreferenceBatch, SequenceLogps
 
@@ -47,7 +49,8 @@ class PreferenceModule(LightningModule):
     Args:
         policy: the model to train: a Hugging Face hub id or local directory (``AutoModelForCausalLM``), or a
             dict of ``transformers`` config fields for a randomly initialized model.
-        loss: a loss plugin (``lightning-pref losses`` lists them); default DPO with beta=0.1.
+        loss: a loss plugin (``lightning-pref losses`` lists them), or its ``{class_path, init_args}`` spec as
+            checkpoints keep it; default DPO with beta=0.1.
         reference: the reference model; ``None`` = the policy's initial weights.
         reference_mode: ``model`` (a frozen reference model), ``precomputed`` (log-probs computed once before
             training and cached; no reference in memory), ``none`` (reference-free losses only) or ``adapter``
@@ -109,9 +112,16 @@ class PreferenceModule(LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        # The loss and the factories are kept by the CLI's config.yaml; as hparams they would be pickled objects.
+        # The factories are kept by the CLI's config.yaml; as hparams they would be pickled objects. The loss is
+        # kept as its spec (class_path and init_args), so load_from_checkpoint rebuilds the loss that was trained.
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
+        if isinstance(loss, dict):  # a spec, as checkpoints keep it
+            try:
+                loss = loss_from_spec(loss)
+            except UnknownLossError as err:
+                raise UserInputError(f"model.loss: {err}") from None
         self.loss = loss if loss is not None else DPOLoss()
+        self.hparams["loss"] = self.loss.spec
         check_reference_mode(reference_mode, self.loss, ref_sync_steps)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -177,17 +187,48 @@ class PreferenceModule(LightningModule):
         self.policy = self.scorer(policy)
         if hp.compile:
             self.policy.compile()
+        mesh = fsdp_mesh(self.device_mesh) if self.device_mesh is not None else None  # ModelParallelStrategy
+        if mesh is not None:
+            apply_fsdp2([self.policy], mesh)
         if self.uses_reference_model:
-            dtype = self.reference_torch_dtype
-            if hp.reference is None:
-                reference = copy.deepcopy(policy).to(dtype) if dtype else copy.deepcopy(policy)
-            else:
-                reference = self.load_model(hp.reference, "model.reference", dtype, self.reference_model_kwargs)
-            self.reference = self.scorer(reference).requires_grad_(False).eval()
+            # Under FSDP2 the policy is sharded first and the reference loaded anew (the same weights: same spec
+            # and seed) rather than copied, so a rank never holds two full models at once.
+            self.reference = self.build_reference_scorer(copy_of=None if mesh is not None else policy)
+            if mesh is not None:
+                apply_fsdp2([self.reference], mesh)
         if self._trainer is not None:
             rank_zero_info(self._describe_dtypes())
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its device mesh
-            apply_fsdp2([s for s in (self.policy, self.reference) if s is not None], fsdp_mesh(self.device_mesh))
+
+    def build_reference_scorer(self, copy_of: torch.nn.Module | None = None) -> SequenceScorer:
+        """The frozen reference, in eval mode: a copy of ``copy_of`` (the freshly loaded policy) or loaded from
+        ``model.reference`` (default: the policy's spec, with its seed, dropout off as the policy has it)."""
+        hp = self.hparams
+        dtype = self.reference_torch_dtype
+        if hp.reference is None and copy_of is not None:
+            reference = copy.deepcopy(copy_of).to(dtype) if dtype else copy.deepcopy(copy_of)
+        else:
+            spec, kwargs = (hp.policy, hp.model_kwargs) if hp.reference is None else (hp.reference, self.reference_model_kwargs)
+            reference = self.load_model(spec, "model.reference", dtype, kwargs)
+            if hp.disable_dropout:
+                disable_dropout(reference)
+        return self.scorer(reference.to(self.device)).requires_grad_(False).eval()
+
+    def reference_identity(self) -> dict[str, Any]:
+        """What the reference's log-probs depend on (the key of precomputed tables): its weights by content,
+        the dtype it is built in, its loading arguments and the log-prob settings."""
+        hp = self.hparams
+        spec, kwargs = (hp.policy, hp.model_kwargs) if hp.reference is None else (hp.reference, self.reference_model_kwargs)
+        return {
+            "weights": weights_fingerprint(spec, kwargs, hp.init_seed),
+            "dtype": str(self.reference_torch_dtype or self.parameter_dtype),
+            "model_kwargs": kwargs, "response_only_head": hp.response_only_head,
+        }
+
+    def configure_callbacks(self) -> list:
+        """``reference_mode: precomputed``: the callback that computes, caches and hands out reference log-probs."""
+        if self.hparams.reference_mode == "precomputed" and self.loss.requires_reference:
+            return [PrecomputedReference(self.hparams.reference_cache_dir)]
+        return []
 
     def _describe_dtypes(self) -> str:
         """One line: the policy's parameter dtype and why, and the reference's."""
@@ -208,10 +249,17 @@ class PreferenceModule(LightningModule):
         return self
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
+        # The factories run only now: an argument they refuse (a negative lr, say) is one line naming the option.
+        try:
+            optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
+        except ValueError as err:
+            raise UserInputError(f"model.optimizer: {err}") from None
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        try:
+            scheduler = self.scheduler_factory(optimizer)
+        except ValueError as err:
+            raise UserInputError(f"model.scheduler: {err}") from None
         if hasattr(scheduler, "set_total_steps"):  # e.g. WarmupDecay: schedules that span the whole run
             scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -238,7 +286,8 @@ class PreferenceModule(LightningModule):
                 raise TrainingError("reference_mode 'precomputed' but the batch carries no reference log-probs")
             return policy, SequenceLogps.split(batch.reference_logps.to(logps.dtype), tokens, batch.num_chosen), None
         ref_logps, reference_kl = self.reference_scores(batch, kl_rows)
-        kl = self.kl_baseline(policy_kl - reference_kl) if kl_rows is not None else None
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        kl = kl_baseline(policy_kl - reference_kl, strategy) if kl_rows is not None else None
         return policy, SequenceLogps.split(ref_logps, tokens, batch.num_chosen), kl
 
     def kl_rows(self, batch: PreferenceBatch) -> KLRows | None:
@@ -252,15 +301,7 @@ class PreferenceModule(LightningModule):
             )
         return batch.kl_rows
 
-    def kl_baseline(self, logratios: Tensor) -> Tensor:
-        """KTO's z0: the mean of the mismatched pairs' policy-minus-reference log-probs over all ranks, clamped
-        at 0. # (M,) -> ()"""
-        stats = torch.stack([logratios.sum().float(), torch.tensor(len(logratios), device=logratios.device).float()])
-        # Every process joins the reduction, with or without rows of its own (M = 0 when all share one prompt).
-        stats = self.trainer.strategy.reduce(stats, reduce_op="sum") if self._trainer is not None else stats
-        return (stats[0] / stats[1].clamp(min=1)).clamp(min=0).detach()
-
-    def _step(self, batch: PreferenceBatch, stage: str) -> Tensor:
+    def _step(self, batch: PreferenceBatch, stage: str) -> tuple[Tensor, SequenceLogps]:
         if self.loss.paired and not batch.paired:
             raise UserInputError(
                 f"model.loss: {type(self.loss).__name__} needs paired data (prompt/chosen/rejected) but the "
@@ -281,40 +322,52 @@ class PreferenceModule(LightningModule):
                 self.log(f"{stage}/{key}", metric, on_step=False, on_epoch=True, batch_size=batch_size)
             for key, value in out.metrics.items():
                 self.log(f"{stage}/{key}", value, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
-        return loss
+        return loss, policy
 
-    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor | None:
-        loss = self._step(batch, "train")
-        # Decided jointly so that under DDP either every rank skips the step or none does.
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
+        loss, policy = self._step(batch, "train")
+        # Decided jointly so that under DDP either every rank skips the batch or none does.
         nonfinite = self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False)
         if not nonfinite:
+            self._finite_batches += 1
             return loss
         where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
-        if self.hparams.on_nonfinite == "skip":
-            warnings.warn(f"non-finite loss at {where}: batch skipped (model.on_nonfinite: skip)", stacklevel=2)
-            return None
-        raise TrainingError(
-            f"non-finite loss ({loss.item()}) at {where}; lower the learning rate or check that batch's data, "
-            "or set model.on_nonfinite: skip to skip such batches"
-        )
+        if self.hparams.on_nonfinite == "error":
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at {where}; lower the learning rate or check that batch's data, "
+                "or set model.on_nonfinite: skip to skip such batches"
+            )
+        warnings.warn(f"non-finite loss at {where}: batch skipped (model.on_nonfinite: skip)", stacklevel=2)
+        # A zero-weighted loss rather than None (which Lightning refuses on several devices): every device still
+        # runs its backward and its collectives, and this batch adds nothing to the gradients.
+        return torch.cat([policy.chosen, policy.rejected]).nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
 
-    def on_train_batch_end(self, outputs: Any, batch: PreferenceBatch, batch_idx: int) -> None:
-        steps = self.hparams.ref_sync_steps
-        if steps and self.global_step % steps == 0 and self.global_step > 0:
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # A step whose every batch was skipped, or whose gradients are not finite after all (a non-finite
+        # activation leaks through even a zero weight), is not taken: without gradients, optimizers skip the
+        # parameters (no momentum or weight-decay update either). Decided jointly, like the skip itself.
+        skipped = self._finite_batches == 0
+        if not skipped and self.hparams.on_nonfinite == "skip":
+            local = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.policy.parameters())
+            skipped = self.trainer.strategy.reduce_boolean_decision(local, all=False)
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+        self._finite_batches = 0
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then TR-DPO's reference update: once per optimizer step (not per accumulated
+        batch), before the step's checkpoint is written, so a resumed run moves the reference exactly as an
+        uninterrupted one."""
+        super().optimizer_step(*args, **kwargs)
+        steps, step = self.hparams.ref_sync_steps, self.global_step + 1  # global_step counts it once this returns
+        if steps and step % steps == 0:
             soft_update(self.reference, self.policy, self.hparams.ref_sync_alpha)
 
     def on_fit_start(self) -> None:
         # from_pretrained returns eval mode and Lightning keeps each module's mode: without this a loaded policy
         # would train in eval mode (gradient checkpointing and dropout silently off). The reference stays eval.
         self.train()
-        # ``reference_mode: precomputed``: the data module gets reference log-probs before any batch is drawn.
-        attach_reference_logps(self)
-
-    def on_validation_start(self) -> None:
-        attach_reference_logps(self)
-
-    def on_test_start(self) -> None:
-        attach_reference_logps(self)
+        self._finite_batches = 0
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         self._step(batch, "val")
@@ -332,27 +385,35 @@ class PreferenceModule(LightningModule):
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
-    @property
-    def strict_loading(self) -> bool:
-        """Strict, except where a sharded strategy loads a checkpoint straight into the model.
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load weights, allowing exactly the frozen reference's keys to be missing (checkpoints leave it out; it
+        is rebuilt from the config) and nothing else, whatever ``strict`` a strategy asks for.
 
-        ``ModelParallelStrategy`` (FSDP2) loads weights before ``on_load_checkpoint`` could put the rebuilt
-        reference back, so there the reference keys, left out of checkpoints on purpose, must be allowed missing.
+        Raises:
+            UserInputError: a key of the policy (or a moved reference) is missing, a key is unexpected, or a
+                shape does not fit: the checkpoint belongs to another model.
         """
-        if self._strict_loading is not None:
-            return self._strict_loading
-        return not (self.device_mesh is not None and self.reference is not None and not self.hparams.ref_sync_steps)
-
-    @strict_loading.setter
-    def strict_loading(self, value: bool) -> None:
-        self._strict_loading = value
+        try:
+            result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        except RuntimeError as err:  # size mismatches are raised even when not strict
+            detail = " ".join(str(err).split("\n\t")[1:2]).strip() or str(err).splitlines()[0]
+            raise UserInputError(f"--ckpt_path: the checkpoint does not fit this model ({detail}); {_OTHER_MODEL}") from None
+        frozen = self.reference is not None and not self.hparams.ref_sync_steps
+        missing = [k for k in result.missing_keys if not (frozen and k.startswith(_REFERENCE_PREFIX))]
+        if missing or result.unexpected_keys:
+            what = f"missing {_few(missing)}" if missing else f"unexpected {_few(result.unexpected_keys)}"
+            raise UserInputError(f"--ckpt_path: the checkpoint does not fit this model ({what}); {_OTHER_MODEL}")
+        return result
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Put the rebuilt reference's weights back so strict loading succeeds, and restore the RNG states."""
-        state = checkpoint.get("state_dict")  # absent where the strategy has loaded the weights itself
-        if self.reference is not None and state is not None:
-            for key, value in self.reference.state_dict().items():
-                state.setdefault(_REFERENCE_PREFIX + key, value)
+        """Refuse a checkpoint trained with another loss, and restore the RNG states when resuming."""
+        trained = checkpoint.get("hyper_parameters", {}).get("loss")
+        if self._trainer is not None and isinstance(trained, dict) and trained != self.loss.spec:
+            raise UserInputError(
+                f"--ckpt_path: the checkpoint was trained with {_describe(trained)} but model.loss is "
+                f"{_describe(self.loss.spec)}; give the loss it was trained with (its run's config.yaml has it), or "
+                "export the policy and start a new run from the exported model"
+            )
         rng = checkpoint.get("rng_states")
         if rng is not None and self._trainer is not None:  # resuming a run, not loading weights for inference
             torch.set_rng_state(rng["torch"])
@@ -360,3 +421,14 @@ class PreferenceModule(LightningModule):
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
+
+_OTHER_MODEL = "it was written for another model: use the model.policy and model options it was trained with"
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    args = ", ".join(f"{k}={v!r}" for k, v in (spec.get("init_args") or {}).items())
+    return f"{spec['class_path'].rsplit('.', 1)[-1]}({args})"

@@ -1,9 +1,21 @@
 """``reference_mode: precomputed``: reference log-probs computed once, cached on disk, looked up per batch.
 
-The cache key covers the tokenized data (a hash of its token ids, so tokenizer and truncation settings are
-included), the reference model's identity (spec, seed, dtype) and a format version. On a miss the reference
-model is loaded, every process scores a strided share of the examples, the shares are summed across processes
-so each holds the full table, the model is released, and process 0 writes the table atomically.
+:class:`PrecomputedReference` is a callback (``PreferenceModule.configure_callbacks`` adds it) that owns the whole
+mechanism: at the start of ``fit``/``validate``/``test`` it loads each split's table from the cache or computes
+it, and before every batch it gives the batch its rows' reference log-probs (``batch.reference_logps``).
+
+The cache key covers what decides the numbers:
+
+- the tokenized data: a hash of the split's token ids (tokenizer and truncation settings included);
+- the reference's *content*: for a local directory a hash of its weight and config files' bytes (remembered per
+  file by size and modification time, so an unchanged directory is not read again, and a model retrained into
+  the same directory is a miss); for a hub id the resolved commit; for a config dict its fields and seed;
+- the dtype the reference is built in, its ``from_pretrained`` arguments, and the trainer's precision, since the
+  table is scored inside the precision plugin's forward context (autocast), exactly as ``model`` mode scores.
+
+On a miss the reference model is loaded, every process scores a strided share of the examples, the shares are
+summed across processes so each holds the full table, the model is released, and process 0 writes the table
+atomically.
 """
 
 from __future__ import annotations
@@ -13,18 +25,22 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from rich.progress import Progress
 
 from lightning_pref.data.cache import default_dir
 from lightning_pref.data.collate import pad
-from lightning_pref.errors import UserInputError
+from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.logps import SequenceScorer
+from lightning_pref.types import PreferenceBatch
 
-VERSION = 1
+VERSION = 2
+#: Files of a model directory whose bytes decide its outputs.
+_CONTENT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "config.json", "*.index.json")
 
 
 def data_fingerprint(table: datasets.Dataset) -> str:
@@ -38,8 +54,51 @@ def data_fingerprint(table: datasets.Dataset) -> str:
     return digest.hexdigest()
 
 
+def file_digest(path: Path, memo: dict[str, Any]) -> str:
+    """sha256 of a file's bytes, remembered in ``memo`` under its path with its size and mtime."""
+    stat = path.stat()
+    key, seen = str(path.resolve()), memo.get(str(path.resolve()))
+    if seen is not None and seen[:2] == [stat.st_size, stat.st_mtime_ns]:
+        return seen[2]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    memo[key] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+    return digest.hexdigest()
+
+
+def weights_fingerprint(spec: str | dict, model_kwargs: dict[str, Any] | None, seed: int) -> str:
+    """What the reference's weights are, by content: see the module docstring."""
+    if not isinstance(spec, str):
+        return json.dumps({"config": spec, "seed": seed}, sort_keys=True, default=str)
+    directory = Path(spec)
+    if directory.is_dir():
+        memo_path = default_dir() / "file_digests.json"
+        memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+        files = sorted({f for pattern in _CONTENT_FILES for f in directory.glob(pattern)})
+        if not files:
+            raise UserInputError(f"model.reference: {spec} holds no model weights (*.safetensors, *.bin)")
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f"{f.name}:{file_digest(f, memo)}".encode())
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+        return digest.hexdigest()
+    from transformers import AutoConfig
+
+    hub = {k: v for k, v in (model_kwargs or {}).items() if k in ("revision", "subfolder", "trust_remote_code")}
+    commit = getattr(AutoConfig.from_pretrained(spec, **hub), "_commit_hash", None)
+    if commit is None:
+        raise UserInputError(f"model.reference: cannot resolve the revision of {spec!r} to key its cached log-probs")
+    return f"{spec}@{commit}"
+
+
 def cache_path(cache_dir: str | None, table: datasets.Dataset, reference_identity: dict) -> Path:
-    key = json.dumps({"data": data_fingerprint(table), "reference": reference_identity, "v": VERSION}, sort_keys=True)
+    key = json.dumps({"data": data_fingerprint(table), "reference": reference_identity, "v": VERSION},
+                     sort_keys=True, default=str)
     root = Path(cache_dir) if cache_dir else default_dir() / "reference_logps"
     return root / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
 
@@ -79,8 +138,9 @@ def load_or_compute(
     if strategy.broadcast(path.is_file()):  # one decision for all processes
         return torch.load(path, map_location="cpu")
     scorer = build_scorer()
-    table = score_examples(scorer, dataset, pad_token_id, batch_size, trainer.global_rank, trainer.world_size,
-                           strategy.root_device, label)
+    with trainer.precision_plugin.forward_context():  # the autocast model mode's reference forward runs under
+        table = score_examples(scorer, dataset, pad_token_id, batch_size, trainer.global_rank, trainer.world_size,
+                               strategy.root_device, label)
     del scorer
     table = strategy.reduce(table.to(strategy.root_device), reduce_op="sum").cpu()
     if trainer.is_global_zero:
@@ -92,29 +152,61 @@ def load_or_compute(
     return table
 
 
-def attach_reference_logps(module) -> None:
-    """Give ``module``'s data module reference log-probs for every split it holds (``precomputed`` mode only).
+class PrecomputedReference(Callback):
+    """Reference log-probs for every split, computed once and cached; each batch gets its rows' values.
+
+    Added by ``PreferenceModule.configure_callbacks`` when ``model.reference_mode`` is ``precomputed``; it builds
+    the reference with the module's own loading (:meth:`PreferenceModule.load_reference`), so it is the model
+    ``model`` mode would use.
 
     Args:
-        module: the :class:`~lightning_pref.module.PreferenceModule`, attached to a trainer.
+        cache_dir: where tables are cached; ``None`` = ``~/.cache/lightning_pref/reference_logps``.
     """
-    hp = module.hparams
-    if hp.reference_mode != "precomputed" or not module.loss.requires_reference:
-        return
-    datamodule = module.trainer.datamodule
-    if not hasattr(datamodule, "reference_logps"):
-        raise UserInputError("model.reference_mode: 'precomputed' needs data from a PreferenceDataModule")
-    spec = hp.reference if hp.reference is not None else hp.policy
-    identity = {"spec": spec, "seed": hp.init_seed, "dtype": hp.reference_dtype}
 
-    def build_scorer() -> SequenceScorer:
-        kwargs = module.reference_model_kwargs if hp.reference is not None else hp.model_kwargs
-        reference = module.load_model(spec, "model.reference", module.reference_torch_dtype, kwargs)
-        return module.scorer(reference.to(module.device).eval())
+    def __init__(self, cache_dir: str | None = None) -> None:
+        self.cache_dir = cache_dir
+        self.tables: dict[str, torch.Tensor] = {}  # split -> (n, 2): column 0 chosen/desirable, 1 rejected
 
-    for split, dataset in datamodule.datasets.items():
-        if split not in datamodule.reference_logps:
-            datamodule.reference_logps[split] = load_or_compute(
-                module.trainer, dataset, identity, hp.reference_cache_dir, build_scorer,
-                module.tokenizer.pad_token_id, datamodule.hparams.batch_size, split,
+    def prepare(self, trainer: Trainer, module: LightningModule) -> None:
+        """Load or compute the table of every split the data module holds."""
+        datasets_ = getattr(trainer.datamodule, "datasets", None)
+        if datasets_ is None:
+            raise UserInputError("model.reference_mode: 'precomputed' needs data from a PreferenceDataModule")
+        missing = [split for split in datasets_ if split not in self.tables]
+        if not missing:
+            return
+        identity = {**module.reference_identity(), "precision": str(trainer.precision)}
+        batch_size = trainer.datamodule.hparams.batch_size
+        for split in missing:
+            self.tables[split] = load_or_compute(
+                trainer, datasets_[split], identity, self.cache_dir, module.build_reference_scorer,
+                module.tokenizer.pad_token_id, batch_size, split,
             )
+
+    def lookup(self, batch: PreferenceBatch) -> torch.Tensor:
+        """The batch's rows' reference log-probs, by example index and response column. # (N,)"""
+        table = self.tables.get(batch.split)
+        if table is None or batch.example_index is None:
+            raise TrainingError(f"reference_mode 'precomputed': no reference log-probs for split {batch.split!r}")
+        return table[batch.example_index.cpu(), batch.response_column.cpu()].to(batch.input_ids.device)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.prepare(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.prepare(trainer, pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.prepare(trainer, pl_module)
+
+    def _attach(self, batch: PreferenceBatch) -> None:
+        batch.reference_logps = self.lookup(batch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._attach(batch)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._attach(batch)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._attach(batch)

@@ -73,6 +73,27 @@ def get_loss(name: str, **kwargs) -> PreferenceLoss:
     return get_loss_class(name)(**kwargs)
 
 
+def loss_from_spec(spec: dict) -> PreferenceLoss:
+    """Build a loss from ``{"class_path", "init_args"}`` (``PreferenceLoss.spec``, as checkpoints keep it).
+
+    ``class_path`` is an import path or a registered name.
+
+    Raises:
+        UnknownLossError: the class cannot be found (e.g. the plugin that defined it is not installed).
+    """
+    import importlib
+
+    path, init_args = spec["class_path"], spec.get("init_args") or {}
+    if "." not in path:
+        return get_loss(path, **init_args)
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise UnknownLossError(f"loss {path!r} cannot be imported; install the package that defines it") from None
+    return cls(**init_args)
+
+
 def list_losses() -> list[str]:
     """Sorted names of all registered losses, entry-point plugins included."""
     load_plugins()

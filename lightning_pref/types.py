@@ -84,8 +84,13 @@ class PreferenceBatch:
     paired: bool = True
     # Mismatched prompt/completion rows for KTO's KL baseline z0; absent unless the loss asks for a KL baseline.
     kl_rows: KLRows | None = None
-    # ``reference_mode: precomputed``: the cached reference log-prob of each row.
+    # ``reference_mode: precomputed``: the cached reference log-prob of each row (set before the step).
     reference_logps: Tensor | None = None  # (N,)
+    # Where each row comes from: the split, its example's index there and which response it is (0 chosen,
+    # desirable or the only one; 1 rejected), e.g. to look up precomputed reference log-probs.
+    split: str = ""
+    example_index: Tensor | None = None  # (N,)
+    response_column: Tensor | None = None  # (N,)
     # Per-sequence weights for metrics: 0 marks duplicates a distributed sampler padded in, so epoch metrics
     # count every example exactly once.
     weights: Tensor | None = None  # (N,)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Literal
 
 import datasets
-import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
@@ -125,6 +124,12 @@ class PreferenceDataModule(LightningDataModule):
                 f"data.tokenizer: {type(tokenizer).__name__} has no pad token; load it with "
                 "lightning_pref.models.load_tokenizer (which uses EOS as pad) or set tokenizer.pad_token"
             )
+        if kl_baseline and batch_size < 2:
+            raise UserInputError(
+                f"data.batch_size: {batch_size} example per device leaves KTO's KL baseline without a mismatched "
+                "pair (each prompt is paired with another example's completion in the same batch), so z0 would be "
+                "0 for the whole run; use data.batch_size >= 2"
+            )
         if not 0.0 <= val_fraction < 1.0:
             raise UserInputError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
         if val_fraction and val is not None:
@@ -141,8 +146,6 @@ class PreferenceDataModule(LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else tokenized_cache.default_dir() / "data"
         self.datasets: dict[str, EncodedDataset] = {}
         self.stats: dict[str, SplitStats] = {}
-        # ``reference_mode: precomputed``: per split, reference log-probs of each example. # (n, 2)
-        self.reference_logps: dict[str, torch.Tensor] = {}
 
     def prepare_data(self) -> None:
         # Runs on one process per node before setup: with the cache on, the splits are tokenized once here and
@@ -195,11 +198,7 @@ class PreferenceDataModule(LightningDataModule):
         return tokenized_cache.store(self.cache_dir, key, tokenized_cache.to_dataset(columns), stats), stats
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        # The collator reads the reference table at collate time: it may be precomputed after this loader exists.
-        collate = PreferenceCollator(
-            self.tokenizer.pad_token_id, kl_baseline=self.hparams.kl_baseline,
-            reference_logps=lambda: self.reference_logps.get(split),
-        )
+        collate = PreferenceCollator(self.tokenizer.pad_token_id, kl_baseline=self.hparams.kl_baseline, split=split)
         dataset, trainer = self.datasets[split], self.trainer
         world = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else {}
         if train:
