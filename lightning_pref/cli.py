@@ -114,52 +114,20 @@ class LightningPrefCLI(LightningCLI):
         except ValueError as err:
             raise constructor_error(err, self.config[self.subcommand] if self.subcommand else self.config) from None
 
-    def before_fit(self) -> None:
-        self._resolve_last_checkpoint()
-        self._check_checkpoint()
-
-    def before_validate(self) -> None:
-        self._resolve_last_checkpoint()
-        self._check_checkpoint()
-
-    def before_test(self) -> None:
-        self._resolve_last_checkpoint()
-        self._check_checkpoint()
-
-    def _check_checkpoint(self) -> None:
-        """A ``--ckpt_path`` that is missing, truncated or not a lightning-pref checkpoint is one line (Lightning
-        would fail deep inside ``torch.load``). Read memory-mapped: the check costs no second read of the file."""
-        path = self.config_init[self.subcommand].get("ckpt_path")
-        if path is None or path in ("best", "last", "hpc", "registry") or Path(path).is_dir():
-            return  # Lightning's own names; a directory is a sharded (distributed) checkpoint
-        if not Path(path).is_file():
-            raise UserInputError(f"--ckpt_path: no checkpoint file at {path}")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        except Exception as err:  # noqa: BLE001 - zip, pickle and I/O errors all mean the same to the user
-            raise UserInputError(
-                f"--ckpt_path: {path} is not a readable checkpoint ({_first_line(err)}); it may be truncated by an "
-                "interrupted save or copy: use another one (e.g. an earlier epoch=...ckpt)"
-            ) from None
-        if not isinstance(checkpoint, dict) or "policy" not in checkpoint.get("hyper_parameters", {}):
-            raise UserInputError(f"--ckpt_path: {path} was not written by lightning-pref fit (no policy in its hparams)")
-
-    def _resolve_last_checkpoint(self) -> None:
-        """``--ckpt_path last``: the newest ``last.ckpt`` of earlier runs under ``default_root_dir``.
-
-        Lightning's own ``last`` looks only in this run's new ``version_N`` directory, where there is none yet.
-        The resumed run logs and checkpoints into a new version directory, so nothing earlier is overwritten.
-        """
-        config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") != "last":
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse, then settle ``--ckpt_path`` before LightningCLI reads the checkpoint's hyperparameters into the
+        config: ``last`` becomes the newest ``last.ckpt`` of earlier runs, and a checkpoint that is missing,
+        truncated, not ours, or trained with another policy or loss than the config gives is one line."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand not in ("fit", "validate", "test", "predict"):
             return
-        root = Path(config.trainer.get("default_root_dir") or ".")
-        found = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"), key=_version_number)
-        if not found:
-            raise UserInputError(
-                f"--ckpt_path last: no lightning_logs/version_*/checkpoints/last.ckpt under {root}; give a path"
-            )
-        config["ckpt_path"] = str(found[-1])
+        config = self.config[subcommand]
+        if config.get("ckpt_path") == "last":
+            config["ckpt_path"] = str(_last_checkpoint(Path(config.trainer.get("default_root_dir") or ".")))
+        path = config.get("ckpt_path")
+        if path is not None and path not in ("best", "hpc", "registry") and not Path(path).is_dir():
+            _check_matches(_read_checkpoint(path), config.model, path)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # A CSV logger under default_root_dir unless the config names a logger: Lightning's own default would
@@ -172,6 +140,67 @@ class LightningPrefCLI(LightningCLI):
 
 def _version_number(path: Path) -> int:
     return int(path.parts[-3].removeprefix("version_"))
+
+
+def _last_checkpoint(root: Path) -> Path:
+    """``--ckpt_path last``: the newest ``last.ckpt`` of earlier runs under ``default_root_dir``.
+
+    Lightning's own ``last`` looks only in this run's new ``version_N`` directory, where there is none yet. The
+    resumed run logs and checkpoints into a new version directory, so nothing earlier is overwritten.
+    """
+    found = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"), key=_version_number)
+    if not found:
+        raise UserInputError(f"--ckpt_path last: no lightning_logs/version_*/checkpoints/last.ckpt under {root}; give a path")
+    return found[-1]
+
+
+def _read_checkpoint(path: str) -> dict[str, Any]:
+    """A lightning-pref checkpoint, read memory-mapped (cheap even for large ones); one line when it is missing,
+    truncated or someone else's (Lightning would fail deep inside ``torch.load``)."""
+    if not Path(path).is_file():
+        raise UserInputError(f"--ckpt_path: no checkpoint file at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - zip, pickle and I/O errors all mean the same to the user
+        raise UserInputError(
+            f"--ckpt_path: {path} is not a readable checkpoint ({_first_line(err)}); it may be truncated by an "
+            "interrupted save or copy: use another one (e.g. an earlier epoch=...ckpt)"
+        ) from None
+    if not isinstance(checkpoint, dict) or "policy" not in checkpoint.get("hyper_parameters", {}):
+        raise UserInputError(f"--ckpt_path: {path} was not written by lightning-pref fit (no policy in its hparams)")
+    return checkpoint
+
+
+def _check_matches(checkpoint: dict[str, Any], model: Any, path: str) -> None:
+    """The config's policy and loss must be those the checkpoint was trained with: LightningCLI would otherwise
+    replace them with the checkpoint's without a word."""
+    hparams = checkpoint["hyper_parameters"]
+    given = model.as_dict() if hasattr(model, "as_dict") else dict(model)
+    for key in ("policy", "loss"):
+        trained, configured = hparams.get(key), given.get(key)
+        if trained is not None and configured is not None and _plain(trained) != _plain(configured):
+            raise UserInputError(
+                f"--ckpt_path: {path} was trained with model.{key} {_describe(trained)} but the config gives "
+                f"{_describe(configured)}; use the config it was trained with (its run's config.yaml) or leave "
+                f"model.{key} as it was"
+            )
+
+
+def _plain(value: Any) -> Any:
+    """Namespaces as dicts, for comparing a config value with a checkpoint's hyperparameter."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _describe(value: Any) -> str:
+    value = _plain(value)
+    if isinstance(value, dict) and "class_path" in value:
+        args = ", ".join(f"{k}={v!r}" for k, v in (value.get("init_args") or {}).items())
+        return f"{value['class_path'].rsplit('.', 1)[-1]}({args})"
+    return repr(value)
 
 
 def _first_line(err: BaseException) -> str:

@@ -25,6 +25,8 @@ _POLICY_PREFIX = "policy."
 
 def _check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--output_dir: {out} is a file; the export writes a directory, so choose another path")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserInputError(f"--output_dir: {out} exists and is not empty; choose another or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
@@ -32,12 +34,21 @@ def _check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
 
 
 def save_policy(
-    module: PreferenceModule, output_dir: str | Path, adapter_only: bool = False, dtype: DtypeName | None = None
+    module: PreferenceModule, output_dir: str | Path, adapter_only: bool = False, dtype: DtypeName | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``module``'s policy and tokenizer to ``output_dir`` with ``save_pretrained`` (in ``dtype``: ``None``
-    keeps the trained parameters' dtype)."""
+    """Write ``module``'s policy and tokenizer to ``output_dir`` with ``save_pretrained``.
+
+    Args:
+        module: the module whose policy to write.
+        output_dir: the directory.
+        adapter_only: for a LoRA policy, the adapter alone instead of merged weights.
+        dtype: dtype of the saved weights; ``None`` keeps the trained parameters' dtype.
+        state_dict: the policy's full weights (keys of ``module.policy.model``) where the module's own are
+            sharded (:func:`gathered_policy_state`): they are put into an unsharded copy of the model.
+    """
     out = Path(output_dir)
-    model = module.policy.model
+    model = module.policy.model if state_dict is None else _unsharded(module, state_dict)
     if hasattr(model, "merge_and_unload") and not adapter_only:
         # Merge into a copy: the module keeps training (or validating) with its adapters intact.
         model = copy.deepcopy(model).merge_and_unload()
@@ -46,6 +57,35 @@ def save_policy(
     model.save_pretrained(out)
     module.tokenizer.save_pretrained(out)
     return out
+
+
+def gathered_policy_state(trainer: Trainer, module: PreferenceModule) -> dict[str, torch.Tensor] | None:
+    """Under a sharded strategy (FSDP, FSDP2) the policy's full weights, gathered to CPU on rank 0; ``None``
+    where every rank holds them whole. A collective: every rank must call it."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(trainer.strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    prefix = _POLICY_PREFIX + "model."
+    return {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+
+
+def _unsharded(module: PreferenceModule, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain copy of the policy holding ``state_dict``: built on the meta device, the weights assigned."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_pref.reference import apply_lora
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(module.policy.lm.config)
+        if module.hparams.reference_mode == "adapter":
+            model = apply_lora(model, module.hparams.lora)
+    model.load_state_dict(state_dict, assign=True)
+    (model.get_base_model() if hasattr(model, "get_base_model") else model).tie_weights()
+    return model
 
 
 def load_policy_from_checkpoint(ckpt_path: str | Path) -> PreferenceModule:
@@ -97,19 +137,27 @@ class ExportPolicy(Callback):
 
     In YAML: ``trainer: {callbacks: [{class_path: lightning_pref.export.ExportPolicy, init_args: {output_dir: x}}]}``.
 
+    Under sharded strategies every rank takes part in gathering the policy's full weights, and rank 0 writes
+    them, so the directory holds whole tensors, as after a single-device run.
+
     Args:
         output_dir: directory to write (checked before training starts, so a run never ends unable to export).
         overwrite: allow writing into a non-empty ``output_dir``.
         adapter_only: for a LoRA policy, save only the adapter.
+        dtype: dtype of the saved weights; ``None`` = as trained.
     """
 
-    def __init__(self, output_dir: str, overwrite: bool = False, adapter_only: bool = False) -> None:
-        self.output_dir, self.overwrite, self.adapter_only = output_dir, overwrite, adapter_only
+    def __init__(
+        self, output_dir: str, overwrite: bool = False, adapter_only: bool = False, dtype: DtypeName | None = None
+    ) -> None:
+        self.output_dir, self.overwrite, self.adapter_only, self.dtype = output_dir, overwrite, adapter_only, dtype
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
             _check_output_dir(self.output_dir, self.overwrite)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        state = gathered_policy_state(trainer, pl_module)  # every rank: a collective under sharded strategies
         if trainer.is_global_zero:
-            save_policy(pl_module, self.output_dir, self.adapter_only)
+            save_policy(pl_module, self.output_dir, self.adapter_only, self.dtype, state_dict=state)
+        trainer.strategy.barrier()

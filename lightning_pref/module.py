@@ -7,6 +7,7 @@ import copy
 import random
 import re
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -385,9 +386,22 @@ class PreferenceModule(LightningModule):
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
+    @property
+    def strict_loading(self) -> bool:
+        """Whether Lightning's own loading is strict: not under FSDP2, which loads parameter by parameter and
+        would refuse the frozen reference's keys (left out of checkpoints on purpose); there
+        :meth:`on_load_checkpoint` checks the keys instead. Elsewhere :meth:`load_state_dict` checks them."""
+        if self._strict_loading is not None:
+            return self._strict_loading
+        return self.device_mesh is None
+
+    @strict_loading.setter
+    def strict_loading(self, value: bool) -> None:
+        self._strict_loading = value
+
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Load weights, allowing exactly the frozen reference's keys to be missing (checkpoints leave it out; it
-        is rebuilt from the config) and nothing else, whatever ``strict`` a strategy asks for.
+        is rebuilt from the config) and nothing else, whatever ``strict`` a caller asks for.
 
         Raises:
             UserInputError: a key of the policy (or a moved reference) is missing, a key is unexpected, or a
@@ -398,15 +412,19 @@ class PreferenceModule(LightningModule):
         except RuntimeError as err:  # size mismatches are raised even when not strict
             detail = " ".join(str(err).split("\n\t")[1:2]).strip() or str(err).splitlines()[0]
             raise UserInputError(f"--ckpt_path: the checkpoint does not fit this model ({detail}); {_OTHER_MODEL}") from None
-        frozen = self.reference is not None and not self.hparams.ref_sync_steps
-        missing = [k for k in result.missing_keys if not (frozen and k.startswith(_REFERENCE_PREFIX))]
-        if missing or result.unexpected_keys:
-            what = f"missing {_few(missing)}" if missing else f"unexpected {_few(result.unexpected_keys)}"
-            raise UserInputError(f"--ckpt_path: the checkpoint does not fit this model ({what}); {_OTHER_MODEL}")
+        self._check_keys(result.missing_keys, result.unexpected_keys)
         return result
 
+    def _check_keys(self, missing: list[str], unexpected: list[str]) -> None:
+        frozen = self.reference is not None and not self.hparams.ref_sync_steps
+        missing = [k for k in missing if not (frozen and k.startswith(_REFERENCE_PREFIX))]
+        if missing or unexpected:
+            what = f"missing {_few(missing)}" if missing else f"unexpected {_few(unexpected)}"
+            raise UserInputError(f"--ckpt_path: the checkpoint does not fit this model ({what}); {_OTHER_MODEL}")
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint trained with another loss, and restore the RNG states when resuming."""
+        """Refuse a checkpoint trained with another loss, or (where the strategy loaded the weights itself,
+        non-strictly) one whose keys do not fit; restore the RNG states when resuming."""
         trained = checkpoint.get("hyper_parameters", {}).get("loss")
         if self._trainer is not None and isinstance(trained, dict) and trained != self.loss.spec:
             raise UserInputError(
@@ -414,6 +432,11 @@ class PreferenceModule(LightningModule):
                 f"{_describe(self.loss.spec)}; give the loss it was trained with (its run's config.yaml has it), or "
                 "export the policy and start a new run from the exported model"
             )
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        if "state_dict" not in checkpoint and path is not None and Path(path).is_file():
+            saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"].keys()
+            expected = self.state_dict().keys()
+            self._check_keys([k for k in expected if k not in saved], [k for k in saved if k not in expected])
         rng = checkpoint.get("rng_states")
         if rng is not None and self._trainer is not None:  # resuming a run, not loading weights for inference
             torch.set_rng_state(rng["torch"])

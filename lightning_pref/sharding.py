@@ -50,8 +50,10 @@ class DecoderLayerWrapPolicy:
     With the scorers wrapped, the policy's and the reference's embeddings and heads land in separate units.
 
     Args:
-        trainable_only: wrap only modules with trainable parameters (for ``activation_checkpointing_policy``:
-            recomputing the frozen reference's activations would save nothing, it keeps none for backward).
+        trainable_only: for ``activation_checkpointing_policy``: the policy's decoder layers only. Not the
+            frozen reference's (it keeps no activations for backward, so recomputing them saves nothing), and
+            not the scorers (a checkpointed scorer would nest checkpointing and run the whole policy forward
+            once more in backward).
     """
 
     def __init__(self, trainable_only: bool = False) -> None:
@@ -64,7 +66,7 @@ class DecoderLayerWrapPolicy:
             # names are known by the time its layers come up.
             self.layer_names.update(getattr(module, "_no_split_modules", None) or ())
             return True
-        is_unit = isinstance(module, SequenceScorer) or type(module).__name__ in self.layer_names
-        if is_unit and self.trainable_only:
-            return any(p.requires_grad for p in module.parameters())
-        return is_unit
+        layer = type(module).__name__ in self.layer_names
+        if self.trainable_only:
+            return layer and any(p.requires_grad for p in module.parameters())
+        return layer or isinstance(module, SequenceScorer)

@@ -36,3 +36,35 @@ class RecordLosses(Callback):
         path = Path(self.directory) / f"losses_rank{trainer.global_rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.losses))
+
+
+class Tagged(Callback):
+    """A callback with an argument that happens to be called ``loss`` (the CLI must not treat it as a loss)."""
+
+    def __init__(self, loss: str = "") -> None:
+        self.loss = loss
+
+
+def _nan_at_call_base():
+    from lightning_pref.losses import DPOLoss
+
+    return DPOLoss
+
+
+class NaNAtCall(_nan_at_call_base()):
+    """DPO whose ``at``-th training call (0-based) returns NaN losses, on process ``rank`` only (``None``: all)."""
+
+    def __init__(self, at: int = 1, rank: int | None = None, beta: float = 0.1) -> None:
+        super().__init__(beta)
+        self.at, self.rank, self.calls = at, rank, 0
+
+    def forward(self, policy, reference, *, kl_baseline=None):
+        import torch
+
+        out = super().forward(policy, reference, kl_baseline=kl_baseline)
+        if self.training:
+            this_rank = self.rank is None or int(os.environ.get("LOCAL_RANK", 0)) == self.rank
+            if self.calls == self.at and this_rank:
+                out.losses = out.losses * torch.nan
+            self.calls += 1
+        return out

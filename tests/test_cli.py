@@ -161,3 +161,85 @@ def test_lightning_misconfiguration_is_one_line(capsys):
         main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--trainer.val_check_interval", "0.5"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "val_check_interval" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def run_checkpoint(tmp_path_factory) -> str:
+    """The last.ckpt of a 1-step DPO run of configs/dpo.yaml."""
+    from lightning_pref.data.synthetic import generate
+    from tests.conftest import write_jsonl
+
+    tmp = tmp_path_factory.mktemp("ckpt")
+    data = write_jsonl(tmp / "pairs.jsonl", generate(8, seed=2)[0])
+    import sys
+
+    argv, sys.argv = sys.argv, ["lightning-pref"]
+    try:
+        main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--data.train", str(data), "--data.val", "null",
+              "--trainer.max_steps", "1", "--data.batch_size", "4", "--trainer.default_root_dir", str(tmp)])
+    finally:
+        sys.argv = argv
+    return str(tmp / "lightning_logs/version_0/checkpoints/last.ckpt")
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    """Exit status 2 and one ``error:`` line, the last thing printed (a run that got as far as loading data may
+    have printed its data summary before), and no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == err.splitlines()[-1:] and "Traceback" not in err, err[-2000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("negative beta", r"model\.loss: dpo: beta must be > 0, got -1"),
+        ("cdpo epsilon", r"model\.loss: cdpo: epsilon must be in \[0, 0\.5\), got 0\.7"),
+        ("negative lr", r"model\.optimizer: Invalid learning rate: -1"),
+        ("not utf-8", r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"),
+        ("truncated checkpoint", r"--ckpt_path: .*truncated\.ckpt is not a readable checkpoint"),
+        ("other model size", r"--ckpt_path: .*last\.ckpt was trained with model\.policy \{.*'hidden_size': 64.* but "
+                             r"the config gives \{.*'hidden_size': 32"),
+        ("other loss", r"--ckpt_path: .* was trained with model\.loss DPOLoss\(beta=0\.1\) but the config gives "
+                       r"IPOLoss\(beta=0\.1, length_normalize=True\)"),
+        ("export onto a file", r"--output_dir: .*taken is a file"),
+    ],
+)
+def test_ordinary_mistakes_are_one_line(tmp_path, capsys, run_checkpoint, case, expected):
+    import re
+
+    fit = ["fit", "--config", str(REPO / "configs/dpo.yaml"), "--trainer.max_steps", "1",
+           "--trainer.default_root_dir", str(tmp_path)]
+    if case == "negative beta":
+        argv = [*fit, "--model.loss.beta", "-1"]
+    elif case == "cdpo epsilon":
+        argv = [*fit, "--model.loss", "cdpo", "--model.loss.epsilon", "0.7"]
+    elif case == "negative lr":
+        argv = [*fit, "--model.optimizer.init_args.lr", "-1"]
+    elif case == "not utf-8":
+        data = tmp_path / "latin1.jsonl"
+        data.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "caf\xe9", "chosen": "b", '
+                         b'"rejected": "c"}\n')
+        argv = [*fit, "--data.train", str(data), "--data.val", "null"]
+    elif case == "truncated checkpoint":
+        broken = tmp_path / "truncated.ckpt"
+        data = open(run_checkpoint, "rb").read()
+        broken.write_bytes(data[: len(data) // 2])
+        argv = ["validate", "--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path", str(broken)]
+    elif case == "other model size":
+        argv = ["validate", "--config", str(REPO / "configs/dpo.yaml"), "--model.policy.hidden_size", "32",
+                "--ckpt_path", run_checkpoint]
+    elif case == "other loss":
+        argv = ["validate", "--config", str(REPO / "configs/dpo.yaml"), "--model.loss", "ipo",
+                "--ckpt_path", run_checkpoint]
+    else:
+        (tmp_path / "taken").write_text("a file of yours")
+        argv = ["export", "--ckpt_path", run_checkpoint, "--output_dir", str(tmp_path / "taken")]
+    err = _one_line_error(capsys, argv)
+    assert re.search(expected, err), err
+    if case == "export onto a file":
+        assert (tmp_path / "taken").read_text() == "a file of yours"

@@ -141,3 +141,47 @@ def test_kto_kl_baseline_distributed(data, tmp_path, strategy):
     kl = [float(r["train/kl"]) for r in rows if r.get("train/kl")]
     assert kl and all(v >= 0 and v == v for v in kl)
     assert any(r.get("val/rewards/accuracies") for r in rows)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_nonfinite_skip_and_export_at_the_end_of_a_sharded_fit(data, tmp_path, strategy):
+    """A non-finite loss on one rank only, with on_nonfinite: skip, keeps the ranks' collectives in step (no hang,
+    no 'returning None' error); ExportPolicy at the end gathers the full policy on rank 0 (under FSDP2 saving on
+    rank 0 alone used to hang or write shards)."""
+    root, out = tmp_path / "run", tmp_path / "exported"
+    result = _cli(
+        "fit", "--config", str(REPO / "configs/dpo.yaml"), *_strategy(strategy), "--trainer.accelerator", "cpu",
+        "--data.train", str(data["train"]), "--data.val", "null", "--data.batch_size", "4",
+        "--trainer.max_steps", "3", "--trainer.default_root_dir", str(root), "--progress_bar.refresh_rate", "0",
+        "--model.loss", "tests.support.NaNAtCall", "--model.loss.at", "1", "--model.loss.rank", "1",
+        "--model.on_nonfinite", "skip", "--trainer.callbacks+=lightning_pref.export.ExportPolicy",
+        f"--trainer.callbacks.output_dir={out}",
+    )
+    assert "non-finite loss at step 1" in result.stderr and "batch skipped" in result.stderr
+    last = torch.load(_last(root), weights_only=False)
+    assert last["global_step"] == 3
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    policy = {k.removeprefix("policy.model."): v for k, v in last["state_dict"].items() if k.startswith("policy.")}
+    assert exported.keys() == policy.keys()
+    for key, value in policy.items():
+        torch.testing.assert_close(exported[key], value, msg=key)
+
+
+def test_fsdp2_refuses_a_checkpoint_missing_a_policy_key(runs, data, tmp_path):
+    """FSDP2 loads weights itself, non-strictly before; now only the frozen reference's keys may be missing."""
+    checkpoint = torch.load(_last(runs[None]), weights_only=False)
+    del checkpoint["state_dict"]["policy.model.model.norm.weight"]
+    broken = tmp_path / "broken.ckpt"
+    torch.save(checkpoint, broken)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_pref", "validate", "--config", str(REPO / "configs/dpo.yaml"),
+         *_strategy("fsdp2"), "--trainer.accelerator", "cpu", "--data.train", str(data["train"]),
+         "--data.val", str(data["val"]), "--trainer.default_root_dir", str(tmp_path / "v"), "--ckpt_path", str(broken),
+         "--progress_bar.refresh_rate", "0"],
+        env=env, capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "missing policy.model.model.norm.weight" in result.stderr

@@ -70,11 +70,14 @@ def test_a_policy_by_layer_class_alone_would_mix():
     assert len({p.requires_grad for p in _units(wrapped)[0]}) == 2
 
 
-def test_activation_checkpointing_policy_skips_the_frozen_reference():
+def test_activation_checkpointing_policy_is_the_policys_decoder_layers_only():
+    """Not the frozen reference (nothing to save) and not a scorer (nested checkpointing, a whole extra policy
+    forward in every backward, for every loss)."""
     model = _module()
     wrapped = _wrap(model, DecoderLayerWrapPolicy(trainable_only=True))
     units = [m.module for m in wrapped.modules() if isinstance(m, Unit)]
-    assert units and all(any(p.requires_grad for p in m.parameters()) for m in units)
+    assert [type(m).__name__ for m in units] == ["LlamaDecoderLayer"] * TINY["num_hidden_layers"]
+    assert all(any(p.requires_grad for p in m.parameters()) for m in units)
     assert not any(isinstance(m, Unit) for m in wrapped.reference.modules())
 
 

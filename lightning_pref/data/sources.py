@@ -101,9 +101,17 @@ def _digest(*parts: object) -> str:
 def _read_json(file: Path, path: str, field: str) -> Source:
     try:
         # A gzipped file is decompressed whole, like a plain one is read whole: line numbers stay the file's own.
-        text = gzip.decompress(file.read_bytes()).decode("utf-8") if file.suffix == ".gz" else file.read_text("utf-8")
-    except (OSError, EOFError, UnicodeDecodeError) as err:  # a broken or truncated .gz, or not UTF-8
+        raw = gzip.decompress(file.read_bytes()) if file.suffix == ".gz" else file.read_bytes()
+    except (OSError, EOFError) as err:  # a broken or truncated .gz
         raise UserInputError(f"{field}: cannot read {path} as {_suffix(file)}: {_first_line(err)}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserInputError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save the file as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8)"
+        ) from None
     if _suffix(file) in (".json", ".json.gz") and not text.lstrip().startswith("{"):
         try:
             records = json.loads(text)
