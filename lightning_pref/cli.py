@@ -22,6 +22,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
@@ -127,7 +128,8 @@ class LightningPrefCLI(LightningCLI):
             config["ckpt_path"] = str(_last_checkpoint(Path(config.trainer.get("default_root_dir") or ".")))
         path = config.get("ckpt_path")
         if path is not None and path not in ("best", "hpc", "registry") and not Path(path).is_dir():
-            _check_matches(_read_checkpoint(path), config.model, path)
+            given = sys.argv[1:] if args is None else list(args)
+            _check_matches(_read_checkpoint(path), config.model, path, given)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # A CSV logger under default_root_dir unless the config names a logger: Lightning's own default would
@@ -171,19 +173,24 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
     return checkpoint
 
 
-def _check_matches(checkpoint: dict[str, Any], model: Any, path: str) -> None:
-    """The config's policy and loss must be those the checkpoint was trained with: LightningCLI would otherwise
-    replace them with the checkpoint's without a word."""
+def _check_matches(checkpoint: dict[str, Any], model: Any, path: str, argv: list[str]) -> None:
+    """LightningCLI replaces the config's model options with the checkpoint's (the trained model and loss win).
+    Say so where they differ; and where the command line itself gives another policy or loss, that contradicts
+    the checkpoint: one line, exit 2."""
     hparams = checkpoint["hyper_parameters"]
-    given = model.as_dict() if hasattr(model, "as_dict") else dict(model)
+    configured = model.as_dict() if hasattr(model, "as_dict") else dict(model)
     for key in ("policy", "loss"):
-        trained, configured = hparams.get(key), given.get(key)
-        if trained is not None and configured is not None and _plain(trained) != _plain(configured):
+        trained, given = hparams.get(key), configured.get(key)
+        if trained is None or given is None or _plain(trained) == _plain(given):
+            continue
+        if any(a == f"--model.{key}" or a.startswith((f"--model.{key}.", f"--model.{key}=")) for a in argv):
             raise UserInputError(
-                f"--ckpt_path: {path} was trained with model.{key} {_describe(trained)} but the config gives "
-                f"{_describe(configured)}; use the config it was trained with (its run's config.yaml) or leave "
-                f"model.{key} as it was"
+                f"--ckpt_path: {path} was trained with model.{key} {_describe(trained)}, but the command line "
+                f"gives {_describe(given)}; a checkpoint restores what it was trained with: drop --model.{key}, "
+                "or export the policy and start a new run from it"
             )
+        rank_zero_info(f"--ckpt_path: model.{key} {_describe(trained)} from the checkpoint (the config has "
+                       f"{_describe(given)})")
 
 
 def _plain(value: Any) -> Any:

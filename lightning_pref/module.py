@@ -188,15 +188,10 @@ class PreferenceModule(LightningModule):
         self.policy = self.scorer(policy)
         if hp.compile:
             self.policy.compile()
-        mesh = fsdp_mesh(self.device_mesh) if self.device_mesh is not None else None  # ModelParallelStrategy
-        if mesh is not None:
-            apply_fsdp2([self.policy], mesh)
         if self.uses_reference_model:
-            # Under FSDP2 the policy is sharded first and the reference loaded anew (the same weights: same spec
-            # and seed) rather than copied, so a rank never holds two full models at once.
-            self.reference = self.build_reference_scorer(copy_of=None if mesh is not None else policy)
-            if mesh is not None:
-                apply_fsdp2([self.reference], mesh)
+            self.reference = self.build_reference_scorer(copy_of=policy)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its device mesh
+            apply_fsdp2([s for s in (self.policy, self.reference) if s is not None], fsdp_mesh(self.device_mesh))
         if self._trainer is not None:
             rank_zero_info(self._describe_dtypes())
 

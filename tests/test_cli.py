@@ -120,7 +120,7 @@ def test_losses_table(capsys):
     assert "dpo" in out and "DPOLoss" in out and "beta=0.1" in out
 
 
-def test_fit_then_validate_from_local_model_directory(tmp_path, pairs_file, tokenizer):
+def test_fit_then_validate_from_local_model_directory(tmp_path, pairs_file, tokenizer, caplog):
     """The real loading path: from_pretrained on a local directory (model and tokenizer saved there)."""
     from lightning_pref.models import load_causal_lm
 
@@ -145,6 +145,8 @@ def test_fit_then_validate_from_local_model_directory(tmp_path, pairs_file, toke
         "--trainer.default_root_dir", str(out), "--ckpt_path", last,
     ])
     assert glob.glob(str(out / "lightning_logs/version_1/metrics.csv"))  # a new version, nothing overwritten
+    # the config file's beta differs from the trained one: the checkpoint's loss is used, and that is said
+    assert any("model.loss DPOLoss(beta=0.2) from the checkpoint" in r.getMessage() for r in caplog.records)
 
 
 def test_missing_model_directory_is_one_line(tmp_path, capsys):
@@ -202,10 +204,10 @@ def _one_line_error(capsys, argv: list[str]) -> str:
         ("negative lr", r"model\.optimizer: Invalid learning rate: -1"),
         ("not utf-8", r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"),
         ("truncated checkpoint", r"--ckpt_path: .*truncated\.ckpt is not a readable checkpoint"),
-        ("other model size", r"--ckpt_path: .*last\.ckpt was trained with model\.policy \{.*'hidden_size': 64.* but "
-                             r"the config gives \{.*'hidden_size': 32"),
-        ("other loss", r"--ckpt_path: .* was trained with model\.loss DPOLoss\(beta=0\.1\) but the config gives "
-                       r"IPOLoss\(beta=0\.1, length_normalize=True\)"),
+        ("other model size", r"--ckpt_path: .*last\.ckpt was trained with model\.policy \{.*'hidden_size': 64.*, but "
+                             r"the command line gives \{.*'hidden_size': 32"),
+        ("other loss", r"--ckpt_path: .* was trained with model\.loss DPOLoss\(beta=0\.1\), but the command line "
+                       r"gives IPOLoss\(beta=0\.1, length_normalize=True\)"),
         ("export onto a file", r"--output_dir: .*taken is a file"),
     ],
 )

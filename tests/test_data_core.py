@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lightning_pref.data import PreferenceCollator, PreferenceDataModule
-from lightning_pref.kl import mismatched
 from lightning_pref.data.tokenize import Encoded, encode_prompt, encode_response, truncate
 from lightning_pref.errors import UserInputError
+from lightning_pref.kl import mismatched
 from tests.conftest import write_jsonl
 
 

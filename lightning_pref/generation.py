@@ -1,0 +1,148 @@
+"""Completions from the policy and the reference: sampling options, left-padded prompt batches, decoding.
+
+One function, :func:`generate`, serves ``predict``, ``evaluate``, the ``SampleCompletions`` callback and
+on-policy training. It runs ``transformers``' own ``generate`` in eval mode without gradients, with the model's
+generation config as the base (its EOS ids) plus the chat template's end-of-turn, and seeds a private RNG stream,
+so the same seed gives the same completions and the training RNG (exact resume) is untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from lightning_pref.errors import UserInputError
+
+
+@dataclass
+class GenerationOptions:
+    """How completions are sampled (``model.generation``); the fields of ``transformers.GenerationConfig``.
+
+    Attributes:
+        max_new_tokens: most tokens per completion (a completion that stops earlier ended with EOS).
+        do_sample: sample (with ``temperature`` and ``top_p``) instead of greedy decoding.
+        temperature: sampling temperature.
+        top_p: nucleus sampling mass.
+        num_return_sequences: completions per prompt.
+        seed: seed of the sampling; each batch uses ``seed`` plus its first prompt's index.
+    """
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_return_sequences: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserInputError(f"model.generation.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.num_return_sequences < 1:
+            raise UserInputError(f"model.generation.num_return_sequences: must be >= 1, got {self.num_return_sequences}")
+        if self.num_return_sequences > 1 and not self.do_sample:
+            raise UserInputError(
+                "model.generation.num_return_sequences: several completions per prompt need do_sample: true "
+                "(greedy decoding gives the same one each time)"
+            )
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise UserInputError(
+                f"model.generation: temperature must be > 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}"
+            )
+
+
+@dataclass
+class Completions:
+    """Completions of a batch of ``B`` prompts, ``k = num_return_sequences`` each, prompt-major.
+
+    Attributes:
+        texts: decoded completions, special tokens dropped. # [B][k]
+        ids: the generated token ids, right-padded with the pad id, ending with the stop token where one was
+            generated. # (B * k, L)
+        lengths: tokens of each completion, its stop token included. # (B * k,)
+        eos: whether each completion stopped on a stop token (rather than at ``max_new_tokens``). # (B * k,)
+    """
+
+    texts: list[list[str]]
+    ids: Tensor
+    lengths: Tensor
+    eos: Tensor
+    stop_ids: list[int] = field(default_factory=list)
+
+
+def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase, end_of_turn: str = "") -> list[int]:
+    """The tokens that end a completion: the model's generation config's EOS ids, the tokenizer's EOS and the
+    chat template's end-of-turn (ChatML ``<|im_end|>``, Gemma ``<end_of_turn>``) when it is one token."""
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        ids += value if isinstance(value, list) else [value] if value is not None else []
+    if end_of_turn:
+        encoded = tokenizer(end_of_turn, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1:
+            ids.append(encoded[0])
+    return list(dict.fromkeys(ids))
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, options: GenerationOptions,
+    tokenizer: PreTrainedTokenizerBase, seed: int, stop_ids: list[int],
+) -> Completions:
+    """Sample completions for left-padded prompts.
+
+    Args:
+        model: a ``transformers`` causal LM (the policy's, or the reference's).
+        input_ids: prompts, left-padded. # (B, P)
+        attention_mask: 1 for real prompt tokens. # (B, P)
+        options: the sampling options.
+        tokenizer: decodes the completions; its pad id pads them.
+        seed: seed of this call's private RNG stream.
+        stop_ids: tokens that end a completion (:func:`stop_token_ids`).
+    """
+    base = getattr(model, "generation_config", None)
+    config = GenerationConfig(**{**(base.to_dict() if base is not None else {}), **_fields(options)})
+    config.eos_token_id, config.pad_token_id = stop_ids, tokenizer.pad_token_id
+    config.bos_token_id = getattr(base, "bos_token_id", None)
+    if not options.do_sample:  # a checkpoint's sampling defaults would otherwise warn under greedy decoding
+        config.temperature, config.top_p, config.top_k = None, None, None
+    was_training = model.training
+    model.eval()
+    devices = [input_ids.device] if input_ids.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    finally:
+        model.train(was_training)
+    new = out[:, input_ids.shape[1] :]  # (B * k, L)
+    stops = torch.isin(new, torch.tensor(stop_ids, device=new.device))
+    first_stop = torch.where(stops.any(-1), stops.int().argmax(-1), torch.full_like(stops[:, 0], new.shape[1], dtype=torch.long))
+    eos = stops.any(-1)
+    lengths = torch.where(eos, first_stop + 1, torch.full_like(first_stop, new.shape[1]))  # stop token included
+    keep = torch.arange(new.shape[1], device=new.device) < lengths[:, None]
+    ids = new.masked_fill(~keep, tokenizer.pad_token_id)
+    decoded = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(ids, lengths.tolist(), strict=True)]
+    k = options.num_return_sequences
+    texts = [decoded[i : i + k] for i in range(0, len(decoded), k)]
+    return Completions(texts, ids, lengths, eos, stop_ids)
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad prompt ids (generation continues every row from its last token). # -> (B, P), (B, P)"""
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            ids[row, length - len(prompt) :] = torch.tensor(prompt)
+            mask[row, length - len(prompt) :] = 1
+    return ids, mask
+
+
+def _fields(options: GenerationOptions) -> dict:
+    values = asdict(options)
+    values.pop("seed")
+    return values
