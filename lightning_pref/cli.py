@@ -9,8 +9,10 @@ A loss is chosen by registered name (``--model.loss ipo``), class name (``IPOLos
 from __future__ import annotations
 
 import inspect
+import logging
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from jsonargparse import ArgumentParser, set_loader
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import OmegaConf
@@ -29,57 +31,72 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+import lightning_pref.judges  # noqa: F401  (registers the built-in judges)
 import lightning_pref.losses  # noqa: F401  (registers the built-in losses)
 from lightning_pref.data import PreferenceDataModule
 from lightning_pref.errors import TrainingError, UserInputError
+from lightning_pref.evaluate import PreferenceTrainer
 from lightning_pref.losses.base import PreferenceLoss
 from lightning_pref.module import PreferenceModule
-from lightning_pref.registry import get_loss_class, list_losses, load_plugins, unknown_loss_message
+from lightning_pref.predict import PredictionWriter
+from lightning_pref.registry import JUDGES, LOSSES, Registry, get_loss_class, list_losses, load_plugins
+from lightning_pref.report import RunSummary
 
 PARSER_MODE = "lightning_pref"
-_LOSS_FLAGS = ("--model.loss", "--model.loss.class_path")
+#: Options whose value may be a registered plugin name, and the registry that names them: the module's plugin
+#: arguments (``PreferenceModule.plugin_registries``: ``model.loss``, ...) and ``evaluate``'s ``judge``.
+NAMED_OPTIONS: dict[str, Registry] = {"model.loss": LOSSES, "judge": JUDGES}
 
 
-def resolve_loss_name(value: Any) -> Any:
-    """Map a registered loss name or loss class name to its import path; leave anything else alone.
+def resolve_name(value: Any, registry: Registry, option: str) -> Any:
+    """Map a registered name (or a registered class's name) to its import path; leave anything else alone.
 
     jsonargparse resolves class names and import paths itself but knows nothing of registered names, so they
-    are translated before parsing. A bare word that is neither is an error listing the registered losses.
+    are translated before parsing. A bare word that is neither is an error listing the registered names.
     """
     if not isinstance(value, str) or "." in value or value.startswith(("{", "[")) or not value.isidentifier():
         return value
-    names = list_losses()
-    if value in names:
-        cls = get_loss_class(value)
-    else:
-        cls = next((c for c in map(get_loss_class, names) if c.__name__ == value), None)
-        if cls is None:
-            raise UserInputError(f"model.loss: {unknown_loss_message(value)}")
+    cls = registry.resolve(value)
+    if cls is None:
+        raise UserInputError(f"{option}: {registry.unknown_message(value)}")
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def resolve_loss_name(value: Any) -> Any:
+    """:func:`resolve_name` for ``model.loss``."""
+    return resolve_name(value, LOSSES, "model.loss")
+
+
 def _resolve_in_config(config: Any) -> Any:
-    """Resolve a registered loss name given as ``model.loss`` (``loss: kto`` or ``class_path: kto``) in a loaded
-    config. Only that key: anything else called ``loss`` (a callback's argument, say) is left alone."""
-    model = config.get("model") if isinstance(config, dict) else None
-    if isinstance(model, dict) and "loss" in model:
-        loss = model["loss"]
-        if isinstance(loss, dict) and "class_path" in loss:
-            loss["class_path"] = resolve_loss_name(loss["class_path"])
+    """Resolve registered names given for the :data:`NAMED_OPTIONS` in a loaded config (``loss: kto`` or
+    ``class_path: kto``). Only those keys: anything else called ``loss`` (a callback's argument, say) is left
+    alone."""
+    for option, registry in NAMED_OPTIONS.items():
+        *parents, key = option.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or key not in node:
+            continue
+        value = node[key]
+        if isinstance(value, dict) and "class_path" in value:
+            value["class_path"] = resolve_name(value["class_path"], registry, option)
         else:
-            model["loss"] = resolve_loss_name(loss)
+            node[key] = resolve_name(value, registry, option)
     return config
 
 
 def resolve_loss_args(argv: list[str]) -> list[str]:
-    """Resolve loss names given on the command line (``--model.loss ipo`` or ``--model.loss=ipo``)."""
+    """Resolve registered names given on the command line (``--model.loss ipo``, ``--judge=no_shouting``,
+    ``--model.loss.class_path ipo``)."""
+    flags = {f"--{o}{suffix}": (r, o) for o, r in NAMED_OPTIONS.items() for suffix in ("", ".class_path")}
     out = list(argv)
     for i, arg in enumerate(out):
         flag, eq, value = arg.partition("=")
-        if flag in _LOSS_FLAGS and eq:
-            out[i] = f"{flag}={resolve_loss_name(value)}"
-        elif arg in _LOSS_FLAGS and i + 1 < len(out):
-            out[i + 1] = resolve_loss_name(out[i + 1])
+        if flag in flags and eq:
+            out[i] = f"{flag}={resolve_name(value, *flags[flag])}"
+        elif arg in flags and i + 1 < len(out):
+            out[i + 1] = resolve_name(out[i + 1], *flags[arg])
     return out
 
 
@@ -95,17 +112,59 @@ def _register_parser_mode() -> None:
     set_loader(PARSER_MODE, _load_config, (yaml.YAMLError, OmegaConfBaseException))
 
 
+class ProgressBar(RichProgressBar):
+    """Rich's progress bar without Lightning's run-length artefacts: no ``Epoch 0/-2`` when the run is bounded
+    by ``max_steps`` rather than epochs, and no ``v_num`` (the log directory's version) among the metrics."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+            return f"Epoch {current_epoch}"
+        return super()._get_train_description(current_epoch)
+
+    def get_metrics(self, trainer: Trainer, pl_module: Any) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
+#: Always-on callbacks (configured as ``--<key>.*``), and the Trainer flag that turns each off.
+ALWAYS_ON = {"checkpoint": "enable_checkpointing", "progress_bar": "enable_progress_bar", "predictions": None,
+             "summary": None}
+
+
 class LightningPrefCLI(LightningCLI):
-    """LightningCLI with the tokenizer and the loss's data needs linked from the model to the data module."""
+    """LightningCLI with the tokenizer and the loss's data needs linked from the model to the data module, the
+    ``evaluate`` subcommand, and always-on callbacks that yield to Lightning's own flags."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
         parser.link_arguments("model.requires_kl_baseline", "data.kl_baseline", apply_on="instantiate")
-        # Always-on callbacks, configurable as --checkpoint.* and --progress_bar.*: a last.ckpt to resume or
-        # validate from, and a progress bar showing loss and reward accuracy.
+        # Always-on callbacks, configurable as --checkpoint.*, --progress_bar.*, --predictions.*, --summary.*: a
+        # last.ckpt to resume or validate from, a progress bar showing loss and reward accuracy, predict's JSONL,
+        # and the summary at the end of fit.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
-        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+        parser.add_lightning_class_args(ProgressBar, "progress_bar")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(RunSummary, "summary")
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI rebuilds the trained model: it reads the checkpoint's hyperparameters into the model
+        config. Options the command line gives explicitly (``--model.generation.max_new_tokens 32``) still win;
+        a contradicting policy or loss has already been refused (:meth:`parse_arguments`)."""
+        subcommand = self.config.get("subcommand")
+        before = self.config.clone() if subcommand else None
+        super()._parse_ckpt_path()
+        if before is None:
+            return
+        for arg in sys.argv[1:]:
+            key = arg.removeprefix("--").partition("=")[0]
+            if key.startswith("model.") and f"{subcommand}.{key}" in before:
+                self.config[f"{subcommand}.{key}"] = before[f"{subcommand}.{key}"]
 
     def instantiate_classes(self) -> None:
         """Instantiate as LightningCLI does; an argument a constructor refuses (``--model.loss.beta -1``) is one
@@ -132,12 +191,26 @@ class LightningPrefCLI(LightningCLI):
             _check_matches(_read_checkpoint(path), config.model, path, given)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        # A CSV logger under default_root_dir unless the config names a logger: Lightning's own default would
-        # switch to TensorBoard whenever it happens to be installed, changing where metrics land.
-        trainer_config = self.config_init[self.subcommand].trainer if self.subcommand else self.config_init.trainer
-        if trainer_config.get("logger") in (None, True) and "logger" not in kwargs:
-            kwargs["logger"] = CSVLogger(trainer_config.get("default_root_dir") or ".")
-        return super().instantiate_trainer(**kwargs)
+        """The Trainer with the always-on callbacks, except those a Trainer flag turns off
+        (``--trainer.enable_progress_bar false``, ``--trainer.enable_checkpointing false``), and a CSV logger
+        under ``default_root_dir`` unless the config names a logger: Lightning's own default would switch to
+        TensorBoard whenever it happens to be installed, changing where metrics land."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = {**config.get("trainer", {}), **kwargs}
+        if trainer_config.get("logger") in (None, True):
+            trainer_config["logger"] = CSVLogger(trainer_config.get("default_root_dir") or ".")
+        callbacks = [config[key] for key, flag in ALWAYS_ON.items() if flag is None or trainer_config.get(flag) is not False]
+        return self._instantiate_trainer(trainer_config, callbacks)  # LightningCLI's: adds the config callback
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml`` in the run's log directory; without a logger there is no run directory
+    (``default_root_dir`` is shared by every run), so nothing is written rather than refusing the next run."""
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        super().setup(trainer, pl_module, stage)
 
 
 def _version_number(path: Path) -> int:
@@ -276,9 +349,32 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertising tips ("💡 Tip: ... install litlogger"), nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_console() -> None:
+    """Silence, narrowly, the third-party noise a lightning-pref run causes and a user can do nothing about:
+    Lightning's install tips; its pytree deprecation (raised inside Lightning on our batch type); its note
+    that an always-on checkpoint callback restored from an earlier run's directory will not reload that run's
+    top-k state (every run writes a new version directory on purpose); and its warning about the empty
+    validation loader of a run without validation data. Every other warning stays."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+    for message in (
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        r"The dirpath has changed from .* therefore `best_model_score`",
+        r"Total length of `list` across ranks is zero",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-pref`` console script; ``args`` replaces ``sys.argv[1:]`` (for scripts)."""
     argv = list(sys.argv[1:] if args is None else args)
+    quiet_console()
     load_plugins()  # third-party losses must be registered before names are resolved
     try:
         if argv[:1] == ["losses"]:
@@ -310,7 +406,10 @@ def main(args: list[str] | None = None) -> None:
         # sys.argv: given as both, it would warn that args and sys.argv disagree.
         saved, sys.argv = sys.argv, [sys.argv[0], *resolve_loss_args(argv)]
         try:
-            LightningPrefCLI(PreferenceModule, PreferenceDataModule, parser_kwargs={"parser_mode": PARSER_MODE})
+            LightningPrefCLI(
+                PreferenceModule, PreferenceDataModule, trainer_class=PreferenceTrainer,
+                save_config_callback=SaveRunConfig, parser_kwargs={"parser_mode": PARSER_MODE},
+            )
         finally:
             sys.argv = saved
     except (UserInputError, TrainingError, MisconfigurationException) as err:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import random
 import re
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +18,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_pref.data.chat import ChatTemplate
 from lightning_pref.errors import TrainingError, UserInputError
+from lightning_pref.generation import Completions, GenerationOptions, generate, left_pad, stop_token_ids
 from lightning_pref.kl import kl_baseline
 from lightning_pref.logps import SequenceScorer
 from lightning_pref.losses import DPOLoss, PreferenceLoss
@@ -35,7 +39,7 @@ from lightning_pref.precompute import PrecomputedReference, weights_fingerprint
 from lightning_pref.reference import ReferenceMode, apply_lora, check_reference_mode, soft_update
 from lightning_pref.registry import UnknownLossError, loss_from_spec
 from lightning_pref.sharding import apply_fsdp2, fsdp_mesh
-from lightning_pref.types import KLRows, PreferenceBatch, SequenceLogps
+from lightning_pref.types import KLRows, PreferenceBatch, PromptBatch, SequenceLogps
 
 # The frozen reference is in eval mode on purpose; Lightning warns about any eval-mode module at fit start.
 warnings.filterwarnings("ignore", message=re.escape("Found ") + r"\d+ module\(s\) in eval mode at the start of training")
@@ -85,6 +89,7 @@ class PreferenceModule(LightningModule):
         response_only_head: apply the LM head only at response positions (same values, less work).
         gradient_checkpointing: recompute the policy's activations in backward (less memory, ~30% more time).
         compile: ``torch.compile`` the policy's forward (in place, so checkpoint keys do not change).
+        generation: how completions are sampled (``predict``, ``evaluate``, ``SampleCompletions``).
     """
 
     def __init__(
@@ -111,11 +116,16 @@ class PreferenceModule(LightningModule):
         response_only_head: bool = True,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        generation: GenerationOptions | None = None,
     ) -> None:
         super().__init__()
         # The factories are kept by the CLI's config.yaml; as hparams they would be pickled objects. The loss is
         # kept as its spec (class_path and init_args), so load_from_checkpoint rebuilds the loss that was trained.
-        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "generation"])
+        if isinstance(generation, dict):  # as checkpoints keep it
+            generation = GenerationOptions(**generation)
+        self.generation = generation if generation is not None else GenerationOptions()
+        self.hparams["generation"] = dataclasses.asdict(self.generation)
         if isinstance(loss, dict):  # a spec, as checkpoints keep it
             try:
                 loss = loss_from_spec(loss)
@@ -141,7 +151,12 @@ class PreferenceModule(LightningModule):
 
     @property
     def uses_reference_model(self) -> bool:
-        return self.loss.requires_reference and self.hparams.reference_mode == "model"
+        """A reference model is built: in ``model`` mode for a loss that needs one, and for ``predict`` in
+        ``precomputed`` mode too (its completions are written next to the policy's)."""
+        if not self.loss.requires_reference:
+            return False
+        predicting = self._trainer is not None and self.trainer.predicting
+        return self.hparams.reference_mode == "model" or (predicting and self.hparams.reference_mode == "precomputed")
 
     @property
     def reference_torch_dtype(self) -> torch.dtype | None:
@@ -365,6 +380,50 @@ class PreferenceModule(LightningModule):
         self.train()
         self._finite_batches = 0
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end a completion: the policy's EOS ids and the chat template's end-of-turn."""
+        if getattr(self, "_stop_ids", None) is None:
+            end_of_turn = ChatTemplate(self.tokenizer).end_of_turn if getattr(self.tokenizer, "chat_template", None) else ""
+            self._stop_ids = stop_token_ids(self.policy.lm, self.tokenizer, end_of_turn)
+        return self._stop_ids
+
+    def complete(
+        self, prompts: list[list[int]], seed: int | None = None, with_reference: bool = True
+    ) -> tuple[Completions, Completions | None]:
+        """Completions of prompt ids by the policy and, where there is one, the reference (the same seed).
+
+        Args:
+            prompts: prompt token ids.
+            seed: seed of the sampling; ``None`` = ``model.generation.seed``.
+            with_reference: also the reference's (``None`` without a reference model).
+        """
+        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        seed = self.generation.seed if seed is None else seed
+        run = partial(generate, input_ids=ids, attention_mask=mask, options=self.generation, tokenizer=self.tokenizer,
+                      seed=seed, stop_ids=self.stop_ids)
+        policy = run(self.policy.lm)
+        if not with_reference:
+            return policy, None
+        if self.hparams.reference_mode == "adapter":
+            with self.policy.model.disable_adapter():
+                return policy, run(self.policy.lm)
+        return policy, run(self.reference.lm) if self.reference is not None else None
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
+        """Completions of a batch of prompts as records for :class:`~lightning_pref.predict.PredictionWriter`;
+        each batch is seeded by ``model.generation.seed`` plus its first prompt's index."""
+        seed = self.generation.seed + int(batch.index[0])
+        prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+        policy, reference = self.complete(prompts, seed)
+        records = []
+        for i, prompt in enumerate(batch.prompts):
+            record = {"prompt": prompt, **_completions("policy", policy, i)}
+            record |= _completions("reference", reference, i) if reference is not None else {"reference": None}
+            records.append(record)
+        return {"index": batch.index.tolist(), "weights": batch.weights.tolist(), "records": records}
+
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         self._step(batch, "val")
 
@@ -438,6 +497,16 @@ class PreferenceModule(LightningModule):
             random.setstate(rng["python"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _completions(name: str, completions: Completions, i: int) -> dict[str, Any]:
+    """Prompt ``i``'s completions as record fields: text(s), tokens, whether each ended with a stop token."""
+    k = len(completions.texts[i])
+    rows = slice(i * k, (i + 1) * k)
+    texts, tokens, eos = completions.texts[i], completions.lengths[rows].tolist(), completions.eos[rows].tolist()
+    if k == 1:
+        return {name: texts[0], f"{name}_tokens": tokens[0], f"{name}_eos": eos[0]}
+    return {name: texts, f"{name}_tokens": tokens, f"{name}_eos": eos}
 
 
 _OTHER_MODEL = "it was written for another model: use the model.policy and model options it was trained with"

@@ -1,11 +1,11 @@
-"""A small registry of loss plugins, in the style of timm's ``_registry.py``.
+"""Registries of plugins, in the style of timm's ``_registry.py``: preference losses, reward losses, judges.
 
-Built-in losses register themselves with :func:`register_loss` when ``lightning_pref.losses`` is imported.
-Third-party packages add theirs through the entry-point group ``lightning_pref.losses``:
+Built-in plugins register themselves with a decorator when their package is imported (``register_loss``,
+``register_reward_loss``, ``register_judge``). Third-party packages add theirs through an entry-point group:
 
 .. code-block:: toml
 
-    [project.entry-points."lightning_pref.losses"]
+    [project.entry-points."lightning_pref.losses"]          # or lightning_pref.reward_losses, lightning_pref.judges
     my_loss = "my_pkg.losses:MyLoss"
 
 Loading the entry point imports the module; a class that is not registered yet is registered under the entry
@@ -15,124 +15,157 @@ point's name.
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.metadata
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, Generic, TypeVar
 
-if TYPE_CHECKING:
-    from lightning_pref.losses.base import PreferenceLoss
-
-ENTRY_POINT_GROUP = "lightning_pref.losses"
-
-_LOSSES: dict[str, type[PreferenceLoss]] = {}
-_plugins_loaded = False
-
-L = TypeVar("L", bound="type[PreferenceLoss]")
+T = TypeVar("T")
 
 
 class UnknownLossError(KeyError):
-    """Raised for a loss name that is not registered; its message lists the registered names."""
+    """Raised for a name that is not registered; its message lists the registered names."""
 
     def __str__(self) -> str:  # KeyError would wrap the message in quotes
         return str(self.args[0])
 
 
-def register_loss(name: str) -> Callable[[L], L]:
-    """Class decorator that registers a loss under ``name``.
+class Registry(Generic[T]):
+    """Named plugin classes of one kind.
 
-    Raises:
-        ValueError: if another class is already registered under ``name``.
+    Args:
+        kind: what the plugins are, in messages (``loss``, ``judge``).
+        plural: its plural, in messages.
+        group: the entry-point group third-party packages advertise theirs under.
+        base: import path of the base class every plugin of this registry subclasses (imported when plugins
+            load, to check them: the registry module itself is imported by the plugins' packages).
     """
 
-    def decorator(cls: L) -> L:
-        existing = _LOSSES.get(name)
-        if existing is not None and _qualname(existing) != _qualname(cls):
-            raise ValueError(f"loss name {name!r} is already registered by {_qualname(existing)}")
-        _LOSSES[name] = cls
-        cls.registered_name = name
-        return cls
+    def __init__(self, kind: str, plural: str, group: str, base: str) -> None:
+        self.kind, self.plural, self.group, self.base = kind, plural, group, base
+        self.classes: dict[str, type[T]] = {}
+        self.plugins_loaded = False
 
-    return decorator
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        """Class decorator that registers a class under ``name``.
 
+        Raises:
+            ValueError: if another class is already registered under ``name``.
+        """
 
-def get_loss_class(name: str) -> type[PreferenceLoss]:
-    """Look up a registered loss class by name.
+        def decorator(cls: type[T]) -> type[T]:
+            existing = self.classes.get(name)
+            if existing is not None and _qualname(existing) != _qualname(cls):
+                raise ValueError(f"{self.kind} name {name!r} is already registered by {_qualname(existing)}")
+            self.classes[name] = cls
+            cls.registered_name = name
+            return cls
 
-    Raises:
-        UnknownLossError: with the registered names and the closest match.
-    """
-    load_plugins()
-    if name in _LOSSES:
-        return _LOSSES[name]
-    raise UnknownLossError(unknown_loss_message(name))
+        return decorator
 
+    def get(self, name: str) -> type[T]:
+        """The class registered under ``name``.
 
-def get_loss(name: str, **kwargs) -> PreferenceLoss:
-    """Instantiate the loss registered under ``name`` with ``kwargs`` (e.g. ``get_loss("dpo", beta=0.1)``)."""
-    return get_loss_class(name)(**kwargs)
+        Raises:
+            UnknownLossError: with the registered names and the closest match.
+        """
+        self.load_plugins()
+        if name in self.classes:
+            return self.classes[name]
+        raise UnknownLossError(self.unknown_message(name))
 
+    def create(self, name: str, **kwargs: Any) -> T:
+        """Instantiate the class registered under ``name`` with ``kwargs``."""
+        return self.get(name)(**kwargs)
 
-def loss_from_spec(spec: dict) -> PreferenceLoss:
-    """Build a loss from ``{"class_path", "init_args"}`` (``PreferenceLoss.spec``, as checkpoints keep it).
+    def names(self) -> list[str]:
+        """Sorted names of all registered classes, entry-point plugins included."""
+        self.load_plugins()
+        return sorted(self.classes)
 
-    ``class_path`` is an import path or a registered name.
+    def unknown_message(self, name: str) -> str:
+        """One line naming the unknown name, the closest registered one and all registered names."""
+        names = sorted(self.classes)
+        close = difflib.get_close_matches(name.lower(), names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        return f"Unknown {self.kind} {name!r}.{hint} Registered {self.plural}: {', '.join(names)}."
 
-    Raises:
-        UnknownLossError: the class cannot be found (e.g. the plugin that defined it is not installed).
-    """
-    import importlib
+    def resolve(self, value: str) -> type[T] | None:
+        """The class a registered name or a registered class's name refers to; ``None`` for anything else."""
+        if value in self.names():
+            return self.classes[value]
+        return next((c for c in self.classes.values() if c.__name__ == value), None)
 
-    path, init_args = spec["class_path"], spec.get("init_args") or {}
-    if "." not in path:
-        return get_loss(path, **init_args)
-    module, _, name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        raise UnknownLossError(f"loss {path!r} cannot be imported; install the package that defines it") from None
-    return cls(**init_args)
+    def from_spec(self, spec: dict[str, Any]) -> T:
+        """Build from ``{"class_path", "init_args"}`` (``class_path`` an import path or a registered name), as
+        checkpoints keep a plugin.
 
-
-def list_losses() -> list[str]:
-    """Sorted names of all registered losses, entry-point plugins included."""
-    load_plugins()
-    return sorted(_LOSSES)
-
-
-def unknown_loss_message(name: str) -> str:
-    """One line naming the unknown loss, the closest registered name and all registered names."""
-    names = sorted(_LOSSES)
-    close = difflib.get_close_matches(name.lower(), names, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"Unknown loss {name!r}.{hint} Registered losses: {', '.join(names)}."
-
-
-def load_plugins(force: bool = False) -> None:
-    """Import the losses advertised under the ``lightning_pref.losses`` entry-point group.
-
-    A plugin that fails to import produces a warning naming its distribution instead of a crash, so one broken
-    package cannot take the CLI down.
-    """
-    global _plugins_loaded
-    if _plugins_loaded and not force:
-        return
-    _plugins_loaded = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = ep.dist.name if ep.dist is not None else "unknown distribution"
+        Raises:
+            UnknownLossError: the class cannot be found (e.g. the plugin that defined it is not installed).
+        """
+        path, init_args = spec["class_path"], spec.get("init_args") or {}
+        if "." not in path:
+            return self.create(path, **init_args)
+        module, _, name = path.rpartition(".")
         try:
-            obj = ep.load()
-            if not isinstance(obj, type):
-                raise TypeError(f"{ep.value} is a {type(obj).__name__}, not a PreferenceLoss class")
-            if obj not in _LOSSES.values():
-                register_loss(ep.name)(obj)
-        except Exception as err:  # noqa: BLE001 - any failure of third-party code must not crash us
-            warnings.warn(
-                f"lightning-pref: could not load loss plugin {ep.name!r} ({ep.value}) from distribution "
-                f"{dist!r}: {type(err).__name__}: {err}",
-                stacklevel=2,
-            )
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            raise UnknownLossError(f"{self.kind} {path!r} cannot be imported; install the package that defines it") from None
+        return cls(**init_args)
+
+    def load_plugins(self, force: bool = False) -> None:
+        """Import the classes advertised under this registry's entry-point group.
+
+        A plugin that fails to import produces a warning naming its distribution instead of a crash, so one
+        broken package cannot take the CLI down.
+        """
+        if self.plugins_loaded and not force:
+            return
+        self.plugins_loaded = True
+        for ep in importlib.metadata.entry_points(group=self.group):
+            dist = ep.dist.name if ep.dist is not None else "unknown distribution"
+            try:
+                obj = ep.load()
+                module, _, name = self.base.rpartition(".")
+                base = getattr(importlib.import_module(module), name)
+                if not (isinstance(obj, type) and issubclass(obj, base)):
+                    raise TypeError(f"{ep.value} is a {type(obj).__name__}, not a {name} class")
+                if obj not in self.classes.values():
+                    self.register(ep.name)(obj)
+            except Exception as err:  # noqa: BLE001 - any failure of third-party code must not crash us
+                warnings.warn(
+                    f"lightning-pref: could not load {self.kind} plugin {ep.name!r} ({ep.value}) from distribution "
+                    f"{dist!r}: {type(err).__name__}: {err}",
+                    stacklevel=2,
+                )
 
 
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+#: Preference losses (``model.loss`` of ``PreferenceModule``).
+LOSSES: Registry = Registry("loss", "losses", "lightning_pref.losses", "lightning_pref.losses.base.PreferenceLoss")
+#: Pairwise reward-model losses (``model.loss`` of ``RewardModule``).
+REWARD_LOSSES: Registry = Registry(
+    "reward loss", "reward losses", "lightning_pref.reward_losses", "lightning_pref.reward.losses.RewardLoss"
+)
+#: Judges of completions (``evaluate --judge``, on-policy training).
+JUDGES: Registry = Registry("judge", "judges", "lightning_pref.judges", "lightning_pref.judges.base.Judge")
+
+ENTRY_POINT_GROUP = LOSSES.group
+register_loss = LOSSES.register
+get_loss_class = LOSSES.get
+get_loss = LOSSES.create
+list_losses = LOSSES.names
+unknown_loss_message = LOSSES.unknown_message
+loss_from_spec = LOSSES.from_spec
+register_reward_loss = REWARD_LOSSES.register
+register_judge = JUDGES.register
+
+
+def load_plugins(force: bool = False) -> None:
+    """Import the plugins of every registry (losses, reward losses, judges)."""
+    for registry in (LOSSES, REWARD_LOSSES, JUDGES):
+        registry.load_plugins(force)

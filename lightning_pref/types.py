@@ -8,7 +8,7 @@ Names follow the DPO paper (Rafailov et al., 2023): ``policy_chosen_logps``, ``r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
@@ -98,3 +98,15 @@ class PreferenceBatch:
     @property
     def num_rejected(self) -> int:
         return self.input_ids.shape[0] - self.num_chosen
+
+
+@dataclass
+class PromptBatch:
+    """Prompts to generate from, left-padded to a common length ``P`` (generation continues every row from its
+    last token). ``B`` prompts."""
+
+    input_ids: Tensor  # (B, P)
+    attention_mask: Tensor  # (B, P) 1 for real prompt tokens
+    index: Tensor  # (B,) each prompt's row in its source, for writing results in input order
+    prompts: list[Any] = field(default_factory=list)  # [B] each prompt as the data gave it (text or messages)
+    weights: Tensor | None = None  # (B,) 0 for duplicates a distributed sampler padded in

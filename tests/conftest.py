@@ -38,19 +38,20 @@ def _private_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _only_builtin_losses(monkeypatch):
-    """Tests see the built-in losses only, whatever loss plugins happen to be installed in the environment."""
+def _only_builtin_plugins(monkeypatch):
+    """Tests see the built-in plugins only, whatever plugins happen to be installed in the environment."""
     import importlib.metadata
 
     from lightning_pref import registry
 
+    registries = (registry.LOSSES, registry.REWARD_LOSSES, registry.JUDGES)
+    groups = {r.group for r in registries}
     real = importlib.metadata.entry_points
     monkeypatch.setattr(
-        importlib.metadata,
-        "entry_points",
-        lambda **kw: [] if kw.get("group") == registry.ENTRY_POINT_GROUP else real(**kw),
+        importlib.metadata, "entry_points", lambda **kw: [] if kw.get("group") in groups else real(**kw)
     )
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    for r in registries:
+        monkeypatch.setattr(r, "plugins_loaded", False)
 
 
 @pytest.fixture

@@ -185,3 +185,19 @@ def test_fsdp2_refuses_a_checkpoint_missing_a_policy_key(runs, data, tmp_path):
     )
     assert result.returncode != 0
     assert "missing policy.model.model.norm.weight" in result.stderr
+
+
+def test_predict_under_ddp_writes_each_prompt_once_in_input_order(runs, data, tmp_path):
+    """13 prompts on 2 processes: the sampler pads a duplicate in; each prompt is written once, in file order,
+    with the single-process completions (greedy)."""
+    written = {}
+    for strategy in (None, "ddp"):
+        root = tmp_path / (strategy or "single")
+        _cli("predict", "--config", str(REPO / "configs/dpo.yaml"), *_strategy(strategy), "--trainer.accelerator",
+             "cpu", "--ckpt_path", str(_last(runs[None])), "--data.predict", str(data["val"]),
+             "--data.batch_size", "3", "--model.generation.max_new_tokens", "6", "--trainer.default_root_dir",
+             str(root), "--progress_bar.refresh_rate", "0")
+        written[strategy] = [json.loads(x) for x in (root / "lightning_logs/version_0/predictions.jsonl").open()]
+    prompts = [json.loads(x)["prompt"] for x in data["val"].open()]
+    assert [r["prompt"] for r in written["ddp"]] == prompts
+    assert written["ddp"] == written[None]

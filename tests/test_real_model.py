@@ -116,3 +116,22 @@ def test_export_reloads_and_generates_with_the_chat_template(dpo_run, tmp_path):
     generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
     text = tokenizer.decode(generated, skip_special_tokens=True)
     assert "Paris" in text
+
+
+def test_predict_chat_prompts_on_the_real_model(smollm2, dpo_run, tmp_path):
+    """Chat messages rendered with the model's template and its generation prompt; a completion stops at the
+    template's end-of-turn (<|im_end|>) and is written without it."""
+    (last,) = list(dpo_run.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
+    messages = [[{"role": "user", "content": "What is the capital of France?"}],
+                [{"role": "user", "content": "Say hello."}]]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": m} for m in messages])
+    main(["predict", "--config", str(REPO / "configs/recipes/dpo.yaml"), "--model.policy", str(smollm2),
+          "--ckpt_path", str(last),
+          "--data.predict", str(prompts), "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.precision", "32-true", "--model.generation.max_new_tokens", "24", "--progress_bar.refresh_rate", "0"])
+    import json
+
+    records = [json.loads(x) for x in (tmp_path / "lightning_logs/version_0/predictions.jsonl").open()]
+    assert [r["prompt"] for r in records] == messages
+    assert "Paris" in records[0]["policy"] and "Paris" in records[0]["reference"]
+    assert records[0]["policy_eos"] and "<|im_end|>" not in records[0]["policy"]

@@ -25,8 +25,8 @@ from lightning_pref.registry import (
 @pytest.fixture(autouse=True)
 def restore_registry(monkeypatch):
     """Undo every registration a test makes, so other test modules see the built-in registry."""
-    monkeypatch.setattr(registry, "_LOSSES", dict(registry._LOSSES))
-    monkeypatch.setattr(registry, "_plugins_loaded", registry._plugins_loaded)
+    monkeypatch.setattr(registry.LOSSES, "classes", dict(registry.LOSSES.classes))
+    monkeypatch.setattr(registry.LOSSES, "plugins_loaded", registry.LOSSES.plugins_loaded)
 
 
 class ToyLoss(PreferenceLoss):
@@ -63,8 +63,8 @@ class FakeEntryPoint:
 
 def fake_entry_points(monkeypatch, *eps: FakeEntryPoint) -> None:
     def entry_points(**params):
-        assert params == {"group": ENTRY_POINT_GROUP}
-        return list(eps)
+        assert set(params) == {"group"}
+        return list(eps) if params["group"] == ENTRY_POINT_GROUP else []  # other registries: no plugins
 
     monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
 
@@ -158,12 +158,13 @@ def test_plugins_load_once_unless_forced(monkeypatch):
         return []
 
     monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
-    load_plugins(force=True)
+    load_plugins(force=True)  # every registry: losses, reward losses, judges
     list_losses()
     get_loss_class("dpo")
-    assert len(calls) == 1
+    groups = [c["group"] for c in calls]
+    assert groups == ["lightning_pref.losses", "lightning_pref.reward_losses", "lightning_pref.judges"]
     load_plugins(force=True)
-    assert len(calls) == 2
+    assert len(calls) == 6
 
 
 def test_plugin_whose_name_is_taken_warns_instead_of_crashing(monkeypatch):

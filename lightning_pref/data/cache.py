@@ -77,7 +77,13 @@ def store(directory: Path, key: str, dataset: datasets.Dataset, stats: SplitStat
     # Written under a temporary name and renamed, so a crashed run or a concurrent process never leaves a
     # half-written entry that a later run would read.
     tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".{key}-"))
-    dataset.save_to_disk(str(tmp / "data"))
+    bars = not datasets.utils.are_progress_bars_disabled()  # our own cache write: no "Saving the dataset" bar
+    datasets.utils.disable_progress_bars()
+    try:
+        dataset.save_to_disk(str(tmp / "data"))
+    finally:
+        if bars:
+            datasets.utils.enable_progress_bars()
     (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
     try:
         os.replace(tmp, entry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,7 @@ from lightning_pref.data import cache as tokenized_cache
 from lightning_pref.data.collate import PreferenceCollator
 from lightning_pref.data.formats import Format, Transcript
 from lightning_pref.data.prepare import Options, prepare
+from lightning_pref.data.prompts import PromptCollator, PromptExample, prepare_prompts
 from lightning_pref.data.sampler import EvalSampler, LengthGroupedSampler, TrainSampler
 from lightning_pref.data.sources import Source, bundled, read_source
 from lightning_pref.data.stats import SplitStats, print_summary
@@ -92,6 +94,9 @@ class PreferenceDataModule(LightningDataModule):
         group_by_length: batch examples of similar length together (less padding; still shuffled per epoch).
         cache: cache tokenized splits on disk, so the next run does not tokenize again.
         cache_dir: where; ``None`` = ``$LIGHTNING_PREF_CACHE`` or ``~/.cache/lightning_pref``.
+        predict: prompts to generate for (``predict``, ``evaluate``): a file of prompts (``prompt``: text or
+            messages; ``messages``: a conversation to continue) or any preference file (its prompts), read like
+            ``train``; ``None`` = the validation data's prompts.
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class PreferenceDataModule(LightningDataModule):
         group_by_length: bool = False,
         cache: bool = True,
         cache_dir: str | None = None,
+        predict: str | None = None,
     ) -> None:
         super().__init__()
         if tokenizer is None:
@@ -146,15 +152,31 @@ class PreferenceDataModule(LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else tokenized_cache.default_dir() / "data"
         self.datasets: dict[str, EncodedDataset] = {}
         self.stats: dict[str, SplitStats] = {}
+        self.prompts: list[PromptExample] = []  # what predict and evaluate generate for
 
     def prepare_data(self) -> None:
         # Runs on one process per node before setup: with the cache on, the splits are tokenized once here and
-        # every process's setup reads them back memory-mapped.
-        if self.hparams.cache:
+        # every process's setup reads them back memory-mapped. Prompts are few and not cached.
+        if self.hparams.cache and not (self.trainer is not None and self.trainer.predicting):
             self._build()
 
     def setup(self, stage: str) -> None:
-        self._build()
+        if stage == "predict":
+            self._build_prompts()
+        else:
+            self._build()
+
+    def _build_prompts(self) -> None:
+        """The prompts of ``predict`` (default: of the validation data), in file order."""
+        if self.prompts:
+            return
+        path, field = (self.hparams.predict, "data.predict") if self.hparams.predict else (self.paths["val"], "data.val")
+        if path is None:
+            raise UserInputError(
+                "data.predict: no prompts to generate for; give data.predict (a file of prompts, or a preference "
+                "file) or data.val"
+            )
+        self.prompts = prepare_prompts(read_source(path, field), self.tokenizer, self.options, field)
 
     def _build(self) -> None:
         if self.datasets:
@@ -229,6 +251,29 @@ class PreferenceDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """Left-padded prompt batches in input order, split across processes (duplicates padded in to even out
+        the processes carry weight 0 and are written once)."""
+        trainer = self.trainer
+        world = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else {}
+        dataset = PromptDataset(self.prompts)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=EvalSampler(dataset, **world),
+                          collate_fn=PromptCollator(self.tokenizer.pad_token_id), num_workers=self.hparams.num_workers)
+
+
+class PromptDataset(Dataset):
+    """Prompts by position; a sampler's ``(index, is_padding)`` marks duplicates with weight 0."""
+
+    def __init__(self, prompts: list[PromptExample]) -> None:
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, key: int | tuple[int, bool]) -> PromptExample:
+        index, padding = key if isinstance(key, tuple) else (key, False)
+        return dataclasses.replace(self.prompts[index], weight=0.0 if padding else 1.0)
 
 
 @rank_zero_only

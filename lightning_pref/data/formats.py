@@ -180,7 +180,7 @@ def extract(row: dict[str, Any], layout: Layout, where: str) -> dict[str, Any]:
         else:
             value = _text(value, where, name)
         out[key] = value
-    if "messages" in out:
+    if "messages" in out and layout.format == "unpaired":
         out["prompt"], out["completion"] = _split_completion(out.pop("messages"), where, layout.columns["messages"])
     return out
 

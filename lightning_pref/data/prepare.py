@@ -71,7 +71,7 @@ def prepare(
                 if options.on_identical == "warn":
                     dropped["identical"] += 1
                     continue
-            prompt_messages, prompt_text, texts = _texts(tokenizer, chat, layout, values, where)
+            prompt_messages, prompt_text, texts = prompt_and_texts(tokenizer, chat, layout, values, where)
         except RowError as err:
             if options.on_invalid != "drop":
                 raise RowError(f"{err} (or set data.on_invalid: drop to skip such rows)", err.reason) from None
@@ -117,7 +117,7 @@ def prepare(
     return columns, stats
 
 
-def _texts(
+def prompt_and_texts(
     tokenizer: PreTrainedTokenizerBase, chat: ChatTemplate | None, layout: Layout, values: dict[str, Any], where: str
 ) -> tuple[Messages | None, str, list[str]]:
     """Prompt messages (``None`` for text), prompt text and response texts of one row, conversations rendered

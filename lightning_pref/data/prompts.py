@@ -1,0 +1,123 @@
+"""Prompt-only data, for generation (``predict``, ``evaluate``) and on-policy training: the prompts of any file.
+
+A row gives its prompt as
+
+- ``prompt``: a string, or a list of ``{"role", "content"}`` messages (rendered with the chat template and its
+  generation prompt); ShareGPT messages and single message objects are read as for preference data;
+- ``messages``: a conversation to continue (a final assistant turn, if there is one, is left out: that is the
+  turn to generate);
+- any preference format (standard, conversational, implicit prompt, HH transcripts, unpaired): its prompt.
+
+The prompt is encoded as preference data encodes it (the same BOS handling, the same chat rendering), so a
+completion continues exactly the context the policy was trained to answer, and cut as the data options say
+(``max_prompt_length``, else ``max_length``), keeping the template's header and the prompt's end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lightning_pref.data.chat import ChatTemplate, require_template
+from lightning_pref.data.formats import FIELDS, Layout, detect, extract
+from lightning_pref.data.prepare import Options, prompt_and_texts
+from lightning_pref.data.sources import Source
+from lightning_pref.data.tokenize import encode_prompt, truncate
+from lightning_pref.errors import RowError, UserInputError
+from lightning_pref.generation import left_pad
+from lightning_pref.types import PromptBatch
+
+
+@dataclass
+class PromptExample:
+    """One prompt: its token ids, the prompt as the data gave it (for the output) and its row index."""
+
+    ids: list[int]
+    prompt: Any  # a string, or a list of messages
+    index: int
+    weight: float = 1.0  # 0 for a duplicate padded in by a distributed sampler: written once, by its owner
+
+
+def prepare_prompts(
+    source: Source, tokenizer: PreTrainedTokenizerBase, options: Options, field: str
+) -> list[PromptExample]:
+    """Encode the prompt of every row of ``source``, in file order (see the module docstring).
+
+    Raises:
+        UserInputError: a row without a usable prompt (naming file, line and field; ``data.on_invalid: drop``
+            skips it), a source without a prompt column or preference fields, or no prompt left.
+    """
+    chat_template = bool(getattr(tokenizer, "chat_template", None))
+    columns = set(source.columns)
+    mapped = dict(options.columns)
+    prompt_column, messages_column = mapped.get("prompt", "prompt"), mapped.get("messages", "messages")
+    preference = any(set(mapped.get(k, k) for k in keys) <= columns for keys in FIELDS.values())
+    if preference:
+        layout = detect(source.name, source.columns, source.rows[0], options.format, mapped, options.transcript,
+                        chat_template=chat_template)
+    elif prompt_column in columns or messages_column in columns:
+        key, column = ("prompt", prompt_column) if prompt_column in columns else ("messages", messages_column)
+        first = source.rows[0].get(column)
+        layout = Layout("prompts", {key: column}, conversational=not isinstance(first, str))
+    else:
+        raise UserInputError(
+            f"{field}: {source.name} has no prompts: expected a 'prompt' column (text or messages), a 'messages' "
+            f"column (a conversation to continue) or preference data; the columns are {source.columns}"
+        )
+    chat = None
+    if layout.conversational:
+        require_template(tokenizer, f"{field}: {source.name}")
+        chat = ChatTemplate(tokenizer)
+    out: list[PromptExample] = []
+    dropped: list[str] = []
+    for index in range(len(source.rows)):
+        where = source.locate(index)
+        try:
+            values = extract(source.rows[index], layout, where)
+            if layout.format == "prompts":
+                messages, text = _prompt_only(chat, values, where)
+            else:
+                messages, text, _ = prompt_and_texts(tokenizer, chat, layout, values, where)
+        except RowError as err:
+            if options.on_invalid != "drop":
+                raise RowError(f"{err} (or set data.on_invalid: drop to skip such rows)", err.reason) from None
+            dropped.append(str(err))
+            continue
+        ids = encode_prompt(tokenizer, text)
+        bos = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
+        head = max(chat.head(messages, text, ids) if chat and messages else 0, int(bos))
+        ids, _ = truncate(ids, [[]], options.max_length, options.max_prompt_length, head, bos)
+        out.append(PromptExample(ids, messages if messages is not None else text, index))
+    if not out:
+        first = f"; the first: {dropped[0]}" if dropped else ""
+        raise UserInputError(f"{field}: no prompts left in {source.name}{first}")
+    return out
+
+
+def _prompt_only(chat: ChatTemplate | None, values: dict[str, Any], where: str) -> tuple[Any, str]:
+    """(messages or None, prompt text) of a prompt-only row."""
+    if "prompt" in values and chat is None:
+        return None, values["prompt"]
+    messages = values.get("prompt") or values["messages"]
+    if "messages" in values and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]  # the turn to generate
+    if not messages:
+        raise RowError(f"{where}: the conversation has nothing before its assistant turn to prompt with", "empty field")
+    return messages, chat.render(messages, where, generation_prompt=True)
+
+
+class PromptCollator:
+    """Left-padded prompt batches (generation continues every row from its last token)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[PromptExample]) -> PromptBatch:
+        ids, mask = left_pad([e.ids for e in examples], self.pad_token_id)
+        return PromptBatch(
+            ids, mask, index=torch.tensor([e.index for e in examples], dtype=torch.long),
+            prompts=[e.prompt for e in examples], weights=torch.tensor([e.weight for e in examples]),
+        )
