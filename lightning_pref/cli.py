@@ -180,7 +180,7 @@ class LightningPrefCLI(LightningCLI):
         truncated, not ours, or trained with another policy or loss than the config gives is one line."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        if subcommand not in ("fit", "validate", "test", "predict"):
+        if subcommand not in ("fit", "validate", "test", "predict", "evaluate"):
             return
         config = self.config[subcommand]
         if config.get("ckpt_path") == "last":

@@ -171,6 +171,7 @@ class PreferenceTrainer(Trainer):
             writer = PredictionWriter()
             self.callbacks.append(writer)
         self.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, return_predictions=False)
+        log_dir = Path(self.log_dir or self.default_root_dir)  # a collective: every rank asks
         if not self.is_global_zero:
             return None
         report = evaluate_records(writer.records, judge, confidence)
@@ -180,7 +181,7 @@ class PreferenceTrainer(Trainer):
         elif ckpt_path is not None and Path(ckpt_path).is_file():
             path = _unique(Path(ckpt_path).with_suffix(".evaluation.json"))
         else:
-            path = _unique(Path(self.log_dir or self.default_root_dir) / "evaluation.json")
+            path = _unique(log_dir / "evaluation.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
         print_report(report, path)

@@ -68,6 +68,7 @@ class PredictionWriter(BasePredictionWriter):
         self._mine: list[tuple[int, dict[str, Any]]] = []
 
     def target(self, trainer: Trainer) -> Path:
+        """Where the file goes (asks for ``trainer.log_dir``: a collective, so every rank must call this)."""
         return Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / PREDICTIONS
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -84,8 +85,9 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         merged = sorted(all_gather_objects(trainer, self._mine), key=lambda item: item[0])
         self.records = [record for _, record in merged]
+        target = self.target(trainer)
         if trainer.is_global_zero:
-            self.written = self.target(trainer)
+            self.written = target
             write_jsonl(self.written, self.records)
 
 
@@ -111,8 +113,10 @@ class SampleCompletions(Callback):
         if val is None or not hasattr(pl_module, "complete"):
             return
         prompts = [val[i].prompt for i in range(min(self.num_prompts, len(val)))]
-        # every rank generates (sharded strategies gather weights per forward); rank 0 writes
+        # every rank generates (sharded strategies gather weights per forward) and asks for the log directory
+        # (a collective); rank 0 writes
         policy, reference = pl_module.complete(prompts)
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
         decode = pl_module.tokenizer.decode
@@ -121,7 +125,7 @@ class SampleCompletions(Callback):
              "policy": policy.texts[i][0], "reference": reference.texts[i][0] if reference is not None else None}
             for i, p in enumerate(prompts)
         ]
-        write_jsonl(Path(trainer.log_dir or trainer.default_root_dir) / COMPLETIONS, records, append=True)
+        write_jsonl(log_dir / COMPLETIONS, records, append=True)
         self._log_table(trainer, records)
 
     @staticmethod

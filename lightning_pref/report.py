@@ -382,6 +382,7 @@ class RunSummary(Callback):
     that come next (export, report). Always on in the CLI; the same lines every run, so scripts can read them."""
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        log_dir = trainer.log_dir  # a collective under several processes: every rank asks
         if not trainer.is_global_zero:
             return
         from rich.console import Console
@@ -402,5 +403,5 @@ class RunSummary(Callback):
             console.print(f"checkpoints: {Path(last).parent}", markup=False)
             console.print(f"export:      lightning-pref export --ckpt_path {last} --output_dir "
                           f"{Path(last).parent.parent / 'exported'}", markup=False)
-        if trainer.log_dir and (Path(trainer.log_dir) / "metrics.csv").exists():
-            console.print(f"report:      lightning-pref report {trainer.log_dir}", markup=False)
+        if log_dir and (Path(log_dir) / "metrics.csv").exists():
+            console.print(f"report:      lightning-pref report {log_dir}", markup=False)
