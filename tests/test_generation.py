@@ -245,3 +245,23 @@ def test_evaluate_writes_next_to_the_checkpoint_never_over_an_earlier_report(run
     main(args)
     written = sorted(p.name for p in run["ckpt"].parent.glob("*.evaluation.json"))
     assert written == ["last-1.evaluation.json", "last.evaluation.json"]
+
+
+def test_prompts_of_any_file_whatever_its_responses(tmp_path, tokenizer):
+    """predict needs only prompts: rows whose responses would fail training checks still give their prompt, a
+    conversation's final assistant turn is the one to generate, and HH transcripts give their shared prefix."""
+    from lightning_pref.data import PreferenceDataModule
+
+    cases = {
+        "standard": ([{"prompt": "p one", "chosen": "", "rejected": "r"}, {"prompt": "p two", "chosen": 3,
+                                                                        "rejected": "x"}], ["p one", "p two"]),
+        "prompts": ([{"prompt": "only a prompt"}], ["only a prompt"]),
+        "hh": ([{"chosen": "\n\nHuman: hi\n\nAssistant: ", "rejected": "\n\nHuman: hi\n\nAssistant: go"}],
+               ["\n\nHuman: hi\n\nAssistant: "]),  # no chat template: text, cut where they part
+    }
+    for name, (records, expected) in cases.items():
+        path = write_jsonl(tmp_path / f"{name}.jsonl", records)
+        dm = PreferenceDataModule(predict=str(path), tokenizer=tokenizer, batch_size=2)
+        dm.setup("predict")
+        assert [e.prompt for e in dm.prompts] == expected, name
+        assert [tokenizer.decode(e.ids) for e in dm.prompts] == expected, name

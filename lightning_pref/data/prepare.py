@@ -118,10 +118,12 @@ def prepare(
 
 
 def prompt_and_texts(
-    tokenizer: PreTrainedTokenizerBase, chat: ChatTemplate | None, layout: Layout, values: dict[str, Any], where: str
+    tokenizer: PreTrainedTokenizerBase, chat: ChatTemplate | None, layout: Layout, values: dict[str, Any], where: str,
+    with_responses: bool = True,
 ) -> tuple[Messages | None, str, list[str]]:
     """Prompt messages (``None`` for text), prompt text and response texts of one row, conversations rendered
-    with the chat template."""
+    with the chat template. Without ``with_responses`` only the prompt is wanted (generation): the responses
+    are neither checked nor rendered, and come back empty."""
     keys = ["completion"] if layout.format == "unpaired" else ["chosen", "rejected"]
     if layout.format == "implicit_prompt":
         split = split_shared_messages if layout.conversational else _split_text(tokenizer)
@@ -133,6 +135,8 @@ def prompt_and_texts(
             )
     else:
         prompt, responses = values["prompt"], [values[k] for k in keys]
+    if not with_responses:
+        return (prompt, chat.render(prompt, where, generation_prompt=True), []) if chat else (None, prompt, [])
     for key, response in zip(keys, responses, strict=True):
         # Only possible once a shared prefix is taken as the prompt (or the completion split off a conversation):
         # one text is a prefix of the other, or the differing assistant turn is empty (e.g. "Assistant: " in HH).

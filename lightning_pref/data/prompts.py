@@ -58,6 +58,9 @@ def prepare_prompts(
     if preference:
         layout = detect(source.name, source.columns, source.rows[0], options.format, mapped, options.transcript,
                         chat_template=chat_template)
+        if layout.format != "implicit_prompt":  # the prompt column alone: the responses do not matter here
+            key = "prompt" if "prompt" in layout.columns else "messages"
+            layout = Layout("prompts", {key: layout.columns[key]}, layout.conversational or key == "messages")
     elif prompt_column in columns or messages_column in columns:
         key, column = ("prompt", prompt_column) if prompt_column in columns else ("messages", messages_column)
         first = source.rows[0].get(column)
@@ -80,7 +83,7 @@ def prepare_prompts(
             if layout.format == "prompts":
                 messages, text = _prompt_only(chat, values, where)
             else:
-                messages, text, _ = prompt_and_texts(tokenizer, chat, layout, values, where)
+                messages, text, _ = prompt_and_texts(tokenizer, chat, layout, values, where, with_responses=False)
         except RowError as err:
             if options.on_invalid != "drop":
                 raise RowError(f"{err} (or set data.on_invalid: drop to skip such rows)", err.reason) from None
