@@ -8,6 +8,7 @@ A loss is chosen by registered name (``--model.loss ipo``), class name (``IPOLos
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import sys
@@ -33,19 +34,58 @@ from rich.table import Table
 
 import lightning_pref.judges  # noqa: F401  (registers the built-in judges)
 import lightning_pref.losses  # noqa: F401  (registers the built-in losses)
+import lightning_pref.reward  # noqa: F401  (registers the built-in reward losses)
 from lightning_pref.data import PreferenceDataModule
 from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.evaluate import PreferenceTrainer
 from lightning_pref.losses.base import PreferenceLoss
 from lightning_pref.module import PreferenceModule
 from lightning_pref.predict import PredictionWriter
-from lightning_pref.registry import JUDGES, LOSSES, Registry, get_loss_class, list_losses, load_plugins
+from lightning_pref.registry import JUDGES, LOSSES, REWARD_LOSSES, Registry, load_plugins
 from lightning_pref.report import RunSummary
 
 PARSER_MODE = "lightning_pref"
 #: Options whose value may be a registered plugin name, and the registry that names them: the module's plugin
-#: arguments (``PreferenceModule.plugin_registries``: ``model.loss``, ...) and ``evaluate``'s ``judge``.
+#: arguments (``PreferenceModule.plugin_registries``: ``model.loss``, ...; :func:`use_module` sets them for the
+#: module a run trains) and ``evaluate``'s ``judge``.
 NAMED_OPTIONS: dict[str, Registry] = {"model.loss": LOSSES, "judge": JUDGES}
+
+
+def use_module(module_class: type) -> None:
+    """Resolve plugin names for ``module_class``'s arguments (``model.loss`` of a reward model names a reward
+    loss), whether given flat (``model.loss``) or as a subclass's ``model.init_args.loss``."""
+    NAMED_OPTIONS.clear()
+    for name, registry in getattr(module_class, "plugin_registries", {}).items():
+        NAMED_OPTIONS[f"model.{name}"] = registry
+        NAMED_OPTIONS[f"model.init_args.{name}"] = registry
+    NAMED_OPTIONS["judge"] = JUDGES
+
+
+def module_class(argv: list[str]) -> type | None:
+    """The module a run names with ``model: {class_path: ...}`` in a ``--config`` file (or ``--model.class_path``
+    on the command line), e.g. ``configs/reward.yaml``; ``None``: ``PreferenceModule``, given flat."""
+    path = None
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+        if flag == "--model.class_path":
+            path = value
+        elif flag == "--config" and Path(value).is_file():
+            try:
+                config = yaml.safe_load(Path(value).read_text())
+            except yaml.YAMLError:
+                continue  # the parser reports it, with the file's name
+            model = config.get("model") if isinstance(config, dict) else None
+            if isinstance(model, dict) and isinstance(model.get("class_path"), str):
+                path = model["class_path"]
+    if path is None:
+        return None
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise UserInputError(f"model.class_path: cannot import {path!r}; e.g. lightning_pref.RewardModule") from None
+    return cls
 
 
 def resolve_name(value: Any, registry: Registry, option: str) -> Any:
@@ -163,8 +203,12 @@ class LightningPrefCLI(LightningCLI):
             return
         for arg in sys.argv[1:]:
             key = arg.removeprefix("--").partition("=")[0]
-            if key.startswith("model.") and f"{subcommand}.{key}" in before:
-                self.config[f"{subcommand}.{key}"] = before[f"{subcommand}.{key}"]
+            if not key.startswith("model."):
+                continue
+            for name in (key, key.replace("model.", "model.init_args.", 1)):  # flat, or a subclass's
+                if f"{subcommand}.{name}" in before:
+                    self.config[f"{subcommand}.{name}"] = before[f"{subcommand}.{name}"]
+                    break
 
     def instantiate_classes(self) -> None:
         """Instantiate as LightningCLI does; an argument a constructor refuses (``--model.loss.beta -1``) is one
@@ -241,18 +285,20 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
             f"--ckpt_path: {path} is not a readable checkpoint ({_first_line(err)}); it may be truncated by an "
             "interrupted save or copy: use another one (e.g. an earlier epoch=...ckpt)"
         ) from None
-    if not isinstance(checkpoint, dict) or "policy" not in checkpoint.get("hyper_parameters", {}):
-        raise UserInputError(f"--ckpt_path: {path} was not written by lightning-pref fit (no policy in its hparams)")
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    if not {"policy", "backbone"} & set(hparams):
+        raise UserInputError(f"--ckpt_path: {path} was not written by lightning-pref fit (no model in its hparams)")
     return checkpoint
 
 
 def _check_matches(checkpoint: dict[str, Any], model: Any, path: str, argv: list[str]) -> None:
     """LightningCLI replaces the config's model options with the checkpoint's (the trained model and loss win).
-    Say so where they differ; and where the command line itself gives another policy or loss, that contradicts
+    Say so where they differ; and where the command line itself gives another model or loss, that contradicts
     the checkpoint: one line, exit 2."""
     hparams = checkpoint["hyper_parameters"]
     configured = model.as_dict() if hasattr(model, "as_dict") else dict(model)
-    for key in ("policy", "loss"):
+    configured = configured.get("init_args", configured) if "class_path" in configured else configured
+    for key in ("policy", "backbone", "loss"):
         trained, given = hparams.get(key), configured.get(key)
         if trained is None or given is None or _plain(trained) == _plain(given):
             continue
@@ -260,7 +306,7 @@ def _check_matches(checkpoint: dict[str, Any], model: Any, path: str, argv: list
             raise UserInputError(
                 f"--ckpt_path: {path} was trained with model.{key} {_describe(trained)}, but the command line "
                 f"gives {_describe(given)}; a checkpoint restores what it was trained with: drop --model.{key}, "
-                "or export the policy and start a new run from it"
+                "or export the model and start a new run from it"
             )
         rank_zero_info(f"--ckpt_path: model.{key} {_describe(trained)} from the checkpoint (the config has "
                        f"{_describe(given)})")
@@ -329,20 +375,25 @@ def _flatten(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def print_losses() -> None:
-    """Print the table of registered losses."""
-    table = Table(title="lightning-pref losses")
-    for column in ("name", "class", "paper", "reference?", "paired?", "parameters"):
-        table.add_column(column)
-    for name in list_losses():
-        cls = get_loss_class(name)
-        params = inspect.signature(cls.__init__).parameters.values()
-        shown = ", ".join(
-            p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
-            for p in params
-            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        )
-        table.add_row(name, cls.__name__, cls.paper, _yes(cls.requires_reference), _yes(cls.paired), shown)
-    Console().print(table)
+    """Print the tables of registered losses: preference losses, then reward-model losses."""
+    console = Console()
+    for registry, title, flags in ((LOSSES, "lightning-pref losses (PreferenceModule)", True),
+                                   (REWARD_LOSSES, "reward losses (RewardModule)", False)):
+        table = Table(title=title)
+        columns = ("name", "class", "paper", *(("reference?", "paired?") if flags else ()), "parameters")
+        for column in columns:
+            table.add_column(column)
+        for name in registry.names():
+            cls = registry.get(name)
+            params = inspect.signature(cls.__init__).parameters.values()
+            shown = ", ".join(
+                p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
+                for p in params
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            )
+            extra = (_yes(cls.requires_reference), _yes(cls.paired)) if flags else ()
+            table.add_row(name, cls.__name__, cls.paper, *extra, shown)
+        console.print(table)
 
 
 def _yes(flag: bool) -> str:
@@ -386,7 +437,9 @@ def main(args: list[str] | None = None) -> None:
             parser = ArgumentParser(prog="lightning-pref export", description=export_checkpoint.__doc__)
             parser.add_function_arguments(export_checkpoint, as_positional=False)
             out = export_checkpoint(**parser.parse_args(argv[1:]).as_dict())
-            Console().print(f"exported the policy to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+            kind = "AutoModelForSequenceClassification" if (out / "config.json").read_text().count(
+                "ForSequenceClassification") else "AutoModelForCausalLM"
+            Console(highlight=False).print(f"exported to {out} (load it with {kind}.from_pretrained)", soft_wrap=True)
             return
         if argv[:1] == ["report"]:
             from lightning_pref.report import write_report
@@ -404,14 +457,18 @@ def main(args: list[str] | None = None) -> None:
         _register_parser_mode()
         # LightningCLI reads the (loss-resolved) arguments from sys.argv, and multi-process launchers re-run
         # sys.argv: given as both, it would warn that args and sys.argv disagree.
+        chosen = module_class(argv)
+        use_module(chosen or PreferenceModule)
         saved, sys.argv = sys.argv, [sys.argv[0], *resolve_loss_args(argv)]
         try:
             LightningPrefCLI(
-                PreferenceModule, PreferenceDataModule, trainer_class=PreferenceTrainer,
-                save_config_callback=SaveRunConfig, parser_kwargs={"parser_mode": PARSER_MODE},
+                chosen or PreferenceModule, PreferenceDataModule, subclass_mode_model=chosen is not None,
+                trainer_class=PreferenceTrainer, save_config_callback=SaveRunConfig,
+                parser_kwargs={"parser_mode": PARSER_MODE},
             )
         finally:
             sys.argv = saved
+            use_module(PreferenceModule)
     except (UserInputError, TrainingError, MisconfigurationException) as err:
         # escaped: a message's own brackets (e.g. "lightning-pref[report]") are text, not rich markup
         Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {escape(str(err))}", soft_wrap=True)

@@ -17,7 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_pref.errors import UserInputError
 from lightning_pref.losses.nll import NLLLoss
-from lightning_pref.models import DtypeName
+from lightning_pref.models import DtypeName, quiet_saving
 from lightning_pref.module import PreferenceModule
 
 _POLICY_PREFIX = "policy."
@@ -54,7 +54,8 @@ def save_policy(
         model = copy.deepcopy(model).merge_and_unload()
     if dtype is not None and getattr(torch, dtype) != next(model.parameters()).dtype:
         model = copy.deepcopy(model).to(getattr(torch, dtype))  # a copy: the module keeps its master weights
-    model.save_pretrained(out)
+    with quiet_saving():
+        model.save_pretrained(out)
     module.tokenizer.save_pretrained(out)
     return out
 
@@ -88,20 +89,33 @@ def _unsharded(module: PreferenceModule, state_dict: dict[str, torch.Tensor]) ->
     return model
 
 
-def load_policy_from_checkpoint(ckpt_path: str | Path) -> PreferenceModule:
-    """Rebuild the module from a checkpoint's hyperparameters and load the policy weights only.
+def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by ``lightning-pref fit`` (policy or reward model), read to CPU."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UserInputError(f"--ckpt_path: no checkpoint file at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - zip, pickle and I/O errors all mean the same to the user
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserInputError(f"--ckpt_path: {path} is not a readable checkpoint ({first})") from None
+    if not {"policy", "backbone"} & set(checkpoint.get("hyper_parameters", {})):
+        raise UserInputError(f"--ckpt_path: {path} was not written by lightning-pref (no model in its hparams)")
+    return checkpoint
+
+
+def load_policy_from_checkpoint(ckpt_path: str | Path | dict[str, Any]) -> PreferenceModule:
+    """Rebuild the module from a checkpoint (a path, or the checkpoint already read) and load the policy
+    weights only.
 
     The reference and the loss are not needed to export, so neither is built: any reference mode and any loss
     (including ones whose plugin is not installed here) export the same way.
     """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise UserInputError(f"--ckpt_path: no checkpoint file at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = ckpt_path if isinstance(ckpt_path, dict) else read_checkpoint(ckpt_path)
     accepted = inspect.signature(PreferenceModule.__init__).parameters
     hparams: dict[str, Any] = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in accepted}
     if "policy" not in hparams:
-        raise UserInputError(f"--ckpt_path: {path} was not written by lightning-pref (no policy in its hparams)")
+        raise UserInputError("--ckpt_path: the checkpoint holds no policy (a reward model's? it exports as one)")
     adapter = hparams.get("reference_mode") == "adapter"
     state = {k[len(_POLICY_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(_POLICY_PREFIX)}
     # Built in the dtype it was trained in (no trainer here to derive it from the precision).
@@ -118,7 +132,9 @@ def export_checkpoint(
     ckpt_path: str, output_dir: str, overwrite: bool = False, adapter_only: bool = False,
     dtype: DtypeName | None = None,
 ) -> Path:
-    """Export the policy of a lightning-pref checkpoint as a Hugging Face model directory.
+    """Export a lightning-pref checkpoint as a Hugging Face model directory: the policy
+    (``AutoModelForCausalLM``), or a reward model (``AutoModelForSequenceClassification``, see
+    ``lightning_pref/reward/export.py``).
 
     Args:
         ckpt_path: a checkpoint written by ``lightning-pref fit`` (e.g. ``.../checkpoints/last.ckpt``).
@@ -128,8 +144,13 @@ def export_checkpoint(
         dtype: dtype of the saved weights, e.g. ``bfloat16`` for half the size; ``None`` = as trained (fp32
             master weights under ``32-true``/``*-mixed``, which keep updates too small for bf16).
     """
+    checkpoint = read_checkpoint(ckpt_path)
     out = _check_output_dir(output_dir, overwrite)
-    return save_policy(load_policy_from_checkpoint(ckpt_path), out, adapter_only, dtype)
+    if "backbone" in checkpoint["hyper_parameters"]:
+        from lightning_pref.reward.export import load_reward_from_checkpoint, save_reward_model
+
+        return save_reward_model(load_reward_from_checkpoint(checkpoint), out, dtype)
+    return save_policy(load_policy_from_checkpoint(checkpoint), out, adapter_only, dtype)
 
 
 class ExportPolicy(Callback):

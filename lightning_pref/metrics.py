@@ -6,6 +6,7 @@ summation, so an epoch value is the mean over all examples seen, not a mean of p
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -62,17 +63,27 @@ def batch_means(values: dict[str, tuple[Tensor, Tensor | None]]) -> dict[str, Te
     }
 
 
-class PreferenceMetrics(nn.Module):
-    """One ``MeanMetric`` per key, for exact means over a whole validation or test epoch."""
+class ExactMeans(nn.Module):
+    """One ``MeanMetric`` per key, for exact means over a whole validation or test epoch.
 
-    def __init__(self) -> None:
+    Args:
+        keys: the metric names (``"/"`` allowed, ``"."`` not).
+        dtype: the sums' dtype (float64 where a difference of means is taken, e.g. a variance from moments).
+    """
+
+    def __init__(self, keys: tuple[str, ...] = KEYS, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         # ModuleDict keys cannot contain "." but "/" is fine. Keep the default nan_strategy: with "disable",
         # torchmetrics 1.9 ignores the weights, and padded duplicates would count.
-        self.means = nn.ModuleDict({key: MeanMetric() for key in KEYS})
+        self.means = nn.ModuleDict({key: MeanMetric().set_dtype(dtype) for key in keys})
 
     def update(self, values: dict[str, tuple[Tensor, Tensor | None]]) -> dict[str, MeanMetric]:
         """Accumulate a batch (from :func:`per_example`); return the updated metrics, to pass to ``self.log``."""
         for key, (value, weight) in values.items():
-            self.means[key].update(value, 1.0 if weight is None else weight)
+            dtype = self.means[key].dtype
+            self.means[key].update(value.to(dtype), 1.0 if weight is None else weight.to(dtype))
         return {key: self.means[key] for key in values}
+
+
+class PreferenceMetrics(ExactMeans):
+    """:class:`ExactMeans` of the preference keys (:data:`KEYS`)."""

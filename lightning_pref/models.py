@@ -11,7 +11,9 @@ loads ``dtype="auto"``, so a bf16 checkpoint would otherwise train bf16 paramete
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -58,9 +60,12 @@ def load_causal_lm(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    auto_class: Any = AutoModelForCausalLM,
     **config_overrides: Any,
 ) -> PreTrainedModel:
-    """Build a causal LM from a hub id / local directory or from config fields.
+    """Build a causal LM (or, with ``auto_class``, another head on the same body, e.g.
+    ``AutoModelForSequenceClassification`` for a reward model) from a hub id / local directory or from config
+    fields.
 
     Args:
         spec: hub id or local path, or a dict of config fields (``model_type`` required) for random init.
@@ -70,15 +75,16 @@ def load_causal_lm(
         dtype: parameter dtype; ``None`` keeps the checkpoint's / default dtype.
         model_kwargs: more ``from_pretrained`` (or ``from_config``) arguments, e.g. ``attn_implementation``,
             ``revision``; ``trust_remote_code`` stays off unless given here.
+        auto_class: the ``transformers`` auto class that builds the model.
         config_overrides: config fields filled in when the dict spec does not set them (e.g. ``vocab_size``).
     """
     kwargs = {"trust_remote_code": False, **(model_kwargs or {})}
     if isinstance(spec, str):
         try:
-            return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, **kwargs)
+            return auto_class.from_pretrained(spec, dtype=dtype, **kwargs)
         except OSError as err:
             raise UserInputError(
-                f"{field}: cannot load {spec!r} as a causal LM: not a local model directory and not available "
+                f"{field}: cannot load {spec!r}: not a local model directory and not available "
                 f"from the Hugging Face hub ({str(err).splitlines()[0]}). Give a path to a directory written by "
                 "save_pretrained, a hub id, or a dict of config fields."
             ) from None
@@ -94,7 +100,7 @@ def load_causal_lm(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            model = AutoModelForCausalLM.from_config(config, **kwargs)
+            model = auto_class.from_config(config, **kwargs)
         except (TypeError, ValueError) as err:
             raise UserInputError(f"{field}: cannot build a {model_type} model: {str(err).splitlines()[0]}") from None
     return model.to(dtype) if dtype is not None else model
@@ -124,6 +130,21 @@ def disable_dropout(model: nn.Module) -> None:
         for name, value in vars(module).items():
             if "dropout" in name and isinstance(value, float):
                 setattr(module, name, 0.0)
+
+
+@contextlib.contextmanager
+def quiet_saving() -> Iterator[None]:
+    """No progress bars from ``save_pretrained`` ("Writing model shards") while lightning-pref writes a model:
+    our own write of a small directory, not a download the user waits for."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

@@ -5,19 +5,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import random
 import re
 import warnings
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_pref.base_module import BaseModule
 from lightning_pref.data.chat import ChatTemplate
 from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.generation import Completions, GenerationOptions, generate, left_pad, stop_token_ids
@@ -31,13 +29,11 @@ from lightning_pref.models import (
     disable_dropout,
     enable_activation_checkpointing,
     load_causal_lm,
-    load_tokenizer,
-    parameter_dtype,
     storage_dtype,
 )
 from lightning_pref.precompute import PrecomputedReference, weights_fingerprint
 from lightning_pref.reference import ReferenceMode, apply_lora, check_reference_mode, soft_update
-from lightning_pref.registry import UnknownLossError, loss_from_spec
+from lightning_pref.registry import LOSSES
 from lightning_pref.sharding import apply_fsdp2, fsdp_mesh
 from lightning_pref.types import KLRows, PreferenceBatch, PromptBatch, SequenceLogps
 
@@ -48,7 +44,7 @@ _REFERENCE_PREFIX = "reference."
 _PROGRESS_BAR = ("train/loss", "train/rewards/accuracies")
 
 
-class PreferenceModule(LightningModule):
+class PreferenceModule(BaseModule):
     """Preference optimization of a causal LM against a reference.
 
     Args:
@@ -92,6 +88,9 @@ class PreferenceModule(LightningModule):
         generation: how completions are sampled (``predict``, ``evaluate``, ``SampleCompletions``).
     """
 
+    loss_registry = LOSSES
+    plugin_registries = {"loss": LOSSES}
+
     def __init__(
         self,
         policy: ModelSpec,
@@ -126,20 +125,8 @@ class PreferenceModule(LightningModule):
             generation = GenerationOptions(**generation)
         self.generation = generation if generation is not None else GenerationOptions()
         self.hparams["generation"] = dataclasses.asdict(self.generation)
-        if isinstance(loss, dict):  # a spec, as checkpoints keep it
-            try:
-                loss = loss_from_spec(loss)
-            except UnknownLossError as err:
-                raise UserInputError(f"model.loss: {err}") from None
-        self.loss = loss if loss is not None else DPOLoss()
-        self.hparams["loss"] = self.loss.spec
+        self.init_common(loss, DPOLoss, policy, "model.policy", tokenizer, model_kwargs, optimizer, scheduler)
         check_reference_mode(reference_mode, self.loss, ref_sync_steps)
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        if tokenizer is None and not isinstance(policy, str):
-            raise UserInputError("model.tokenizer: required when model.policy is a config dict (e.g. 'byte')")
-        own = tokenizer is None  # the policy's own tokenizer comes from the same revision as the policy
-        self.tokenizer = load_tokenizer(policy if own else tokenizer, model_kwargs=model_kwargs if own else None)
         self.policy: SequenceScorer | None = None
         self.reference: SequenceScorer | None = None
         self.train_metrics, self.val_metrics, self.test_metrics = (PreferenceMetrics() for _ in range(3))
@@ -166,12 +153,6 @@ class PreferenceModule(LightningModule):
     def scorer(self, model: torch.nn.Module) -> SequenceScorer:
         """Wrap ``model`` in a :class:`SequenceScorer` with this module's log-prob settings."""
         return SequenceScorer(model, self.hparams.chunk_size, self.hparams.response_only_head)
-
-    @property
-    def parameter_dtype(self) -> torch.dtype:
-        """The policy's parameter dtype: ``model.dtype``, else from the trainer's precision (fp32 without one)."""
-        precision = self._trainer.precision if self._trainer is not None else None
-        return parameter_dtype(precision, self.hparams.dtype)
 
     def load_model(
         self, spec: ModelSpec, field: str, dtype: torch.dtype | None = None, model_kwargs: dict[str, Any] | None = None
@@ -259,21 +240,8 @@ class PreferenceModule(LightningModule):
             self.reference.eval()
         return self
 
-    def configure_optimizers(self) -> Any:
-        # The factories run only now: an argument they refuse (a negative lr, say) is one line naming the option.
-        try:
-            optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
-        except ValueError as err:
-            raise UserInputError(f"model.optimizer: {err}") from None
-        if self.scheduler_factory is None:
-            return optimizer
-        try:
-            scheduler = self.scheduler_factory(optimizer)
-        except ValueError as err:
-            raise UserInputError(f"model.scheduler: {err}") from None
-        if hasattr(scheduler, "set_total_steps"):  # e.g. WarmupDecay: schedules that span the whole run
-            scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
 
     def reference_scores(self, batch: PreferenceBatch, kl_rows: KLRows | None = None) -> tuple[Tensor, Tensor | None]:
         """Reference log-probs of the batch (and of ``kl_rows``) from the reference model, or from the policy
@@ -337,33 +305,7 @@ class PreferenceModule(LightningModule):
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         loss, policy = self._step(batch, "train")
-        # Decided jointly so that under DDP either every rank skips the batch or none does.
-        nonfinite = self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False)
-        if not nonfinite:
-            self._finite_batches += 1
-            return loss
-        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
-        if self.hparams.on_nonfinite == "error":
-            raise TrainingError(
-                f"non-finite loss ({loss.item()}) at {where}; lower the learning rate or check that batch's data, "
-                "or set model.on_nonfinite: skip to skip such batches"
-            )
-        warnings.warn(f"non-finite loss at {where}: batch skipped (model.on_nonfinite: skip)", stacklevel=2)
-        # A zero-weighted loss rather than None (which Lightning refuses on several devices): every device still
-        # runs its backward and its collectives, and this batch adds nothing to the gradients.
-        return torch.cat([policy.chosen, policy.rejected]).nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # A step whose every batch was skipped, or whose gradients are not finite after all (a non-finite
-        # activation leaks through even a zero weight), is not taken: without gradients, optimizers skip the
-        # parameters (no momentum or weight-decay update either). Decided jointly, like the skip itself.
-        skipped = self._finite_batches == 0
-        if not skipped and self.hparams.on_nonfinite == "skip":
-            local = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.policy.parameters())
-            skipped = self.trainer.strategy.reduce_boolean_decision(local, all=False)
-        if skipped:
-            optimizer.zero_grad(set_to_none=True)
-        self._finite_batches = 0
+        return self.checked_loss(loss, torch.cat([policy.chosen, policy.rejected]), batch_idx)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then TR-DPO's reference update: once per optimizer step (not per accumulated
@@ -373,12 +315,6 @@ class PreferenceModule(LightningModule):
         steps, step = self.hparams.ref_sync_steps, self.global_step + 1  # global_step counts it once this returns
         if steps and step % steps == 0:
             soft_update(self.reference, self.policy, self.hparams.ref_sync_alpha)
-
-    def on_fit_start(self) -> None:
-        # from_pretrained returns eval mode and Lightning keeps each module's mode: without this a loaded policy
-        # would train in eval mode (gradient checkpointing and dropout silently off). The reference stays eval.
-        self.train()
-        self._finite_batches = 0
 
     @property
     def stop_ids(self) -> list[int]:
@@ -430,73 +366,10 @@ class PreferenceModule(LightningModule):
     def test_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave a frozen reference out (it is rebuilt from the config) and keep the RNG states for resume."""
-        if not self.hparams.ref_sync_steps:  # a synced reference has moved and must be saved
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith(_REFERENCE_PREFIX)]:
-                del state[key]
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
-
-    @property
-    def strict_loading(self) -> bool:
-        """Whether Lightning's own loading is strict: not under FSDP2, which loads parameter by parameter and
-        would refuse the frozen reference's keys (left out of checkpoints on purpose); there
-        :meth:`on_load_checkpoint` checks the keys instead. Elsewhere :meth:`load_state_dict` checks them."""
-        if self._strict_loading is not None:
-            return self._strict_loading
-        return self.device_mesh is None
-
-    @strict_loading.setter
-    def strict_loading(self, value: bool) -> None:
-        self._strict_loading = value
-
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """Load weights, allowing exactly the frozen reference's keys to be missing (checkpoints leave it out; it
-        is rebuilt from the config) and nothing else, whatever ``strict`` a caller asks for.
-
-        Raises:
-            UserInputError: a key of the policy (or a moved reference) is missing, a key is unexpected, or a
-                shape does not fit: the checkpoint belongs to another model.
-        """
-        try:
-            result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        except RuntimeError as err:  # size mismatches are raised even when not strict
-            detail = " ".join(str(err).split("\n\t")[1:2]).strip() or str(err).splitlines()[0]
-            raise UserInputError(f"--ckpt_path: the checkpoint does not fit this model ({detail}); {_OTHER_MODEL}") from None
-        self._check_keys(result.missing_keys, result.unexpected_keys)
-        return result
-
-    def _check_keys(self, missing: list[str], unexpected: list[str]) -> None:
-        frozen = self.reference is not None and not self.hparams.ref_sync_steps
-        missing = [k for k in missing if not (frozen and k.startswith(_REFERENCE_PREFIX))]
-        if missing or unexpected:
-            what = f"missing {_few(missing)}" if missing else f"unexpected {_few(unexpected)}"
-            raise UserInputError(f"--ckpt_path: the checkpoint does not fit this model ({what}); {_OTHER_MODEL}")
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint trained with another loss, or (where the strategy loaded the weights itself,
-        non-strictly) one whose keys do not fit; restore the RNG states when resuming."""
-        trained = checkpoint.get("hyper_parameters", {}).get("loss")
-        if self._trainer is not None and isinstance(trained, dict) and trained != self.loss.spec:
-            raise UserInputError(
-                f"--ckpt_path: the checkpoint was trained with {_describe(trained)} but model.loss is "
-                f"{_describe(self.loss.spec)}; give the loss it was trained with (its run's config.yaml has it), or "
-                "export the policy and start a new run from the exported model"
-            )
-        path = self._trainer.ckpt_path if self._trainer is not None else None
-        if "state_dict" not in checkpoint and path is not None and Path(path).is_file():
-            saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"].keys()
-            expected = self.state_dict().keys()
-            self._check_keys([k for k in expected if k not in saved], [k for k in saved if k not in expected])
-        rng = checkpoint.get("rng_states")
-        if rng is not None and self._trainer is not None:  # resuming a run, not loading weights for inference
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+    def may_be_missing(self, key: str) -> bool:
+        """A frozen reference is left out of checkpoints (rebuilt from the config); a TR-DPO-synced one has
+        moved and is saved."""
+        return key.startswith(_REFERENCE_PREFIX) and self.reference is not None and not self.hparams.ref_sync_steps
 
 
 def _completions(name: str, completions: Completions, i: int) -> dict[str, Any]:
@@ -509,13 +382,3 @@ def _completions(name: str, completions: Completions, i: int) -> dict[str, Any]:
     return {name: texts, f"{name}_tokens": tokens, f"{name}_eos": eos}
 
 
-_OTHER_MODEL = "it was written for another model: use the model.policy and model options it was trained with"
-
-
-def _few(keys: list[str]) -> str:
-    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-
-
-def _describe(spec: dict[str, Any]) -> str:
-    args = ", ".join(f"{k}={v!r}" for k, v in (spec.get("init_args") or {}).items())
-    return f"{spec['class_path'].rsplit('.', 1)[-1]}({args})"

@@ -15,8 +15,10 @@ point's name.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.metadata
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -139,6 +141,48 @@ class Registry(Generic[T]):
                     f"{dist!r}: {type(err).__name__}: {err}",
                     stacklevel=2,
                 )
+
+
+class Recorded:
+    """Mixin of plugin classes: each keeps its constructor's arguments, so :attr:`spec` can rebuild it (a
+    checkpoint keeps the loss it was trained with this way)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording_init(cls.__init__)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """``{"class_path", "init_args"}``, as in YAML."""
+        cls = type(self)
+        return {"class_path": _qualname(cls), "init_args": dict(self.__dict__.get("_init_args") or {})}
+
+
+def _recording_init(init: Any) -> Any:
+    """Wrap ``__init__`` to keep its bound arguments (defaults filled in) as ``_init_args``; for a subclass
+    calling ``super().__init__``, the outermost (most derived) call's arguments are kept."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def recording(self: Any, *args: Any, **kwargs: Any) -> None:
+        outermost = "_init_args" not in self.__dict__
+        if outermost:
+            self.__dict__["_init_args"] = None  # inner __init__ calls see it and leave it to this one
+        init(self, *args, **kwargs)
+        if outermost:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = {}
+            for name, value in list(bound.arguments.items())[1:]:  # [0] is self
+                kind = signature.parameters[name].kind
+                if kind is inspect.Parameter.VAR_KEYWORD:
+                    arguments.update(value)
+                elif kind is not inspect.Parameter.VAR_POSITIONAL:
+                    arguments[name] = value
+            self.__dict__["_init_args"] = arguments
+
+    return recording
 
 
 def _qualname(cls: type) -> str:

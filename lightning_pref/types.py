@@ -94,6 +94,8 @@ class PreferenceBatch:
     # Per-sequence weights for metrics: 0 marks duplicates a distributed sampler padded in, so epoch metrics
     # count every example exactly once.
     weights: Tensor | None = None  # (N,)
+    # Paired data with a margin column (reward models, as in Llama 2): each pair's margin; missing ones are 0.
+    margins: Tensor | None = None  # (B,)
 
     @property
     def num_rejected(self) -> int:

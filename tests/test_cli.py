@@ -22,6 +22,7 @@ CONFIGS = {
     "configs/recipes/cdpo.yaml": "lightning_pref.losses.cdpo.CDPOLoss",
     "configs/recipes/ipo.yaml": "lightning_pref.losses.ipo.IPOLoss",
     "configs/recipes/kto.yaml": "lightning_pref.losses.kto.KTOLoss",
+    "configs/reward.yaml": "lightning_pref.reward.losses.bradley_terry.BradleyTerryLoss",
 }
 
 
@@ -50,10 +51,11 @@ def test_every_shipped_config_parses(capsys):
     for path, loss in CONFIGS.items():
         recipe = ["--model.policy", "./my-sft-model"] if "/recipes/" in path else []  # recipes leave it to you
         config = _print_config(capsys, "fit", "--config", str(REPO / path), *recipe)
-        assert config["model"]["loss"]["class_path"] == loss, path
+        model = config["model"].get("init_args", config["model"])  # a RewardModule is given by class_path
+        assert model["loss"]["class_path"] == loss, path
         if recipe:  # settings for a pretrained model, not the demo's
-            assert config["model"]["optimizer"]["init_args"]["lr"] <= 1e-6
-            assert config["model"]["scheduler"]["class_path"] == "lightning_pref.schedules.WarmupDecay"
+            assert model["optimizer"]["init_args"]["lr"] <= 1e-6
+            assert model["scheduler"]["class_path"] == "lightning_pref.schedules.WarmupDecay"
 
 
 def test_print_config_without_arguments(capsys):

@@ -135,3 +135,41 @@ def test_predict_chat_prompts_on_the_real_model(smollm2, dpo_run, tmp_path):
     assert [r["prompt"] for r in records] == messages
     assert "Paris" in records[0]["policy"] and "Paris" in records[0]["reference"]
     assert records[0]["policy_eos"] and "<|im_end|>" not in records[0]["policy"]
+
+
+def test_reward_model_on_the_real_model(smollm2, hh, tmp_path):
+    """SmolLM2 as a reward model's body (pad = EOS): a new scalar head, trained a few steps on HH pairs; the
+    export's plain forward scores what training scored."""
+    main(["fit", "--config", str(REPO / "configs/reward.yaml"), "--model.backbone", str(smollm2),
+          "--model.tokenizer", "null", "--model.optimizer.init_args.lr", "1e-5", "--data.train", str(hh["train"]),
+          "--data.val", str(hh["val"]), "--data.batch_size", "2", "--data.max_length", "192",
+          "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1",
+          "--trainer.default_root_dir", str(tmp_path), "--progress_bar.refresh_rate", "0",
+          "--checkpoint.save_top_k", "0", "--checkpoint.save_weights_only", "true",
+          "--trainer.num_sanity_val_steps", "0"])
+    rows = _metrics(tmp_path)
+    losses = [float(r["train/loss"]) for r in rows if r["train/loss"]]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    (val,) = [r for r in rows if r["val/loss"]]
+    assert 0 <= float(val["val/rewards/accuracies"]) <= 1
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lightning_pref import RewardModule
+    from lightning_pref.data.collate import pad
+
+    (last,) = list(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
+    out = tmp_path / "rm"
+    main(["export", "--ckpt_path", str(last), "--output_dir", str(out)])
+    module = RewardModule.load_from_checkpoint(last).eval()
+    assert module.tokenizer.pad_token_id == module.tokenizer.eos_token_id
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id == module.tokenizer.eos_token_id
+    t = module.tokenizer
+    ids, mask, _ = pad([(t("Q: hi")["input_ids"], t(" Hello there!")["input_ids"] + [t.eos_token_id]),
+                        (t("Q: why")["input_ids"], t(" No.")["input_ids"] + [t.eos_token_id])], t.pad_token_id)
+    with torch.no_grad():
+        ours = module.scorer(ids, mask)
+        consumer = ids.masked_fill(mask == 0, tokenizer.pad_token_id)  # padded with the export's own pad
+        theirs = model(input_ids=consumer, attention_mask=mask).logits[:, 0]
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)

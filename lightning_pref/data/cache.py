@@ -23,10 +23,11 @@ from transformers import PreTrainedTokenizerBase
 from lightning_pref.data.stats import SplitStats
 
 #: Bump when the encoding changes, so old entries are never read.
-VERSION = 2  # 2: a chat response ends at the template's end-of-turn; prompts keep their head
+VERSION = 3  # 2: a chat response ends at the template's end-of-turn; prompts keep their head. 3: margin
 _IDS = datasets.List(datasets.Value("int32"))
 FEATURES = datasets.Features(
-    {"prompt": _IDS, "chosen": _IDS, "rejected": _IDS, "label": datasets.Value("bool"), "length": datasets.Value("int32")}
+    {"prompt": _IDS, "chosen": _IDS, "rejected": _IDS, "label": datasets.Value("bool"), "length": datasets.Value("int32"),
+     "margin": datasets.Value("float32")}
 )
 
 

@@ -66,6 +66,8 @@ class PreferenceCollator:
         )
         if any(e.weight != 1.0 for e in examples):
             batch.weights = torch.tensor([e.weight for e, _ in rows])
+        if paired and any(e.margin is not None for e in examples):
+            batch.margins = torch.tensor([e.margin if e.margin is not None else 0.0 for e in examples])
         if self.kl_baseline:
             batch.kl_rows = mismatched_rows(ordered, self.pad_token_id)
         return batch

@@ -38,7 +38,7 @@ class EncodedDataset(Dataset):
         index, padding = key if isinstance(key, tuple) else (key, False)  # EvalSampler marks padding
         row = self.table[index]
         return Encoded(row["prompt"], row["chosen"], row["rejected"], label=row["label"], index=index,
-                       weight=0.0 if padding else 1.0)
+                       weight=0.0 if padding else 1.0, margin=row.get("margin"))
 
     @property
     def lengths(self) -> list[int]:

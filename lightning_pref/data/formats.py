@@ -39,7 +39,10 @@ FIELDS: dict[str, tuple[str, ...]] = {
 }
 #: Unpaired data given as whole conversations (the completion is the last message).
 UNPAIRED_MESSAGES = ("messages", "label")
-CANONICAL = ("prompt", "chosen", "rejected", "completion", "label", "messages")
+CANONICAL = ("prompt", "chosen", "rejected", "completion", "label", "messages", "margin")
+#: Optional fields: read where the source has the column (``margin``: a pair's preference strength, as in Llama 2's
+#: reward model; used by reward losses that take one).
+OPTIONAL = ("margin",)
 EXPECTED = (
     "prompt/chosen/rejected (standard or conversational), chosen/rejected (implicit prompt) or "
     "prompt/completion/label or messages/label (unpaired)"
@@ -146,7 +149,8 @@ def detect(
             f"(implicit prompt), but the data is {fmt}{' with messages' if conversational else ''}; "
             "set data.transcript: auto"
         )
-    return Layout(fmt, {key: actual[key] for key in fields}, conversational or hh, transcript=hh)
+    optional = [key for key in OPTIONAL if key in present and fmt != "unpaired"]
+    return Layout(fmt, {key: actual[key] for key in (*fields, *optional)}, conversational or hh, transcript=hh)
 
 
 def extract(row: dict[str, Any], layout: Layout, where: str) -> dict[str, Any]:
@@ -167,7 +171,10 @@ def extract(row: dict[str, Any], layout: Layout, where: str) -> dict[str, Any]:
             )
         value = row[column]
         name = f"field {column!r}{_alias(key, column)}"
-        if key == "label":
+        if key == "margin":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise RowError(f"{where}: {name} must be a number (or null), got {_kind(value)}", "wrong type")
+        elif key == "label":
             if not isinstance(value, bool):
                 raise RowError(
                     f"{where}: {name} must be true or false, got {_kind(value)} ({value!r}); "

@@ -41,7 +41,8 @@ def prepare(
 
     Returns:
         Columns ``prompt``, ``chosen``, ``rejected`` (token ids; ``rejected`` is ``None`` for unpaired
-        examples), ``label`` and ``length`` (prompt + longest response), and the split's stats.
+        examples), ``label``, ``length`` (prompt + longest response) and ``margin`` (``None`` without a margin
+        column), and the split's stats.
 
     Raises:
         UserInputError: bad rows (naming file, line and field; with ``on_invalid: drop`` they are skipped and
@@ -55,7 +56,7 @@ def prepare(
     if layout.conversational:
         require_template(tokenizer, f"{field}: {source.name}")
         chat = ChatTemplate(tokenizer)  # probed once per split, not per row
-    columns: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "label": [], "length": []}
+    columns: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "label": [], "length": [], "margin": []}
     dropped = {"identical": 0, "truncated": 0}
     invalid: list[str] = []  # the first few dropped rows' errors, to show where
     for index in indices:
@@ -95,7 +96,7 @@ def prepare(
             _append(columns, prompt, responses[0], None, True)
             _append(columns, prompt, responses[1], None, False)
         else:
-            _append(columns, prompt, responses[0], responses[1], True)
+            _append(columns, prompt, responses[0], responses[1], True, values.get("margin"))
     fmt = layout.describe() + (", unpaired" if options.unpair and layout.paired else "")
     stats = SplitStats.build(source.name, fmt, columns["length"], dropped)
     _check_left(stats, len(indices), options, field, invalid)
@@ -165,11 +166,12 @@ def _split_text(tokenizer: PreTrainedTokenizerBase):
 
 
 def _append(columns: dict[str, list], prompt: list[int], chosen: list[int], rejected: list[int] | None,
-            label: bool) -> None:
+            label: bool, margin: float | None = None) -> None:
     columns["prompt"].append(prompt)
     columns["chosen"].append(chosen)
     columns["rejected"].append(rejected)
     columns["label"].append(label)
+    columns["margin"].append(margin)
     columns["length"].append(len(prompt) + max(len(chosen), len(rejected or ())))
 
 

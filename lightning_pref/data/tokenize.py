@@ -23,6 +23,7 @@ class Encoded:
     label: bool = True  # unpaired data: desirable?
     index: int = -1  # position in its split (to look up precomputed reference log-probs)
     weight: float = 1.0  # 0 for a duplicate padded in by a distributed sampler: not counted in metrics
+    margin: float | None = None  # paired data with a margin column: how strongly chosen is preferred
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from lightning_pref.registry import Recorded
+
 #: A prompt as the data gave it: a string, or a list of ``{"role", "content"}`` messages.
 Prompt = str | list[dict[str, Any]]
 
 
-class Judge:
+class Judge(Recorded):
     """Judges completions: :meth:`score` each (higher is better), or :meth:`prefer` one of two.
 
     Implement ``score`` (a rule, a reward model), ``prefer`` (a pairwise judge, e.g. a model asked which of two

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import Tensor, nn
 
+from lightning_pref.registry import Recorded
 from lightning_pref.types import LossOutput, SequenceLogps
 
 
@@ -37,7 +36,7 @@ def logratios(
     return policy.chosen - reference.chosen.detach(), policy.rejected - reference.rejected.detach()
 
 
-class PreferenceLoss(nn.Module):
+class PreferenceLoss(Recorded, nn.Module):
     """Base class of loss plugins: a pure function of per-sequence log-probs.
 
     A loss declares what it needs through class attributes; ``PreferenceModule`` reads these and never branches
@@ -61,18 +60,6 @@ class PreferenceLoss(nn.Module):
     #: Scale of the implicit reward; validation reports ``beta * (policy - reference)`` rewards with it.
     beta: float
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Record every loss's constructor arguments (:attr:`spec`), so a checkpoint rebuilds the trained loss."""
-        super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__:
-            cls.__init__ = _recording_init(cls.__init__)
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        """``{"class_path", "init_args"}`` of this loss, as in YAML; saved in checkpoints' hyperparameters."""
-        cls = type(self)
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(self.__dict__.get("_init_args") or {})}
-
     def forward(
         self,
         policy: SequenceLogps,
@@ -95,28 +82,3 @@ class PreferenceLoss(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_") and k != "training")
 
-
-def _recording_init(init: Any) -> Any:
-    """Wrap a loss's ``__init__`` to keep its bound arguments (defaults filled in) as ``_init_args``; for a
-    subclass calling ``super().__init__``, the outermost (most derived) call's arguments are kept."""
-    signature = inspect.signature(init)
-
-    @functools.wraps(init)
-    def recording(self: PreferenceLoss, *args: Any, **kwargs: Any) -> None:
-        outermost = "_init_args" not in self.__dict__
-        if outermost:
-            self.__dict__["_init_args"] = None  # inner __init__ calls see it and leave it to this one
-        init(self, *args, **kwargs)
-        if outermost:
-            bound = signature.bind(self, *args, **kwargs)
-            bound.apply_defaults()
-            arguments = {}
-            for name, value in list(bound.arguments.items())[1:]:  # [0] is self
-                kind = signature.parameters[name].kind
-                if kind is inspect.Parameter.VAR_KEYWORD:
-                    arguments.update(value)
-                elif kind is not inspect.Parameter.VAR_POSITIONAL:
-                    arguments[name] = value
-            self.__dict__["_init_args"] = arguments
-
-    return recording

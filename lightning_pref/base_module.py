@@ -1,0 +1,212 @@
+"""What a policy and a reward model train with alike: :class:`BaseModule`.
+
+Both ``PreferenceModule`` and ``RewardModule`` load a Hugging Face model as the user configured it (parameter
+dtype from the trainer's precision, the model's own tokenizer), train it in train mode whatever mode it loaded
+in, build optimizer and scheduler from factories, skip or stop on a non-finite loss on every device alike, keep
+their loss plugin's spec in checkpoints, and load checkpoints strictly (allowing only keys a subclass leaves out
+on purpose) and with one-line errors.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from lightning_pref.errors import TrainingError, UserInputError
+from lightning_pref.models import ModelSpec, load_tokenizer, parameter_dtype
+from lightning_pref.registry import Registry, UnknownLossError
+
+_OTHER_MODEL = "it was written for another model: use the model options it was trained with"
+
+
+class BaseModule(LightningModule):
+    """The shared part of the lightning-pref modules; a subclass names its model and its loss registry.
+
+    A subclass calls ``save_hyperparameters(ignore=["loss", "optimizer", "scheduler", ...])`` in its own
+    ``__init__`` (Lightning records the caller's arguments), then :meth:`init_common`.
+
+    Attributes:
+        loss_registry: where ``model.loss`` names come from (the CLI resolves them there).
+        plugin_registries: constructor arguments that take a registered plugin name, and their registries.
+    """
+
+    loss_registry: ClassVar[Registry]
+    plugin_registries: ClassVar[dict[str, Registry]] = {}
+
+    def init_common(
+        self, loss: Any, default_loss: Any, model: ModelSpec, model_field: str, tokenizer: str | None,
+        model_kwargs: dict[str, Any] | None, optimizer: Any, scheduler: Any,
+    ) -> None:
+        """The loss (an instance or the ``{class_path, init_args}`` spec checkpoints keep, saved as that spec),
+        the optimizer and scheduler factories, and the tokenizer (the model's own, from the same revision, when
+        ``tokenizer`` is ``None``)."""
+        if isinstance(loss, dict):
+            try:
+                loss = self.loss_registry.from_spec(loss)
+            except UnknownLossError as err:
+                raise UserInputError(f"model.loss: {err}") from None
+        self.loss = loss if loss is not None else default_loss()
+        self.hparams["loss"] = self.loss.spec
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        if tokenizer is None and not isinstance(model, str):
+            raise UserInputError(f"model.tokenizer: required when {model_field} is a config dict (e.g. 'byte')")
+        own = tokenizer is None
+        self.tokenizer = load_tokenizer(model if own else tokenizer, model_kwargs=model_kwargs if own else None)
+        self._finite_batches = 0
+
+    @property
+    def parameter_dtype(self) -> torch.dtype:
+        """The trained parameters' dtype: ``model.dtype``, else from the trainer's precision (fp32 without one)."""
+        precision = self._trainer.precision if self._trainer is not None else None
+        return parameter_dtype(precision, self.hparams.get("dtype"))
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer updates."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        # The factories run only now: an argument they refuse (a negative lr, say) is one line naming the option.
+        try:
+            optimizer = self.optimizer_factory(self.trainable_parameters())
+        except ValueError as err:
+            raise UserInputError(f"model.optimizer: {err}") from None
+        if self.scheduler_factory is None:
+            return optimizer
+        try:
+            scheduler = self.scheduler_factory(optimizer)
+        except ValueError as err:
+            raise UserInputError(f"model.scheduler: {err}") from None
+        if hasattr(scheduler, "set_total_steps"):  # e.g. WarmupDecay: schedules that span the whole run
+            scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        # from_pretrained returns eval mode and Lightning keeps each module's mode: without this a loaded model
+        # would train in eval mode (gradient checkpointing and dropout silently off). Subclasses keep frozen
+        # parts in eval mode by overriding ``train``.
+        self.train()
+        self._finite_batches = 0
+
+    # ---------------------------------------------------------------------------------------- non-finite losses
+    def checked_loss(self, loss: Tensor, zero: Tensor, batch_idx: int) -> Tensor:
+        """``loss``, or on a non-finite loss (decided jointly, so every device does the same) an error, or with
+        ``model.on_nonfinite: skip`` a zero-weighted loss: not ``None``, which Lightning refuses on several
+        devices, so every device still runs its backward and its collectives and this batch adds nothing.
+
+        Args:
+            loss: the batch's loss.
+            zero: a finite tensor that depends on the trainable parameters (e.g. the batch's log-probs) to build
+                the zero-weighted loss from.
+            batch_idx: for the message.
+        """
+        nonfinite = self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False)
+        if not nonfinite:
+            self._finite_batches += 1
+            return loss
+        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if self.hparams.on_nonfinite == "error":
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at {where}; lower the learning rate or check that batch's data, "
+                "or set model.on_nonfinite: skip to skip such batches"
+            )
+        warnings.warn(f"non-finite loss at {where}: batch skipped (model.on_nonfinite: skip)", stacklevel=3)
+        return zero.nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # A step whose every batch was skipped, or whose gradients are not finite after all (a non-finite
+        # activation leaks through even a zero weight), is not taken: without gradients, optimizers skip the
+        # parameters (no momentum or weight-decay update either). Decided jointly, like the skip itself.
+        skipped = self._finite_batches == 0
+        if not skipped and self.hparams.on_nonfinite == "skip":
+            local = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.trainable_parameters())
+            skipped = self.trainer.strategy.reduce_boolean_decision(local, all=False)
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+        self._finite_batches = 0
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+    def may_be_missing(self, key: str) -> bool:
+        """Whether a checkpoint may lack this state key (left out on purpose, rebuilt from the config)."""
+        return False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave out what may be missing, and keep the RNG states for an exact resume."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if self.may_be_missing(k)]:
+            del state[key]
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    @property
+    def strict_loading(self) -> bool:
+        """Whether Lightning's own loading is strict: not under FSDP2, which loads parameter by parameter and
+        would refuse the keys left out on purpose; there :meth:`on_load_checkpoint` checks the keys instead.
+        Elsewhere :meth:`load_state_dict` checks them."""
+        if self._strict_loading is not None:
+            return self._strict_loading
+        return self.device_mesh is None
+
+    @strict_loading.setter
+    def strict_loading(self, value: bool) -> None:
+        self._strict_loading = value
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load weights, allowing exactly the keys :meth:`may_be_missing` names to be missing and nothing else,
+        whatever ``strict`` a caller asks for.
+
+        Raises:
+            UserInputError: a key is missing or unexpected, or a shape does not fit: the checkpoint belongs to
+                another model.
+        """
+        try:
+            result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        except RuntimeError as err:  # size mismatches are raised even when not strict
+            detail = " ".join(str(err).split("\n\t")[1:2]).strip() or str(err).splitlines()[0]
+            raise UserInputError(f"--ckpt_path: the checkpoint does not fit this model ({detail}); {_OTHER_MODEL}") from None
+        self._check_keys(result.missing_keys, result.unexpected_keys)
+        return result
+
+    def _check_keys(self, missing: list[str], unexpected: list[str]) -> None:
+        missing = [k for k in missing if not self.may_be_missing(k)]
+        if missing or unexpected:
+            what = f"missing {_few(missing)}" if missing else f"unexpected {_few(unexpected)}"
+            raise UserInputError(f"--ckpt_path: the checkpoint does not fit this model ({what}); {_OTHER_MODEL}")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained with another loss, or (where the strategy loaded the weights itself,
+        non-strictly) one whose keys do not fit; restore the RNG states when resuming."""
+        trained = checkpoint.get("hyper_parameters", {}).get("loss")
+        if self._trainer is not None and isinstance(trained, dict) and trained != self.loss.spec:
+            raise UserInputError(
+                f"--ckpt_path: the checkpoint was trained with {describe_spec(trained)} but model.loss is "
+                f"{describe_spec(self.loss.spec)}; give the loss it was trained with (its run's config.yaml has it), "
+                "or export the model and start a new run from it"
+            )
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        if "state_dict" not in checkpoint and path is not None and Path(path).is_file():
+            saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"].keys()
+            expected = self.state_dict().keys()
+            self._check_keys([k for k in expected if k not in saved], [k for k in saved if k not in expected])
+        rng = checkpoint.get("rng_states")
+        if rng is not None and self._trainer is not None:  # resuming a run, not loading weights for inference
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def describe_spec(spec: dict[str, Any]) -> str:
+    """``Name(arg=value, ...)`` of a ``{class_path, init_args}`` spec, for messages."""
+    args = ", ".join(f"{k}={v!r}" for k, v in (spec.get("init_args") or {}).items())
+    return f"{spec['class_path'].rsplit('.', 1)[-1]}({args})"

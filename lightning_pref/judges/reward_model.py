@@ -1,0 +1,73 @@
+"""A judge that is an exported reward model (``lightning-pref export`` of a ``RewardModule`` checkpoint)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lightning_pref.data.chat import ChatTemplate
+from lightning_pref.data.collate import pad
+from lightning_pref.data.tokenize import encode_prompt, encode_response
+from lightning_pref.errors import UserInputError
+from lightning_pref.judges.base import Judge, Prompt
+from lightning_pref.registry import register_judge
+
+
+@register_judge("reward_model")
+class RewardModelJudge(Judge):
+    """Scores ``(prompt, completion)`` with a reward model, through its own tokenizer and chat template (which
+    may differ from the policy's).
+
+    Each pair is encoded exactly as reward training encoded its data: a message-list prompt with the chat
+    template (the completion as the assistant's turn, ending at the template's end-of-turn), a text prompt as
+    text with EOS after the completion; the score is read at the last real token.
+
+    Args:
+        path: a directory written by ``lightning-pref export`` from a reward checkpoint (or any one-label
+            ``AutoModelForSequenceClassification`` directory with its tokenizer).
+        batch_size: pairs per forward.
+        normalize: report ``(r - reward_mean) / reward_std`` with the statistics saved at export.
+        device: where the model runs (``cpu``, ``cuda``, ``cuda:1``).
+    """
+
+    def __init__(self, path: str, batch_size: int = 8, normalize: bool = False, device: str = "cpu") -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from lightning_pref.reward.module import RewardScorer
+
+        self.path, self.batch_size, self.normalize, self.device = path, batch_size, normalize, device
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForSequenceClassification.from_pretrained(path)
+        except OSError as err:
+            raise UserInputError(f"judge.path: cannot load a reward model from {path!r} ({str(err).splitlines()[0]})") from None
+        self.scorer = RewardScorer(model.eval()).to(device)
+        self.chat = ChatTemplate(self.tokenizer) if getattr(self.tokenizer, "chat_template", None) else None
+        config = model.config
+        self.stats = (getattr(config, "reward_mean", None), getattr(config, "reward_std", None))
+        if normalize and None in self.stats:
+            raise UserInputError(f"judge.normalize: {path} has no reward_mean/reward_std in its config.json")
+
+    def encode(self, prompt: Prompt, completion: str) -> tuple[list[int], list[int]]:
+        """The ``(prompt ids, response ids)`` of a pair, as the data pipeline encodes them."""
+        if isinstance(prompt, list):
+            if self.chat is None:
+                raise UserInputError(f"judge: {self.path}'s tokenizer has no chat template for message prompts")
+            text = self.chat.render(prompt, "judge", generation_prompt=True)
+            response = self.chat.response_text(prompt, text, [{"role": "assistant", "content": completion}], "judge",
+                                               "completion")
+            return encode_prompt(self.tokenizer, text), encode_response(self.tokenizer, response, self.chat.end_of_turn)
+        return encode_prompt(self.tokenizer, prompt), encode_response(self.tokenizer, completion)
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        sequences = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
+        scores: list[float] = []
+        for start in range(0, len(sequences), self.batch_size):
+            ids, mask, _ = pad(sequences[start : start + self.batch_size], self.tokenizer.pad_token_id)
+            scores += self.scorer(ids.to(self.device), mask.to(self.device)).tolist()
+        if self.normalize:
+            mean, std = self.stats
+            scores = [(s - mean) / max(std, 1e-8) for s in scores]
+        return scores
