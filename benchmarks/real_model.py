@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model directory (default: SmolLM2 from tests/real.py)")
     p.add_argument("--precisions", default="32-true,bf16-mixed")
+    p.add_argument("--modules", default="dpo", help="dpo and/or reward (a reward model on the same body and data)")
+    p.add_argument("--name", default=None, help="result file name (default: real_model_<modules>)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per step")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--response-len", type=int, default=128)
@@ -80,8 +82,13 @@ def worker(spec: dict) -> dict:
             clock.step_end()
 
     sys.modules["__main__"].Measure = Measure
+    if spec["module"] == "reward":  # the demo's reward config on the real body, at a pretrained model's lr
+        model = ["--config", str(HERE.parent / "configs/reward.yaml"), "--model.backbone", spec["model"],
+                 "--model.tokenizer", "null", "--model.optimizer.init_args.lr", "1e-5"]
+    else:
+        model = ["--config", str(HERE.parent / "configs/recipes/dpo.yaml"), "--model.policy", spec["model"]]
     main([
-        "fit", "--config", str(HERE.parent / "configs/recipes/dpo.yaml"), "--model.policy", spec["model"],
+        "fit", *model,
         "--data.train", spec["data"], "--data.val", "null", "--data.batch_size", str(spec["batch_size"]),
         "--data.max_length", str(spec["prompt_len"] + spec["response_len"]),
         "--data.max_prompt_length", str(spec["prompt_len"]), "--data.transcript", "none",
@@ -109,36 +116,41 @@ def main(argv: list[str] | None = None) -> int:
     data = work / "pairs.jsonl"
     write_data(data, n_pairs, prompt_chars=12 * args.prompt_len, response_chars=12 * args.response_len)
     results = {}
-    for precision in args.precisions.split(","):
-        spec = {"model": model, "data": str(data), "precision": precision, "batch_size": args.batch_size,
-                "prompt_len": args.prompt_len, "response_len": args.response_len, "steps": args.steps,
-                "warmup": args.warmup, "gradient_checkpointing": args.gradient_checkpointing,
-                "root": str(work / precision), "result": str(work / f"{precision}.json")}
-        (work / f"{precision}.spec.json").write_text(json.dumps(spec))
-        with (work / f"{precision}.log").open("w") as log:
-            code = subprocess.run([sys.executable, __file__, "--worker", str(work / f"{precision}.spec.json")],
-                                  stdout=log, stderr=subprocess.STDOUT, cwd=str(HERE.parent)).returncode
-        if code:
-            print(f"{precision}: failed (see {work / f'{precision}.log'})")
-            continue
-        results[precision] = json.loads(Path(spec["result"]).read_text())
-        print(precision, json.dumps(results[precision]))
+    for module in args.modules.split(","):
+        for precision in args.precisions.split(","):
+            run = f"{module}-{precision}"
+            spec = {"model": model, "module": module, "data": str(data), "precision": precision,
+                    "batch_size": args.batch_size, "prompt_len": args.prompt_len, "response_len": args.response_len,
+                    "steps": args.steps, "warmup": args.warmup, "gradient_checkpointing": args.gradient_checkpointing,
+                    "root": str(work / run), "result": str(work / f"{run}.json")}
+            (work / f"{run}.spec.json").write_text(json.dumps(spec))
+            with (work / f"{run}.log").open("w") as log:
+                code = subprocess.run([sys.executable, __file__, "--worker", str(work / f"{run}.spec.json")],
+                                      stdout=log, stderr=subprocess.STDOUT, cwd=str(HERE.parent)).returncode
+            if code:
+                print(f"{run}: failed (see {work / f'{run}.log'})")
+                continue
+            results[run] = json.loads(Path(spec["result"]).read_text())
+            print(run, json.dumps(results[run]), flush=True)
     summary = {"model": model, "batch_size": args.batch_size, "prompt_len": args.prompt_len,
                "response_len": args.response_len, "steps": args.steps, "warmup": args.warmup,
                "gradient_checkpointing": args.gradient_checkpointing, "results": results,
                "environment": bench_lib.environment()}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "real_model_dpo.json").write_text(json.dumps(summary, indent=2))
+    name = args.name or "real_model_" + "_".join(args.modules.split(","))
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
     lines = [
-        f"# DPO step on {Path(model).name}: batch {args.batch_size} pairs x ({args.prompt_len} + {args.response_len})"
-        f" tokens, recipe configs/recipes/dpo.yaml (gradient checkpointing {args.gradient_checkpointing})", "",
-        "| precision | s/step | tokens/s | train peak RSS (MB) |", "|---|---:|---:|---:|",
+        f"# A training step on {Path(model).name}: batch {args.batch_size} pairs x ({args.prompt_len} + "
+        f"{args.response_len}) tokens (DPO: configs/recipes/dpo.yaml; reward: configs/reward.yaml on the same body; "
+        f"gradient checkpointing {args.gradient_checkpointing})", "",
+        "| module | precision | s/step | tokens/s | train peak RSS (MB) |", "|---|---|---:|---:|---:|",
     ]
-    for precision, r in results.items():
-        lines.append(f"| {precision} | {r['seconds_per_step']:.2f} | {r['tokens_per_step'] / r['seconds_per_step']:.0f} | "
-                     f"{r['train_peak_rss_mb']:.0f} |")
-    (out / "real_model_dpo.md").write_text("\n".join(lines) + "\n")
+    for run, r in results.items():
+        module, precision = run.split("-", 1)
+        lines.append(f"| {module} | {precision} | {r['seconds_per_step']:.2f} | "
+                     f"{r['tokens_per_step'] / r['seconds_per_step']:.0f} | {r['train_peak_rss_mb']:.0f} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     return 0
 
 

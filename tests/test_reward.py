@@ -15,7 +15,13 @@ from lightning_pref.cli import main
 from lightning_pref.data.collate import PreferenceCollator
 from lightning_pref.data.tokenize import Encoded
 from lightning_pref.registry import REWARD_LOSSES
-from lightning_pref.reward import BradleyTerryLoss, CenteredBradleyTerryLoss, MarginRankingLoss, RewardModule, last_token
+from lightning_pref.reward import (
+    BradleyTerryLoss,
+    CenteredBradleyTerryLoss,
+    MarginRankingLoss,
+    RewardModule,
+    last_token,
+)
 from tests.conftest import REPO, TINY, write_jsonl
 
 RUN = ["--trainer.max_steps", "40", "--trainer.val_check_interval", "40", "--trainer.log_every_n_steps", "5"]
