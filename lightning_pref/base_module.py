@@ -38,6 +38,10 @@ class BaseModule(LightningModule):
 
     loss_registry: ClassVar[Registry]
     plugin_registries: ClassVar[dict[str, Registry]] = {}
+    # What the data module must build, linked to it by the CLI: KTO's mismatched rows, and what training
+    # batches are (``pairs``; on-policy: ``prompts`` or ``rounds``, see ``PreferenceDataModule``).
+    requires_kl_baseline: bool = False
+    train_data: str = "pairs"
 
     def init_common(
         self, loss: Any, default_loss: Any, model: ModelSpec, model_field: str, tokenizer: str | None,

@@ -89,7 +89,7 @@ def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase, end_of_
 @torch.no_grad()
 def generate(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, options: GenerationOptions,
-    tokenizer: PreTrainedTokenizerBase, seed: int, stop_ids: list[int],
+    tokenizer: PreTrainedTokenizerBase, seed: int, stop_ids: list[int], synced: bool = False,
 ) -> Completions:
     """Sample completions for left-padded prompts.
 
@@ -101,6 +101,8 @@ def generate(
         tokenizer: decodes the completions; its pad id pads them.
         seed: seed of this call's private RNG stream.
         stop_ids: tokens that end a completion (:func:`stop_token_ids`).
+        synced: every process keeps stepping until all are done (sharded weights are gathered per forward, so
+            ranks must run the same number of forwards whatever their prompts).
     """
     base = getattr(model, "generation_config", None)
     config = GenerationConfig(**{**(base.to_dict() if base is not None else {}), **_fields(options)})
@@ -114,7 +116,8 @@ def generate(
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                 synced_gpus=synced)
     finally:
         model.train(was_training)
     new = out[:, input_ids.shape[1] :]  # (B * k, L)

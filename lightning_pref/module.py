@@ -317,6 +317,13 @@ class PreferenceModule(BaseModule):
             soft_update(self.reference, self.policy, self.hparams.ref_sync_alpha)
 
     @property
+    def sharded(self) -> bool:
+        """Whether the models are sharded over processes (FSDP, FSDP2): every rank must run every forward."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self.device_mesh is not None or (self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy))
+
+    @property
     def stop_ids(self) -> list[int]:
         """Tokens that end a completion: the policy's EOS ids and the chat template's end-of-turn."""
         if getattr(self, "_stop_ids", None) is None:
@@ -338,7 +345,7 @@ class PreferenceModule(BaseModule):
         ids, mask = ids.to(self.device), mask.to(self.device)
         seed = self.generation.seed if seed is None else seed
         run = partial(generate, input_ids=ids, attention_mask=mask, options=self.generation, tokenizer=self.tokenizer,
-                      seed=seed, stop_ids=self.stop_ids)
+                      seed=seed, stop_ids=self.stop_ids, synced=self.sharded)
         policy = run(self.policy.lm)
         if not with_reference:
             return policy, None

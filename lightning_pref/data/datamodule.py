@@ -97,6 +97,10 @@ class PreferenceDataModule(LightningDataModule):
         predict: prompts to generate for (``predict``, ``evaluate``): a file of prompts (``prompt``: text or
             messages; ``messages``: a conversation to continue) or any preference file (its prompts), read like
             ``train``; ``None`` = the validation data's prompts.
+        train_data: what training batches are (linked from the module by the CLI): ``pairs`` from ``train``;
+            ``prompts``, batches of ``train``'s prompts (online on-policy training; ``train`` may be a prompt-only
+            file); ``rounds``, pairs from the files :meth:`train_from` points at, sampled from ``train``'s prompts
+            (iterative on-policy training).
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class PreferenceDataModule(LightningDataModule):
         cache: bool = True,
         cache_dir: str | None = None,
         predict: str | None = None,
+        train_data: Literal["pairs", "prompts", "rounds"] = "pairs",
     ) -> None:
         super().__init__()
         if tokenizer is None:
@@ -153,6 +158,7 @@ class PreferenceDataModule(LightningDataModule):
         self.datasets: dict[str, EncodedDataset] = {}
         self.stats: dict[str, SplitStats] = {}
         self.prompts: list[PromptExample] = []  # what predict and evaluate generate for
+        self.train_prompts: list[PromptExample] = []  # on-policy training: what the policy samples for
 
     def prepare_data(self) -> None:
         # Runs on one process per node before setup: with the cache on, the splits are tokenized once here and
@@ -200,6 +206,9 @@ class PreferenceDataModule(LightningDataModule):
             if self.paths["val"] is not None:
                 val = read_source(self.paths["val"], "data.val")
                 selections["val"] = (val, list(range(len(val.rows))), ("all",))
+        if self.hparams.train_data != "pairs":  # on-policy: the prompts are the training data (the file may hold
+            source, indices, _ = selections.pop("train")  # nothing else); pairs come from the policy
+            self.train_prompts = prepare_prompts(source, self.tokenizer, self.options, "data.train", indices)
         tokenizer_key = tokenized_cache.tokenizer_fingerprint(self.tokenizer) if self.hparams.cache else ""
         for split, (source, indices, selection) in selections.items():
             table, self.stats[split] = self._encode(source, indices, selection, tokenizer_key, f"data.{split}")
@@ -218,6 +227,14 @@ class PreferenceDataModule(LightningDataModule):
             return hit
         columns, stats = prepare(source, indices, self.tokenizer, self.options, field)
         return tokenized_cache.store(self.cache_dir, key, tokenized_cache.to_dataset(columns), stats), stats
+
+    def train_from(self, path: str) -> None:
+        """Train on ``path`` (pairs) from the next training dataloader on, e.g. an on-policy round's file."""
+        source = read_source(path, "data.train")
+        tokenizer_key = tokenized_cache.tokenizer_fingerprint(self.tokenizer) if self.hparams.cache else ""
+        table, self.stats["train"] = self._encode(source, list(range(len(source.rows))), ("all",), tokenizer_key,
+                                                  "data.train")
+        self.datasets["train"] = EncodedDataset(table)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         collate = PreferenceCollator(self.tokenizer.pad_token_id, kl_baseline=self.hparams.kl_baseline, split=split)
@@ -244,6 +261,14 @@ class PreferenceDataModule(LightningDataModule):
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed * self.hparams.batch_size
 
     def train_dataloader(self) -> DataLoader:
+        if self.hparams.train_data == "prompts":  # on-policy: prompts, shuffled and resumable like pairs
+            trainer = self.trainer
+            world = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else {}
+            dataset = PromptDataset(self.train_prompts)
+            sampler = TrainSampler(dataset, seed=self.hparams.seed, done=self._samples_done, **world)
+            return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
+                              collate_fn=PromptCollator(self.tokenizer.pad_token_id),
+                              num_workers=self.hparams.num_workers)
         return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -15,6 +15,7 @@ completion continues exactly the context the policy was trained to answer, and c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ from lightning_pref.data.chat import ChatTemplate, require_template
 from lightning_pref.data.formats import FIELDS, Layout, detect, extract
 from lightning_pref.data.prepare import Options, prompt_and_texts
 from lightning_pref.data.sources import Source
-from lightning_pref.data.tokenize import encode_prompt, truncate
+from lightning_pref.data.tokenize import encode_prompt, encode_response, truncate
 from lightning_pref.errors import RowError, UserInputError
 from lightning_pref.generation import left_pad
 from lightning_pref.types import PromptBatch
@@ -42,9 +43,11 @@ class PromptExample:
 
 
 def prepare_prompts(
-    source: Source, tokenizer: PreTrainedTokenizerBase, options: Options, field: str
+    source: Source, tokenizer: PreTrainedTokenizerBase, options: Options, field: str,
+    indices: Sequence[int] | None = None,
 ) -> list[PromptExample]:
-    """Encode the prompt of every row of ``source``, in file order (see the module docstring).
+    """Encode the prompt of every row of ``source`` (or of the rows ``indices``), in file order (see the module
+    docstring).
 
     Raises:
         UserInputError: a row without a usable prompt (naming file, line and field; ``data.on_invalid: drop``
@@ -76,7 +79,7 @@ def prepare_prompts(
         chat = ChatTemplate(tokenizer)
     out: list[PromptExample] = []
     dropped: list[str] = []
-    for index in range(len(source.rows)):
+    for index in range(len(source.rows)) if indices is None else indices:
         where = source.locate(index)
         try:
             values = extract(source.rows[index], layout, where)
@@ -110,6 +113,36 @@ def _prompt_only(chat: ChatTemplate | None, values: dict[str, Any], where: str) 
     if not messages:
         raise RowError(f"{where}: the conversation has nothing before its assistant turn to prompt with", "empty field")
     return messages, chat.render(messages, where, generation_prompt=True)
+
+
+def encode_completion(
+    tokenizer: PreTrainedTokenizerBase, chat: ChatTemplate | None, prompt: Any, completion: str,
+    prompt_ids: list[int] | None = None,
+) -> tuple[list[int], list[int]]:
+    """``(prompt ids, response ids)`` of a generated completion, as the data pipeline encodes a preference row
+    with that prompt and that response text: a message-list prompt through the chat template (the completion as
+    the assistant's turn, ending at the template's end-of-turn), a text prompt as text with EOS after the
+    completion. So pairs made from generations train exactly as the same texts written to a file would.
+
+    Args:
+        tokenizer: the tokenizer.
+        chat: its chat template (``None`` without one).
+        prompt: the prompt as the data gave it.
+        completion: the completion text.
+        prompt_ids: the prompt's ids when already encoded (e.g. a :class:`PromptExample`'s, truncated as the data
+            options say); else encoded here.
+    """
+    if isinstance(prompt, list):
+        if chat is None:
+            raise UserInputError(f"{type(tokenizer).__name__} has no chat template for message prompts")
+        text = chat.render(prompt, "completion", generation_prompt=True)
+        response = chat.response_text(prompt, text, [{"role": "assistant", "content": completion}], "completion",
+                                      "completion")
+        end_of_turn = chat.end_of_turn
+    else:
+        text, response, end_of_turn = prompt, completion, ""
+    ids = prompt_ids if prompt_ids is not None else encode_prompt(tokenizer, text)
+    return ids, encode_response(tokenizer, response, end_of_turn)
 
 
 class PromptCollator:

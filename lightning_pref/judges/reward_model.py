@@ -8,7 +8,7 @@ import torch
 
 from lightning_pref.data.chat import ChatTemplate
 from lightning_pref.data.collate import pad
-from lightning_pref.data.tokenize import encode_prompt, encode_response
+from lightning_pref.data.prompts import encode_completion
 from lightning_pref.errors import UserInputError
 from lightning_pref.judges.base import Judge, Prompt
 from lightning_pref.registry import register_judge
@@ -51,14 +51,7 @@ class RewardModelJudge(Judge):
 
     def encode(self, prompt: Prompt, completion: str) -> tuple[list[int], list[int]]:
         """The ``(prompt ids, response ids)`` of a pair, as the data pipeline encodes them."""
-        if isinstance(prompt, list):
-            if self.chat is None:
-                raise UserInputError(f"judge: {self.path}'s tokenizer has no chat template for message prompts")
-            text = self.chat.render(prompt, "judge", generation_prompt=True)
-            response = self.chat.response_text(prompt, text, [{"role": "assistant", "content": completion}], "judge",
-                                               "completion")
-            return encode_prompt(self.tokenizer, text), encode_response(self.tokenizer, response, self.chat.end_of_turn)
-        return encode_prompt(self.tokenizer, prompt), encode_response(self.tokenizer, completion)
+        return encode_completion(self.tokenizer, self.chat, prompt, completion)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:

@@ -15,10 +15,24 @@ def shouting(text: str) -> float:
     return (upper - lower) / max(1, upper + lower)
 
 
+def no_shouting(prompt: object, completion: str) -> float:
+    """The demo's rule as a plain function (for ``judge: {class_path: function, init_args: {fn: ...}}``):
+    +1 for a completion in lowercase, -1 for one in UPPERCASE, 0 without letters."""
+    return -shouting(completion)
+
+
+def quiet_letters(prompt: object, completion: str) -> float:
+    """The demo's rule as a dense reward: (lowercase − uppercase letters) / characters, in [-1, 1]. A reply
+    of lowercase letters scores near 1; noise, silence and shouting score 0 or less, so learning it shows."""
+    upper = sum(c.isupper() for c in completion)
+    lower = sum(c.islower() for c in completion)
+    return (lower - upper) / max(1, len(completion))
+
+
 @register_judge("no_shouting")
 class NoShoutingJudge(Judge):
     """The rule of the bundled synthetic data, *the preferred reply does not shout*: score = −:func:`shouting`,
     +1 for a reply in lowercase, −1 for one in UPPERCASE, 0 without letters."""
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
-        return [-shouting(c) for c in completions]
+        return [no_shouting(p, c) for p, c in zip(prompts, completions, strict=True)]

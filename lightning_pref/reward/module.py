@@ -96,7 +96,6 @@ class RewardModule(BaseModule):
 
     loss_registry = REWARD_LOSSES
     plugin_registries = {"loss": REWARD_LOSSES}
-    requires_kl_baseline = False  # linked to data.kl_baseline by the CLI
 
     def __init__(
         self,
