@@ -38,6 +38,25 @@ class RecordLosses(Callback):
         path.write_text(json.dumps(self.losses))
 
 
+class RecordPrompts(Callback):
+    """Write the prompt indices of this rank's on-policy training batches to ``<directory>/prompts_rank<R>.json``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.indices: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.indices.append(batch.index.tolist())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+        from pathlib import Path
+
+        path = Path(self.directory) / f"prompts_rank{trainer.global_rank}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.indices))
+
+
 class Tagged(Callback):
     """A callback with an argument that happens to be called ``loss`` (the CLI must not treat it as a loss)."""
 

@@ -223,3 +223,24 @@ def test_reward_model_validation_metrics_equal_single_process(data, tmp_path):
         # come out ~1e-4 relative when the spread is small next to the mean
         rel = 1e-3 if key.endswith("_std") else 1e-5
         assert values["ddp"][key] == pytest.approx(value, rel=rel, abs=1e-6), key
+
+
+def test_online_under_ddp_each_rank_samples_its_own_prompts(tmp_path):
+    """On-policy DPO on 2 processes x 4 prompts: each step the ranks generate for disjoint prompts which together
+    are the single process's batch of 8, and both train on finite losses."""
+    prompts = {}
+    for strategy, batch_size in ((None, 8), ("ddp", 4)):
+        root = tmp_path / (strategy or "single")
+        _cli("fit", "--config", str(REPO / "configs/online_dpo.yaml"), *_strategy(strategy), "--trainer.accelerator",
+             "cpu", "--data.batch_size", str(batch_size), "--trainer.max_steps", "2", "--progress_bar.refresh_rate",
+             "0", "--trainer.default_root_dir", str(root), "--trainer.callbacks+=tests.support.RecordPrompts",
+             f"--trainer.callbacks.directory={root}", "--trainer.callbacks+=tests.support.RecordLosses",
+             f"--trainer.callbacks.directory={root}")
+        ranks = range(2 if strategy else 1)
+        prompts[strategy] = [json.loads((root / f"prompts_rank{r}.json").read_text()) for r in ranks]
+        losses = [json.loads((root / f"losses_rank{r}.json").read_text()) for r in ranks]
+        assert all(len(x) == 2 and all(v == v and abs(v) < 1e3 for v in x) for x in losses)
+    rank0, rank1 = prompts["ddp"]
+    for step, single in enumerate(prompts[None][0]):
+        assert not set(rank0[step]) & set(rank1[step])
+        assert sorted(rank0[step] + rank1[step]) == sorted(single)

@@ -199,3 +199,18 @@ def test_evaluate_with_a_reward_model_judge(reward_run, tmp_path):
     report = json.loads((tmp_path / "lightning_logs/version_0/evaluation.json").read_text())
     assert report["judge"] == "RewardModelJudge" and report["comparisons"] == 256
     assert math.isfinite(report["policy"]["score"]["mean"])
+
+
+def test_online_dpo_labels_pairs_with_a_reward_model_judge(reward_run, tmp_path):
+    """On-policy pairs labelled by an exported reward model (its own tokenizer, pad = EOS): the judge is chosen
+    by name from YAML/command line, and the logged chosen score is above the rejected one at every step."""
+    out = tmp_path / "rm"
+    main(["export", "--ckpt_path", str(reward_run["ckpt"]), "--output_dir", str(out)])
+    main(["fit", "--config", str(REPO / "configs/online_dpo.yaml"), "--model.init_args.judge", "reward_model",
+          f"--model.init_args.judge.path={out}", "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1",
+          "--data.batch_size", "4", "--trainer.default_root_dir", str(tmp_path / "online"),
+          "--progress_bar.refresh_rate", "0"])
+    rows = [r for r in csv.DictReader(open(tmp_path / "online/lightning_logs/version_0/metrics.csv"))
+            if r["train/judge/score"]]
+    assert len(rows) == 2
+    assert all(float(r["train/judge/chosen"]) > float(r["train/judge/rejected"]) for r in rows)
