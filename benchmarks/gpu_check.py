@@ -150,10 +150,6 @@ def packing_option_available() -> bool:
 
 def skip_reason(case: Case, args: argparse.Namespace, have: dict[str, bool]) -> str | None:
     """Why ``case`` does not run here, or ``None``."""
-    if args.cases and not any(fnmatch.fnmatch(case.name, p) for p in args.cases.split(",")):
-        return "not selected (--cases)"
-    if args.exclude and any(fnmatch.fnmatch(case.name, p) for p in args.exclude.split(",")):
-        return "excluded (--exclude)"
     if "cuda" in case.needs and not have["cuda"]:
         return "needs CUDA"
     if "flash_attn" in case.needs and not have["flash_attn"]:
@@ -162,6 +158,10 @@ def skip_reason(case: Case, args: argparse.Namespace, have: dict[str, bool]) -> 
         return "option not available (PreferenceDataModule has no data.packing)"
     if case.compile and args.dry_run and case.arch != "llama":
         return "dry run: compile on one architecture only (about a minute per compile on 2 CPU cores)"
+    if args.cases and not any(fnmatch.fnmatch(case.name, p) for p in args.cases.split(",")):
+        return "not selected (--cases)"
+    if args.exclude and any(fnmatch.fnmatch(case.name, p) for p in args.exclude.split(",")):
+        return "excluded (--exclude)"
     return None
 
 
