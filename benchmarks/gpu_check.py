@@ -62,11 +62,10 @@ LOSS_AT_REFERENCE = {"dpo": math.log(2), "kto": 0.5}  # policy == reference: DPO
 # rounds differently in bf16 (measured 1.1e-3): 1e-2 is a chosen-minus-rejected margin of 0.2 nats at beta 0.1.
 STEP0_TOLERANCE = 1e-3
 STEP0_TOLERANCE_COMPILED = 1e-2
-# max over the fixed batch's sequences of |log p(case) - log p(fp32)| / response tokens, in nats per token. On
-# CPU at this script's shapes bf16 gives 0.002-0.02 (8 bits of mantissa); a model with its RoPE base changed is off
-# by 0.04-1.1 in the dry-run shapes and 0.7-1.8 in the GPU ones, and a model whose log-probs are off by less than
-# the tolerance is indistinguishable from a correct one for training.
-LOGPS_TOLERANCE = {"bf16-mixed": 0.05, "bf16-true": 0.05, "32-true": 1e-4}
+# max over the fixed batch's sequences of |log p(case) - log p(fp32)| / response tokens, in nats per token.
+# Measured on CPU at this script's shapes, bf16 is off by 0.002-0.02 (8 bits of mantissa); a deliberately broken
+# model (RoPE base changed, Gemma2's soft-cap dropped) by 0.05-0.4 in the dry-run shapes and 0.7-1.1 in the GPU ones.
+LOGPS_TOLERANCE = {"bf16-mixed": 0.05, "bf16-true": 0.05}
 # The check has teeth only if the model is far from uniform: a near-uniform model scores every token ~ -ln V
 # whatever its kernels compute. Minimum mean |log p + ln V| per token of the fp32 reference.
 LOGPS_MIN_SIGNAL = 0.1
