@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-floor lint bench clean
+.PHONY: install demo test test-floor lint bench clean gpu-check gpu-check-dry
 
 install:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ test: install
 bench: install
 	$(BIN)/python -m pip install -q "trl>=1.16"
 	$(BIN)/python benchmarks/run_all.py
+
+# On the GPU machine, with its own python (torch preinstalled; missing packages as wheels, see benchmarks/README.md
+# "GPU check"): correctness cases and the ~0.5B perf tables in <= 8 minutes, results under $OUT or
+# benchmarks/results. `make gpu-check-dry` is its CPU dry run (what tests/test_gpu_check.py runs, plus compile).
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-check-dry: install
+	$(BIN)/python benchmarks/gpu_check.py --dry-run $(GPU_CHECK_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

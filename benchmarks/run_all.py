@@ -30,16 +30,7 @@ def main() -> int:
     steps = (["--steps", "3", "--warmup", "1", "--repeats", "3"] if args.quick
              else ["--steps", "10", "--warmup", "2", "--repeats", "7"])
     if args.gpu:
-        gpu = ["--model-config", "0.5b", "--vocab", "32000", "--precision", "bf16-mixed", "--peak-tflops",
-               args.peak_tflops, "--prompt-len", "256", "--response-len", "768", "--steps", "10", "--warmup", "3",
-               "--repeats", "3"]
-        commands = [
-            ["train_step.py", "--loss", "dpo", "--name", "gpu_dpo_0.5b", "--batch-size", "8", *gpu,
-             "--variants", "floor,lp,lp_precomputed,trl"],
-            ["train_step.py", "--loss", "dpo", "--name", "gpu_dpo_0.5b_options", "--batch-size", "8", *gpu,
-             "--variants", "floor,lp,lp_gc,lp_compile"],
-        ]
-        return run(commands)
+        return run(gpu_commands(args.peak_tflops))
     commands = [
         ["train_step.py", "--loss", "dpo", *steps],
         ["train_step.py", "--loss", "kto", "--variants", "floor,lp,lp_bare,trl", *steps],
@@ -56,6 +47,34 @@ def main() -> int:
         commands.append(["train_step.py", "--loss", "dpo", "--name", "train_step_dpo_options", "--variants",
                          "floor,lp,lp_gc,lp_compile,lp_bf16,lp_varlen,lp_grouped", *steps, "--repeats", "5"])
     return run(commands)
+
+
+#: Result names (``<name>.json`` / ``.md``) of the GPU tables, in the order :func:`gpu_commands` runs them.
+GPU_TABLES = ("gpu_dpo_0.5b", "gpu_dpo_0.5b_options")
+
+
+def gpu_commands(
+    peak_tflops: str = "989", steps: int = 10, warmup: int = 3, repeats: int = 3, options_repeats: int | None = None,
+    extra: dict[str, list[str]] | None = None,
+) -> list[list[str]]:
+    """The GPU tables' commands (script name first, relative to ``benchmarks/``): the ~0.5B Llama in bf16-mixed,
+    lightning-pref against the floor, precomputed reference and TRL, then the options table.
+
+    Args:
+        peak_tflops: the datasheet bf16 dense peak for the second MFU column (H100/H200 SXM: 989).
+        steps, warmup, repeats: measured steps, warm-up steps and alternating repetitions per variant; the
+            defaults are the committed tables'; ``benchmarks/gpu_check.py`` passes fewer to fit its budget.
+        options_repeats: repetitions of the options table (``None`` = ``repeats``; 0 leaves it out).
+        extra: more arguments per table name (e.g. ``--out-dir``, ``--workdir``).
+    """
+    shape = ["--model-config", "0.5b", "--vocab", "32000", "--precision", "bf16-mixed", "--peak-tflops", str(peak_tflops),
+             "--prompt-len", "256", "--response-len", "768", "--steps", str(steps), "--warmup", str(warmup),
+             "--batch-size", "8"]
+    variants = {GPU_TABLES[0]: ("floor,lp,lp_precomputed,trl", repeats),
+                GPU_TABLES[1]: ("floor,lp,lp_gc,lp_compile", repeats if options_repeats is None else options_repeats)}
+    return [["train_step.py", "--loss", "dpo", "--name", name, *shape, "--variants", names, "--repeats", str(n),
+             *(extra or {}).get(name, [])]
+            for name, (names, n) in variants.items() if n > 0]
 
 
 def run(commands: list[list[str]]) -> int:
