@@ -23,6 +23,7 @@ CONFIGS = {
     "configs/recipes/ipo.yaml": "lightning_pref.losses.ipo.IPOLoss",
     "configs/recipes/kto.yaml": "lightning_pref.losses.kto.KTOLoss",
     "configs/reward.yaml": "lightning_pref.reward.losses.bradley_terry.BradleyTerryLoss",
+    "configs/online_dpo.yaml": "lightning_pref.losses.dpo.DPOLoss",
 }
 
 
