@@ -120,6 +120,23 @@ def make_pairs(
     return pairs
 
 
+HH_LENGTHS = Path(__file__).resolve().parent / "data" / "hh_lengths.json"
+
+
+def make_pairs_like(n: int, vocab: int, lengths_file: Path = HH_LENGTHS, seed: int = 0) -> list[dict[str, list[int]]]:
+    """``n`` random-token pairs whose ``(prompt, chosen, rejected)`` token counts are drawn (seeded, with
+    replacement) from real data's (``hh_lengths.py`` writes them; the counts include the EOS / end-of-turn, so
+    each response gets one word less, as in :func:`make_pairs`)."""
+    rng = random.Random(seed)
+    lengths = json.loads(Path(lengths_file).read_text())["lengths"]
+    pairs = []
+    for _ in range(n):
+        prompt, chosen, rejected = lengths[rng.randrange(len(lengths))]
+        words = [[rng.randrange(FIRST_WORD, vocab) for _ in range(max(1, k))] for k in (prompt, chosen - 1, rejected - 1)]
+        pairs.append(dict(zip(("prompt", "chosen", "rejected"), words, strict=True)))
+    return pairs
+
+
 def write_data(pairs: list[dict[str, list[int]]], directory: Path) -> dict[str, str]:
     """Paired JSONL (DPO), unpaired JSONL (KTO: the pair as one desirable and one undesirable example, in that
     order) and the token ids (``ids.json``, read by the plain loop)."""

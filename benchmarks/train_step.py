@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="add lp_varlen / lp_grouped on a variable-length copy of the data (see --length-jitter)")
     p.add_argument("--length-jitter", type=float, default=0.5,
                    help="variable-length data: lengths uniform in [(1-j)L, L] (used by --group-by-length only)")
+    p.add_argument("--lengths", choices=["fixed", "hh"], default="fixed",
+                   help="fixed: every pair --prompt-len + --response-len; hh: (prompt, chosen, rejected) token counts "
+                        "drawn from Anthropic HH (benchmarks/data/hh_lengths.json, see hh_lengths.py)")
     p.add_argument("--no-trl", action="store_true", help="skip TRL even when it is installed")
     p.add_argument("--name", default=None, help="result file name (default: train_step_<loss>)")
     p.add_argument("--out-dir", default=str(HERE / "results"))
@@ -192,7 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         directory = workdir / f"data_{key}"
         directory.mkdir(exist_ok=True)
-        pairs = bench_lib.make_pairs(n_pairs, args.vocab, args.prompt_len, args.response_len, jitter, seed)
+        if args.lengths == "hh":
+            pairs = bench_lib.make_pairs_like(n_pairs, args.vocab, seed=seed)
+            # the longest drawn prompt and response: every framework's max_length must keep them whole
+            args.prompt_len = max(len(p["prompt"]) for p in pairs)
+            args.response_len = 1 + max(len(p[k]) for p in pairs for k in ("chosen", "rejected"))
+        else:
+            pairs = bench_lib.make_pairs(n_pairs, args.vocab, args.prompt_len, args.response_len, jitter, seed)
         datasets[key] = bench_lib.write_data(pairs, directory)
 
     # The peak in the dtype the matmuls run in: bf16 under bf16-mixed / bf16-true.
@@ -255,7 +264,7 @@ def summarize(args, config, variants, runs, errors, peak_flops, n_pairs) -> dict
     per_token = flops_per_token(args.loss, flop_params)
     out: dict[str, Any] = {
         "name": args.name, "loss": args.loss, "model_config": config, "vocab": args.vocab,
-        "batch_size_pairs": args.batch_size, "prompt_len": args.prompt_len, "response_len": args.response_len,
+        "lengths": args.lengths, "batch_size_pairs": args.batch_size, "prompt_len": args.prompt_len, "response_len": args.response_len,
         "warmup_steps": args.warmup, "measured_steps": args.steps, "repeats": args.repeats, "lr": args.lr,
         "n_pairs": n_pairs, "precision": args.precision, "matmul_dtype": bench_lib.compute_dtype(args.precision),
         "peak_tflops": args.peak_tflops, "params": floor_runs[0]["params"] if floor_runs else None,
@@ -331,7 +340,10 @@ def markdown(s: dict[str, Any]) -> str:
         f"Model: `{json.dumps(s['model_config'])}`, vocab {s['vocab']}, "
         f"{params.get('total', 0) / 1e6:.2f}M parameters ({params.get('flop_params', 0) / 1e6:.2f}M without the input embedding). "
         f"Batch {s['batch_size_pairs']} pairs{' (KTO: ' + str(2 * s['batch_size_pairs']) + ' unpaired examples + as many KL rows)' if s['loss'] == 'kto' else ''}, "
-        f"prompt {s['prompt_len']} + response {s['response_len']} tokens, precision {s['precision']}, AdamW lr {s['lr']}. "
+        + (f"prompt {s['prompt_len']} + response {s['response_len']} tokens" if s.get("lengths", "fixed") == "fixed" else
+           f"lengths drawn from Anthropic HH's tokenized (prompt, chosen, rejected) counts (benchmarks/data/hh_lengths.json; "
+           f"longest prompt {s['prompt_len']}, response {s['response_len']} tokens)")
+        + f", precision {s['precision']}, AdamW lr {s['lr']}. "
         f"{s['warmup_steps']} warm-up + {s['measured_steps']} measured steps per run, {s['repeats']} alternating repetitions, medians.",
         "",
         f"Machine: {env['device']}, {env['cpu_count']} CPUs, torch {env['torch']} ({env['torch_threads']} threads), "
