@@ -16,7 +16,6 @@ import inspect
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_pref import kl, packing
@@ -57,8 +56,6 @@ class SequenceScorer(nn.Module):
         self.takes_position_ids = "position_ids" in body_args
         self._cache_arg = "cache" if "cache" in body_args else "past_key_values"  # renamed in transformers 5.x
         self.checked = not self.response_only_head  # the self-check runs once, on the first scored batch
-        self.packs, self._no_packing = packing.supports_packing(self.lm)
-        self._told: set[str] = set()  # fallback messages already given
 
     @property
     def lm(self) -> nn.Module:
@@ -91,7 +88,7 @@ class SequenceScorer(nn.Module):
             # (N,), (N,), (M,)
         """
         if packed is not None:
-            usable, masks = self._layout(packed)
+            usable, masks = packing.runnable(self.lm, packed)
             if usable is not None:
                 logps, tokens = self.score_packed(usable, masks)
                 kl_logps = kl.score_kl_rows(self, kl_rows, None, None) if kl_rows is not None else None
@@ -101,25 +98,6 @@ class SequenceScorer(nn.Module):
         logps, hidden, cache = self.score(input_ids, attention_mask, response_mask, keep_cache=share)
         kl_logps = kl.score_kl_rows(self, kl_rows, hidden, cache) if kl_rows is not None else None
         return logps, response_mask[:, 1:].sum(-1), kl_logps
-
-    def _layout(self, packed: PackedRows) -> tuple[PackedRows | None, Any]:
-        """The packed rows this model can take (plain instead of shared prompts, or ``None``: pad them) and the
-        attention masks they need."""
-        if not self.packs:
-            self._tell(f"lightning-pref: data.packing: scoring padded batches, {self._no_packing}")
-            return None, None
-        if not packed.shared_prompts:
-            return packed, None
-        masks, why = packing.prompt_sharing_masks(self.lm, packed, self.lm.dtype)
-        if masks is None:
-            self._tell(f"lightning-pref: data.packing: shared: packing without shared prompts, {why}")
-            return packing.unshare(packed), None
-        return packed, masks
-
-    def _tell(self, message: str) -> None:
-        if message not in self._told:
-            self._told.add(message)
-            rank_zero_info(message)
 
     def score_packed(self, packed: PackedRows, masks: Any = None) -> tuple[Tensor, Tensor]:
         """Summed response log-probs and response tokens of each of the ``N`` packed sequences. # (N,), (N,)"""

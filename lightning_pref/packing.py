@@ -8,8 +8,8 @@ padding.
   needs for shared prompts (``None`` where it cannot take them).
 - :func:`body_inputs`, :func:`scored_tokens`: what the transformer body runs on, and which hidden state predicts
   each scored token and for which sequence, so per-sequence sums come back in the batch's row order.
-- :func:`unpack`, :func:`unshare`: the same sequences padded, or packed without shared prompts, for a model that
-  cannot take the layout it was given.
+- :func:`runnable`: what of a packed batch a model runs (with shared prompts, without, or padded again by
+  :func:`unpack`), saying once why it falls back.
 
 Plain packing passes no attention mask: with ``position_ids`` given, no mask and no cache, transformers (4.56 and
 later) derives each token's sequence from where the positions restart (``masking_utils.find_packed_sequence_indices``)
@@ -20,16 +20,22 @@ which shared prompts rely on.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_pref.types import PackedRows
 
 Sequence = tuple[list[int], list[int]]  # (prompt ids, response ids)
+
+#: ``data.packing``: ``false`` pads; ``true`` and ``auto`` pack (the same today: a model that cannot take packed
+#: rows is given them padded again, with an info line); ``shared`` also runs each pair's prompt once.
+Packing = bool | Literal["auto", "shared"]
 
 # Attention implementations whose masks transformers builds from packed position_ids (flash-attention from the
 # sequence boundaries, flex from a block mask, sdpa and eager from a block-causal 4D mask).
@@ -181,11 +187,40 @@ def prompt_sharing_masks(model: nn.Module, packed: PackedRows, dtype: torch.dtyp
     if not sliding or int(packed.position_ids.max()) < window:
         return form(allowed), ""
     body = getattr(model, "base_model", model)
-    if _MASK_MAPPING not in inspect.getsource(type(body).forward):
+    if not _takes_mask_mapping(type(body)):
         return None, f"{type(body).__name__} applies one custom mask to its sliding-window layers too"
     positions = packed.position_ids  # (R, L); within a segment, distance in positions = distance in its sequence
     near = (positions[:, :, None] - positions[:, None, :]) < window  # (R, L, L) query i, key j
     return {"full_attention": form(allowed), "sliding_attention": form(allowed & near[:, None])}, ""
+
+
+@functools.cache
+def _takes_mask_mapping(body: type) -> bool:
+    return _MASK_MAPPING in inspect.getsource(body.forward)
+
+
+def runnable(model: nn.Module, packed: PackedRows) -> tuple[PackedRows | None, Any]:
+    """The layout of ``packed`` that ``model`` runs, and the attention masks it needs (``None``: none).
+
+    Shared prompts where the model takes their masks, else plain packing; ``None`` for a model that cannot take
+    packed rows at all (the caller pads the batch with :func:`unpack`). Each fallback is told once, on rank 0.
+    """
+    supported, why = supports_packing(model)
+    if not supported:
+        _tell(f"lightning-pref: data.packing: scoring padded batches, {why}")
+        return None, None
+    if not packed.shared_prompts:
+        return packed, None
+    masks, why = prompt_sharing_masks(model, packed, model.dtype)
+    if masks is None:
+        _tell(f"lightning-pref: data.packing: shared: packing without shared prompts, {why}")
+        return unshare(packed), None
+    return packed, masks
+
+
+@functools.cache
+def _tell(message: str) -> None:
+    rank_zero_info(message)
 
 
 def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
@@ -226,6 +261,15 @@ def scored_tokens(packed: PackedRows) -> tuple[Tensor, Tensor, Tensor]:
         skip = chosen_lengths[(sequences - half).clamp(min=0)]  # jump back over the chosen response
         predictors = torch.where(first_rejected, predictors - skip, predictors)
     return cells, predictors, sequences
+
+
+def last_cells(packed: PackedRows) -> Tensor:
+    """Flat index into ``R * L`` of each sequence's last token (a reward model reads it). # -> (N,)"""
+    flat = packed.sequence_index.flatten()  # (R * L,)
+    cells = torch.arange(flat.numel(), device=flat.device)
+    real = flat >= 0
+    last = torch.full((packed.num_sequences,), -1, dtype=torch.long, device=flat.device)
+    return last.scatter_reduce(0, flat[real], cells[real], "amax")
 
 
 def sequence_sums(values: Tensor, sequences: Tensor, num_sequences: int) -> Tensor:
