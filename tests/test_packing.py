@@ -199,3 +199,26 @@ def test_reward_model_packed_equals_padded(pairs_file, layout):
     padded = _losses(reward(), pairs_file, 3)
     packed = _losses(reward(), pairs_file, 3, packing=layout)
     assert max(abs(a - b) for a, b in zip(packed, padded, strict=True)) <= 1e-5
+
+
+def test_online_pairs_are_packed_as_offline_batches(pairs_file):
+    from lightning_pref import OnPolicyModule
+    from lightning_pref.generation import GenerationOptions
+    from lightning_pref.judges import FunctionJudge
+
+    seen: list = []
+
+    class Online(OnPolicyModule):
+        def _step(self, batch, stage):
+            seen.append(batch.packed is not None)
+            return super()._step(batch, stage)
+
+    def online() -> OnPolicyModule:
+        return Online(policy=TINY, tokenizer="byte", judge=FunctionJudge("lightning_pref.judges.rules:quiet_letters"),
+                      generation=GenerationOptions(max_new_tokens=8, do_sample=True),
+                      optimizer=partial(torch.optim.AdamW, lr=1e-2))
+
+    padded = _losses(online(), pairs_file, 2, train_data="prompts")
+    packed = _losses(online(), pairs_file, 2, train_data="prompts", packing="shared")
+    assert seen == [False, False, True, True]
+    assert max(abs(a - b) for a, b in zip(packed, padded, strict=True)) <= 1e-5
