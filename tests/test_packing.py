@@ -14,6 +14,7 @@ from transformers import (
     Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
     Qwen2Config,
 )
 
@@ -143,6 +144,24 @@ def test_shared_prompts_fall_back_to_plain_packing_where_the_mask_is_not_taken(c
     assert "packing without shared prompts, attention implementation 'flex_attention'" in caplog.text
 
 
+@pytest.mark.parametrize("window", [4, 100])
+def test_one_mask_for_all_layers_shares_prompts_only_within_the_window(window, caplog):
+    """Mistral applies a custom 4D mask to its sliding-window layers as given: with segments longer than the
+    window the prompts are not shared (plain packing keeps the window), and the log-probs stay the padded ones."""
+    torch.manual_seed(0)
+    config = MistralConfig(**_SMALL, sliding_window=window)
+    scorer = SequenceScorer(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval())
+    sequences = _pairs()
+    packed = packing.pack(sequences, 0, share_prompts=True)
+    packing._tell.cache_clear()
+    with torch.no_grad(), caplog.at_level(logging.INFO):
+        shared = packing.runnable(scorer.lm, packed)[0].shared_prompts
+        expected, logps = scorer(*pad(sequences, 0))[0], scorer(None, None, None, packed=packed)[0]
+    assert shared is (window == 100)
+    assert ("applies one custom mask to its sliding-window layers" in caplog.text) is (window == 4)
+    assert (logps - expected).abs().max() <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------------ training
 class _Losses(Callback):
     def __init__(self) -> None:
@@ -165,13 +184,13 @@ def _dpo(**kwargs) -> PreferenceModule:
     return PreferenceModule(policy=TINY, tokenizer="byte", optimizer=partial(torch.optim.AdamW, lr=1e-2), **kwargs)
 
 
-@pytest.mark.parametrize("layout", [True, "shared"])
-def test_dpo_trajectory_packed_equals_padded(pairs_file, layout):
+def test_dpo_trajectory_packed_equals_padded(pairs_file):
     padded = _losses(_dpo(), pairs_file, 20)
-    packed = _losses(_dpo(), pairs_file, 20, packing=layout)
-    assert len(packed) == len(padded) == 20
-    assert max(abs(a - b) for a, b in zip(packed, padded, strict=True)) <= 1e-5
     assert padded[-1] < padded[0] - 0.05  # it learns, so the trajectories are not trivially flat
+    for layout in (True, "shared"):
+        packed = _losses(_dpo(), pairs_file, 20, packing=layout)
+        assert len(packed) == len(padded) == 20
+        assert max(abs(a - b) for a, b in zip(packed, padded, strict=True)) <= 1e-5, layout
 
 
 def test_kto_with_kl_rows_packed_equals_padded(pairs_file):
@@ -191,14 +210,14 @@ def test_precomputed_reference_packed_equals_padded(pairs_file, tmp_path):
     assert max(abs(a - b) for a, b in zip(packed, padded, strict=True)) <= 1e-5
 
 
-@pytest.mark.parametrize("layout", [True, "shared"])
-def test_reward_model_packed_equals_padded(pairs_file, layout):
+def test_reward_model_packed_equals_padded(pairs_file):
     def reward() -> RewardModule:
         return RewardModule(backbone=TINY, tokenizer="byte", optimizer=partial(torch.optim.AdamW, lr=1e-2))
 
     padded = _losses(reward(), pairs_file, 3)
-    packed = _losses(reward(), pairs_file, 3, packing=layout)
-    assert max(abs(a - b) for a, b in zip(packed, padded, strict=True)) <= 1e-5
+    for layout in (True, "shared"):
+        packed = _losses(reward(), pairs_file, 3, packing=layout)
+        assert max(abs(a - b) for a, b in zip(packed, padded, strict=True)) <= 1e-5, layout
 
 
 def test_online_pairs_are_packed_as_offline_batches(pairs_file):
@@ -218,7 +237,7 @@ def test_online_pairs_are_packed_as_offline_batches(pairs_file):
                       generation=GenerationOptions(max_new_tokens=8, do_sample=True),
                       optimizer=partial(torch.optim.AdamW, lr=1e-2))
 
-    padded = _losses(online(), pairs_file, 2, train_data="prompts")
-    packed = _losses(online(), pairs_file, 2, train_data="prompts", packing="shared")
-    assert seen == [False, False, True, True]
+    padded = _losses(online(), pairs_file, 1, train_data="prompts")
+    packed = _losses(online(), pairs_file, 1, train_data="prompts", packing="shared")
+    assert seen == [False, True]
     assert max(abs(a - b) for a, b in zip(packed, padded, strict=True)) <= 1e-5
