@@ -180,15 +180,16 @@ def _losses(module, data, steps: int, **data_kwargs) -> list[float]:
     return record.losses
 
 
-def _dpo(**kwargs) -> PreferenceModule:
-    return PreferenceModule(policy=TINY, tokenizer="byte", optimizer=partial(torch.optim.AdamW, lr=1e-2), **kwargs)
+def _dpo(lr: float = 1e-2, **kwargs) -> PreferenceModule:
+    return PreferenceModule(policy=TINY, tokenizer="byte", optimizer=partial(torch.optim.AdamW, lr=lr), **kwargs)
 
 
 def test_dpo_trajectory_packed_equals_padded(pairs_file):
-    padded = _losses(_dpo(), pairs_file, 20)
-    assert padded[-1] < padded[0] - 0.05  # it learns, so the trajectories are not trivially flat
+    """20 optimizer steps; at this learning rate the loss falls from ln 2 to about 0.03 without saturating."""
+    padded = _losses(_dpo(lr=1e-3), pairs_file, 20)
+    assert padded[-1] < padded[0] - 0.3 and padded[-1] > 1e-3
     for layout in (True, "shared"):
-        packed = _losses(_dpo(), pairs_file, 20, packing=layout)
+        packed = _losses(_dpo(lr=1e-3), pairs_file, 20, packing=layout)
         assert len(packed) == len(padded) == 20
         assert max(abs(a - b) for a, b in zip(packed, padded, strict=True)) <= 1e-5, layout
 
