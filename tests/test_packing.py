@@ -109,8 +109,9 @@ def test_packed_logps_and_gradients_equal_padded(name, layout):
         assert (g - e).abs().max() <= 1e-5 * e.abs().max().clamp(min=1e-6)
 
 
-def test_odd_unpaired_batch_packs():
-    scorer = SequenceScorer(_model("llama"))
+@pytest.mark.parametrize("response_only_head", [True, False])
+def test_odd_unpaired_batch_packs(response_only_head):
+    scorer = SequenceScorer(_model("llama"), response_only_head=response_only_head)
     sequences = _pairs()[:5]
     with torch.no_grad():
         expected = scorer(*pad(sequences, 0))[0]
