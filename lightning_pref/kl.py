@@ -85,14 +85,15 @@ def score_kl_rows(scorer: SequenceScorer, kl_rows: KLRows, hidden: Tensor | None
     Args:
         scorer: the scorer whose forward is running.
         kl_rows: the batch's mismatched rows.
-        hidden: the batch pass's final hidden states when it kept its cache. # (N, T, H)
+        hidden: the batch pass's final hidden states when it kept its cache (``None``: a packed pass). # (N, T, H)
         cache: the batch pass's K/V cache (``None``: score the rows in full).
     """
     if len(kl_rows.prompt_rows) == 0:  # every row of the batch shares one prompt: nothing to estimate here,
         # but other ranks run a forward, so this one does too (sharded strategies gather layers per forward)
-        ids, attention, response = (t[:1, :2] for t in kl_rows[:3]) if kl_rows.input_ids.numel() else _dummy(hidden)
+        device = kl_rows.input_ids.device  # where the batch is, also after a packed pass that kept no hidden states
+        ids, attention, response = (t[:1, :2] for t in kl_rows[:3]) if kl_rows.input_ids.numel() else _dummy(device)
         scorer.score(ids, attention, response)
-        return hidden.new_zeros(0, dtype=torch.float32) if hidden is not None else torch.zeros(0)
+        return torch.zeros(0, dtype=torch.float32, device=device)
     if cache is not None and _plain_kv_cache(cache):
         return _score_continuations(scorer, hidden, cache, kl_rows)
     return scorer.score(kl_rows.input_ids, kl_rows.attention_mask, kl_rows.response_mask)[0]
@@ -112,8 +113,7 @@ def kl_baseline(logratios: Tensor, strategy: Any = None) -> Tensor:
     return (stats[0] / stats[1].clamp(min=1)).clamp(min=0).detach()
 
 
-def _dummy(hidden: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    device = hidden.device if hidden is not None else None
+def _dummy(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
     return ids, torch.ones_like(ids), torch.tensor([[False, True]], device=device)
 

@@ -5,6 +5,9 @@ response positions (chunked, see :mod:`lightning_pref.head`).
 peak memory does not scale with ``B * T * V``. A self-check on the first batch compares this split computation
 with the model's own logits, so an architecture whose logits are post-processed in a way the head does not
 reproduce stops with an error instead of training on wrong log-probs.
+
+Packed batches (:mod:`lightning_pref.packing`) run the body on rows of several sequences and come back as the
+same per-sequence values; a model that cannot take them gets the batch padded again (one info line says why).
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_pref import kl
+from lightning_pref import kl, packing
 from lightning_pref.errors import UserInputError
 from lightning_pref.head import LogitTransform, default_chunk_size, logits_logps, sum_rows, token_logps
-from lightning_pref.types import KLRows
+from lightning_pref.types import KLRows, PackedRows
 
 # Positions compared by the self-check, and its tolerance on |log p| differences: fp32 agrees to rounding; in
 # bf16/fp16 the model's own head post-processes bf16 logits while ours works in fp32. A missing soft-cap or
@@ -64,26 +67,53 @@ class SequenceScorer(nn.Module):
         return body is not None and body is not self.lm and self.lm.get_output_embeddings() is not None
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, kl_rows: KLRows | None = None
+        self, input_ids: Tensor | None, attention_mask: Tensor | None, response_mask: Tensor | None,
+        kl_rows: KLRows | None = None, packed: PackedRows | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Score ``input_ids`` and, for KTO, the mismatched ``kl_rows`` that reuse their prompts.
+        """Score ``input_ids`` (or ``packed``) and, for KTO, the mismatched ``kl_rows`` that reuse their prompts.
 
         Args:
-            input_ids: prompt + response token ids, right-padded. # (N, T)
+            input_ids: prompt + response token ids, right-padded; ``None`` with ``packed``. # (N, T)
             attention_mask: 1 for real tokens. # (N, T)
             response_mask: True where a token belongs to the response and is scored. # (N, T)
             kl_rows: KTO's mismatched prompt/completion rows, scored without gradient (``z0`` is detached).
                 Each starts with the prompt of one of the ``N`` rows, so where the model allows it the prompt's
-                keys and values are taken from this pass instead of being computed again.
+                keys and values are taken from this pass instead of being computed again (padded batches only:
+                a packed pass keeps no cache).
+            packed: the same ``N`` sequences packed into rows, instead of the padded tensors.
 
         Returns:
             ``(logps, num_tokens, kl_logps)``: summed response log-probs and number of response tokens, and the
-            summed log-probs of ``kl_rows`` (``None`` without them). # (N,), (N,), (M,)
+            summed log-probs of ``kl_rows`` (``None`` without them), in batch row order either way.
+            # (N,), (N,), (M,)
         """
+        if packed is not None:
+            usable, masks = packing.runnable(self.lm, packed)
+            if usable is not None:
+                logps, tokens = self.score_packed(usable, masks)
+                kl_logps = kl.score_kl_rows(self, kl_rows, None, None) if kl_rows is not None else None
+                return logps, tokens, kl_logps
+            input_ids, attention_mask, response_mask = packing.unpack(packed)
         share = kl_rows is not None and kl.can_share_prompts(self, kl_rows)
         logps, hidden, cache = self.score(input_ids, attention_mask, response_mask, keep_cache=share)
         kl_logps = kl.score_kl_rows(self, kl_rows, hidden, cache) if kl_rows is not None else None
         return logps, response_mask[:, 1:].sum(-1), kl_logps
+
+    def score_packed(self, packed: PackedRows, masks: Any = None) -> tuple[Tensor, Tensor]:
+        """Summed response log-probs and response tokens of each of the ``N`` packed sequences. # (N,), (N,)"""
+        if not self.checked:
+            self.check_head(*packing.unpack(packed))
+        cells, predictors, sequences = packing.scored_tokens(packed)  # (S,) each
+        targets = packed.input_ids.flatten()[cells]  # (S,)
+        inputs = packing.body_inputs(packed, masks)
+        if self.response_only_head:
+            hidden = self.body(**inputs).last_hidden_state  # (R, L, H)
+            per_token = self.head_logps(hidden.flatten(0, 1)[predictors], targets)  # (R * L, H) -> (S, H) -> (S,)
+        else:
+            logits = self.lm(**inputs).logits  # (R, L, V)
+            per_token = logits_logps(logits.flatten(0, 1)[predictors], targets, self.chunk_size)  # (S, V) -> (S,)
+        num_tokens = torch.bincount(sequences, minlength=packed.num_sequences)
+        return packing.sequence_sums(per_token, sequences, packed.num_sequences), num_tokens
 
     def body(self, cache: Any = None, **kwargs: Any) -> Any:
         """The transformer body without the LM head; a ``cache`` given goes in under the name this version of

@@ -249,14 +249,15 @@ class PreferenceModule(BaseModule):
         adapter = self.hparams.reference_mode == "adapter"
         scorer = self.policy if adapter else self.reference
         with torch.no_grad(), self.policy.model.disable_adapter() if adapter else contextlib.nullcontext():
-            logps, _, kl_logps = scorer(batch.input_ids, batch.attention_mask, batch.response_mask, kl_rows)
+            logps, _, kl_logps = scorer(batch.input_ids, batch.attention_mask, batch.response_mask, kl_rows, batch.packed)
         return logps, kl_logps
 
     def forward(self, batch: PreferenceBatch) -> tuple[SequenceLogps, SequenceLogps | None, Tensor | None]:
         """Policy and reference log-probs of a batch (one concatenated forward of chosen and rejected rows), and
         KTO's KL baseline ``z0`` when the loss needs one (``None`` otherwise)."""
         kl_rows = self.kl_rows(batch)
-        logps, tokens, policy_kl = self.policy(batch.input_ids, batch.attention_mask, batch.response_mask, kl_rows)
+        logps, tokens, policy_kl = self.policy(batch.input_ids, batch.attention_mask, batch.response_mask, kl_rows,
+                                               batch.packed)
         policy = SequenceLogps.split(logps, tokens, batch.num_chosen)  # (N,) -> (B,), (B,)
         if not self.loss.requires_reference:
             return policy, None, None
@@ -290,7 +291,7 @@ class PreferenceModule(BaseModule):
         out = self.loss(policy, reference, kl_baseline=kl)
         loss = out.losses.mean()
         values = per_example(out, policy, batch.paired, batch.weights)
-        batch_size = batch.num_chosen if batch.paired else batch.input_ids.shape[0]
+        batch_size = batch.num_chosen if batch.paired else batch.num_sequences
         if stage == "train":  # per step: this batch's values, logged as plain tensors in one call
             logged = {f"train/{k}": v for k, v in (batch_means(values) | out.metrics).items()}
             for prog_bar in (True, False):

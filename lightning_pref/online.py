@@ -173,6 +173,12 @@ class OnPolicyModule(PreferenceModule):
             self.generation.num_return_sequences = saved
 
     @property
+    def packing(self) -> bool | str:
+        """The data module's ``data.packing``, so generated pairs are laid out as offline batches are."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(datamodule, "hparams", {}).get("packing", False)
+
+    @property
     def chat(self):
         from lightning_pref.data.chat import ChatTemplate
 
@@ -186,7 +192,8 @@ class OnPolicyModule(PreferenceModule):
             return super().training_step(batch, batch_idx)
         prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
         examples, metrics = self.sample_pairs(prompts, batch.prompts, self._seed(int(batch.index[0])))
-        pairs = self.transfer_batch_to_device(PreferenceCollator(self.tokenizer.pad_token_id)(examples), self.device, 0)
+        collate = PreferenceCollator(self.tokenizer.pad_token_id, packing=self.packing)
+        pairs = self.transfer_batch_to_device(collate(examples), self.device, 0)
         score = metrics.pop("judge/score")
         self.log("train/judge/score", score, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(prompts))
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False,

@@ -188,7 +188,7 @@ class PrecomputedReference(Callback):
         table = self.tables.get(batch.split)
         if table is None or batch.example_index is None:
             raise TrainingError(f"reference_mode 'precomputed': no reference log-probs for split {batch.split!r}")
-        return table[batch.example_index.cpu(), batch.response_column.cpu()].to(batch.input_ids.device)
+        return table[batch.example_index.cpu(), batch.response_column.cpu()].to(batch.device)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.prepare(trainer, pl_module)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 
@@ -70,16 +71,52 @@ class KLRows(NamedTuple):
 
 
 @dataclass
-class PreferenceBatch:
-    """A collated batch: every sequence is ``prompt + response`` right-padded to a common length ``T``.
+class PackedRows:
+    """``N`` sequences laid end to end in ``R`` rows of length ``L`` instead of padding each to ``T``
+    (:mod:`lightning_pref.packing` builds and reads them).
 
-    Rows ``[:num_chosen]`` are chosen (desirable) and rows ``[num_chosen:]`` rejected (undesirable). A batch is
-    *paired* when both halves have the same size and row ``i`` pairs with row ``num_chosen + i``.
+    Each sequence occupies consecutive cells of one row, its positions counting from 0, so the model's own mask
+    creation separates the sequences of a row (block-causal attention) from the restarts of ``position_ids``.
+    With ``shared_prompts`` (paired batches) each pair is one segment ``[prompt, chosen, rejected]``: the prompt
+    runs once and belongs to the chosen sequence, the rejected response continues at the prompt's length and an
+    explicit ``attention_mask`` keeps it from seeing the chosen tokens.
     """
 
-    input_ids: Tensor  # (N, T) token ids, padded with the tokenizer's pad id
-    attention_mask: Tensor  # (N, T) 1 for real tokens, 0 for padding
-    response_mask: Tensor  # (N, T) bool, True where the token is a response token that is scored
+    input_ids: Tensor  # (R, L) token ids, filler cells hold the pad id
+    position_ids: Tensor  # (R, L) each token's position in its own sequence; 0 on filler cells
+    response_mask: Tensor  # (R, L) bool, True where the token is a response token
+    sequence_index: Tensor  # (R, L) long, the batch row n in [0, N) each token belongs to; -1 on filler cells
+    num_sequences: int  # N
+    pad_token_id: int = 0
+    shared_prompts: bool = False
+    # shared_prompts only: True where query token i may attend to key token j (block-causal per segment, rejected
+    # tokens blind to their chosen partner). L * L bools per row.
+    attention_mask: Tensor | None = None  # (R, 1, L, L)
+
+    @property
+    def real_tokens(self) -> int:
+        """Tokens the model runs on (a shared prompt counts once)."""
+        return int((self.sequence_index >= 0).sum())
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the ``R * L`` cells that are filler."""
+        return 1.0 - self.real_tokens / max(1, self.input_ids.numel())
+
+
+@dataclass
+class PreferenceBatch:
+    """A collated batch of ``N`` sequences ``prompt + response``: right-padded to a common length ``T``, or
+    packed (``packed``, see :class:`PackedRows`), in which case the padded tensors are ``None``.
+
+    Rows ``[:num_chosen]`` are chosen (desirable) and rows ``[num_chosen:]`` rejected (undesirable). A batch is
+    *paired* when both halves have the same size and row ``i`` pairs with row ``num_chosen + i``. Packing changes
+    only how the sequences are laid out for the model: per-sequence values come back in this row order.
+    """
+
+    input_ids: Tensor | None  # (N, T) token ids, padded with the tokenizer's pad id
+    attention_mask: Tensor | None  # (N, T) 1 for real tokens, 0 for padding
+    response_mask: Tensor | None  # (N, T) bool, True where the token is a response token that is scored
     num_chosen: int
     paired: bool = True
     # Mismatched prompt/completion rows for KTO's KL baseline z0; absent unless the loss asks for a KL baseline.
@@ -96,10 +133,33 @@ class PreferenceBatch:
     weights: Tensor | None = None  # (N,)
     # Paired data with a margin column (reward models, as in Llama 2): each pair's margin; missing ones are 0.
     margins: Tensor | None = None  # (B,)
+    # ``data.packing``: the sequences packed into rows (the padded tensors above are then ``None``).
+    packed: PackedRows | None = None
+
+    @property
+    def num_sequences(self) -> int:
+        """``N``, whichever the layout."""
+        return self.packed.num_sequences if self.packed is not None else self.input_ids.shape[0]
 
     @property
     def num_rejected(self) -> int:
-        return self.input_ids.shape[0] - self.num_chosen
+        return self.num_sequences - self.num_chosen
+
+    @property
+    def real_tokens(self) -> int:
+        """Tokens the model runs on, padding and filler left out."""
+        return self.packed.real_tokens if self.packed is not None else int(self.attention_mask.sum())
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the cells the model runs on that are padding or filler."""
+        if self.packed is not None:
+            return self.packed.padding_fraction
+        return 1.0 - self.real_tokens / max(1, self.attention_mask.numel())
+
+    @property
+    def device(self) -> torch.device:
+        return (self.packed.input_ids if self.packed is not None else self.input_ids).device
 
 
 @dataclass

@@ -6,6 +6,7 @@ import torch
 
 from lightning_pref.data.tokenize import Encoded
 from lightning_pref.kl import mismatched_rows
+from lightning_pref.packing import Packing, pack
 from lightning_pref.types import PreferenceBatch
 
 Sequence = tuple[list[int], list[int]]  # (prompt ids, response ids)
@@ -39,12 +40,16 @@ class PreferenceCollator:
         kl_baseline: also build the mismatched prompt/completion rows for KTO's KL baseline.
         split: the split the examples come from, stamped on each batch (with each row's example index and
             response column) so per-example tables such as precomputed reference log-probs can be looked up.
+        packing: lay the sequences end to end in rows instead of padding them (``batch.packed``, see
+            :mod:`lightning_pref.packing`); ``shared``: one segment per pair, its prompt once (paired batches;
+            unpaired ones are packed plainly). KTO's mismatched rows stay padded.
     """
 
-    def __init__(self, pad_token_id: int, kl_baseline: bool = False, split: str = "") -> None:
+    def __init__(self, pad_token_id: int, kl_baseline: bool = False, split: str = "", packing: Packing = False) -> None:
         self.pad_token_id = pad_token_id
         self.kl_baseline = kl_baseline
         self.split = split
+        self.packing = packing
 
     def __call__(self, examples: list[Encoded]) -> PreferenceBatch:
         paired = all(e.rejected is not None for e in examples)
@@ -58,11 +63,14 @@ class PreferenceCollator:
             num_chosen = sum(e.label for e in examples)
         # Column 0 is the chosen (or only) completion, 1 the rejected one; also the reference table's columns.
         ordered = [(e.prompt, e.rejected if column else e.chosen) for e, column in rows]
-        input_ids, attention_mask, response_mask = pad(ordered, self.pad_token_id)
+        if self.packing:  # one layout only: the padded tensors are not built
+            padded, packed = (None, None, None), pack(ordered, self.pad_token_id, self.packing == "shared" and paired)
+        else:
+            padded, packed = pad(ordered, self.pad_token_id), None
         batch = PreferenceBatch(
-            input_ids, attention_mask, response_mask, num_chosen=num_chosen, paired=paired, split=self.split,
+            *padded, num_chosen=num_chosen, paired=paired, split=self.split,
             example_index=torch.tensor([e.index for e, _ in rows], dtype=torch.long),
-            response_column=torch.tensor([column for _, column in rows], dtype=torch.long),
+            response_column=torch.tensor([column for _, column in rows], dtype=torch.long), packed=packed,
         )
         if any(e.weight != 1.0 for e in examples):
             batch.weights = torch.tensor([e.weight for e, _ in rows])

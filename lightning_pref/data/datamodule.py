@@ -23,6 +23,7 @@ from lightning_pref.data.sources import Source, bundled, read_source
 from lightning_pref.data.stats import SplitStats, print_summary
 from lightning_pref.data.tokenize import Encoded
 from lightning_pref.errors import UserInputError
+from lightning_pref.packing import Packing
 
 
 class EncodedDataset(Dataset):
@@ -101,6 +102,11 @@ class PreferenceDataModule(LightningDataModule):
             ``prompts``, batches of ``train``'s prompts (online on-policy training; ``train`` may be a prompt-only
             file); ``rounds``, pairs from the files :meth:`train_from` points at, sampled from ``train``'s prompts
             (iterative on-policy training).
+        packing: ``false`` pads every sequence to the batch's longest; ``true`` (or ``auto``) lays them end to
+            end in rows of that length, each with its own positions and attention, with identical log-probs and
+            less padding, where the model supports it (elsewhere batches are padded again, with an info line
+            saying why: see :func:`lightning_pref.packing.supports_packing`); ``shared`` also runs each pair's
+            prompt once for both responses (sdpa or eager attention; a custom mask of ``L * L`` per row).
     """
 
     def __init__(
@@ -126,6 +132,7 @@ class PreferenceDataModule(LightningDataModule):
         cache_dir: str | None = None,
         predict: str | None = None,
         train_data: Literal["pairs", "prompts", "rounds"] = "pairs",
+        packing: Packing = False,
     ) -> None:
         super().__init__()
         if tokenizer is None:
@@ -135,6 +142,8 @@ class PreferenceDataModule(LightningDataModule):
                 f"data.tokenizer: {type(tokenizer).__name__} has no pad token; load it with "
                 "lightning_pref.models.load_tokenizer (which uses EOS as pad) or set tokenizer.pad_token"
             )
+        if packing not in (True, False, "auto", "shared"):
+            raise UserInputError(f"data.packing: {packing!r} is not one of true, false, auto, shared")
         if kl_baseline and batch_size < 2:
             raise UserInputError(
                 f"data.batch_size: {batch_size} example per device leaves KTO's KL baseline without a mismatched "
@@ -237,7 +246,8 @@ class PreferenceDataModule(LightningDataModule):
         self.datasets["train"] = EncodedDataset(table)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        collate = PreferenceCollator(self.tokenizer.pad_token_id, kl_baseline=self.hparams.kl_baseline, split=split)
+        collate = PreferenceCollator(self.tokenizer.pad_token_id, kl_baseline=self.hparams.kl_baseline, split=split,
+                                     packing=self.hparams.packing)
         dataset, trainer = self.datasets[split], self.trainer
         world = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else {}
         if train:

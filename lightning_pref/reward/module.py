@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification
 
+from lightning_pref import packing
 from lightning_pref.base_module import BaseModule
 from lightning_pref.errors import UserInputError
 from lightning_pref.metrics import ExactMeans, batch_means
@@ -31,7 +32,7 @@ from lightning_pref.models import (
 )
 from lightning_pref.registry import REWARD_LOSSES
 from lightning_pref.reward.losses import BradleyTerryLoss, RewardLoss
-from lightning_pref.types import PreferenceBatch
+from lightning_pref.types import PackedRows, PreferenceBatch
 
 #: Validation keys (prefixed ``val/``): exact means over the whole set on all devices. ``*_sq`` are the second
 #: moments the standard deviations come from; they are not logged.
@@ -62,8 +63,15 @@ class RewardScorer(nn.Module):
                 f"model.backbone: {type(model).__name__} has no scalar head (score or classifier) to read rewards from"
             )
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Scores of ``prompt + response`` rows. # (N, T) -> (N,)"""
+    def forward(self, input_ids: Tensor | None, attention_mask: Tensor | None, packed: PackedRows | None = None) -> Tensor:
+        """Scores of ``prompt + response`` rows, or of the sequences in ``packed`` (in batch row order; padded
+        again for a model that cannot take them). # (N, T) -> (N,)"""
+        if packed is not None:
+            usable, masks = packing.runnable(self.model, packed)
+            if usable is not None:
+                hidden = self.model.base_model(**packing.body_inputs(usable, masks)).last_hidden_state  # (R, L, H)
+                return self.head(hidden.flatten(0, 1)[packing.last_cells(usable)]).squeeze(-1).float()  # (N, H) -> (N,)
+            input_ids, attention_mask, _ = packing.unpack(packed)
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = hidden.last_hidden_state  # (N, T, H)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
@@ -147,7 +155,7 @@ class RewardModule(BaseModule):
 
     def forward(self, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
         """Scores of the chosen and the rejected responses (one forward over both). # -> (B,), (B,)"""
-        scores = self.scorer(batch.input_ids, batch.attention_mask)  # (2B,)
+        scores = self.scorer(batch.input_ids, batch.attention_mask, batch.packed)  # (2B,)
         return scores[: batch.num_chosen], scores[batch.num_chosen :]
 
     def _step(self, batch: PreferenceBatch, stage: str) -> tuple[Tensor, Tensor]:
