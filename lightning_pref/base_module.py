@@ -21,6 +21,7 @@ from torch import Tensor
 from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.models import ModelSpec, load_tokenizer, parameter_dtype
 from lightning_pref.registry import Registry, UnknownLossError
+from lightning_pref.types import PreferenceBatch
 
 _OTHER_MODEL = "it was written for another model: use the model options it was trained with"
 
@@ -42,6 +43,17 @@ class BaseModule(LightningModule):
     # batches are (``pairs``; on-policy: ``prompts`` or ``rounds``, see ``PreferenceDataModule``).
     requires_kl_baseline: bool = False
     train_data: str = "pairs"
+    # Model FLOPs of the last training batch, for Lightning's ThroughputMonitor (lightning_pref.throughput).
+    flops_per_batch: int | None = None
+    flop_params: int = 0  # N of the estimate, counted before sharding
+
+    def log_batch_cost(self, batch: PreferenceBatch, no_grad_passes: int = 0, extra_no_grad_tokens: int = 0) -> None:
+        """Set ``flops_per_batch`` (6N per real token of the trained pass, 2N per token of each pass without
+        gradient) and log the batch's ``train/padding_fraction``."""
+        tokens = batch.real_tokens
+        self.flops_per_batch = self.flop_params * (tokens * (6 + 2 * no_grad_passes) + 2 * extra_no_grad_tokens)
+        self.log("train/padding_fraction", batch.padding_fraction, on_step=True, on_epoch=False,
+                 batch_size=batch.num_sequences)
 
     def init_common(
         self, loss: Any, default_loss: Any, model: ModelSpec, model_field: str, tokenizer: str | None,

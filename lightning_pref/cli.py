@@ -43,6 +43,7 @@ from lightning_pref.module import PreferenceModule
 from lightning_pref.predict import PredictionWriter
 from lightning_pref.registry import JUDGES, LOSSES, REWARD_LOSSES, Registry, load_plugins
 from lightning_pref.report import RunSummary
+from lightning_pref.throughput import TokenThroughput
 
 PARSER_MODE = "lightning_pref"
 #: Options whose value may be a registered plugin name, and the registry that names them: the module's plugin
@@ -169,7 +170,7 @@ class ProgressBar(RichProgressBar):
 
 #: Always-on callbacks (configured as ``--<key>.*``), and the Trainer flag that turns each off.
 ALWAYS_ON = {"checkpoint": "enable_checkpointing", "progress_bar": "enable_progress_bar", "predictions": None,
-             "summary": None}
+             "summary": None, "throughput": None}
 
 
 class LightningPrefCLI(LightningCLI):
@@ -184,14 +185,15 @@ class LightningPrefCLI(LightningCLI):
         parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
         parser.link_arguments("model.requires_kl_baseline", "data.kl_baseline", apply_on="instantiate")
         parser.link_arguments("model.train_data", "data.train_data", apply_on="instantiate")
-        # Always-on callbacks, configurable as --checkpoint.*, --progress_bar.*, --predictions.*, --summary.*: a
-        # last.ckpt to resume or validate from, a progress bar showing loss and reward accuracy, predict's JSONL,
-        # and the summary at the end of fit.
+        # Always-on callbacks, configurable as --checkpoint.*, --progress_bar.*, --predictions.*, --summary.*,
+        # --throughput.*: a last.ckpt to resume or validate from, a progress bar showing loss and reward accuracy,
+        # predict's JSONL, the summary at the end of fit, and real tokens/s (and MFU) in the logs.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(ProgressBar, "progress_bar")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_lightning_class_args(TokenThroughput, "throughput")
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI rebuilds the trained model: it reads the checkpoint's hyperparameters into the model

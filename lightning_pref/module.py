@@ -35,6 +35,7 @@ from lightning_pref.precompute import PrecomputedReference, weights_fingerprint
 from lightning_pref.reference import ReferenceMode, apply_lora, check_reference_mode, soft_update
 from lightning_pref.registry import LOSSES
 from lightning_pref.sharding import apply_fsdp2, fsdp_mesh
+from lightning_pref.throughput import flop_parameters
 from lightning_pref.types import KLRows, PreferenceBatch, PromptBatch, SequenceLogps
 
 # The frozen reference is in eval mode on purpose; Lightning warns about any eval-mode module at fit start.
@@ -179,6 +180,7 @@ class PreferenceModule(BaseModule):
             disable_dropout(policy)
         if hp.gradient_checkpointing:
             enable_activation_checkpointing(policy)
+        self.flop_params = flop_parameters(policy)
         if hp.reference_mode == "adapter":
             policy = apply_lora(policy, hp.lora)
         self.policy = self.scorer(policy)
@@ -306,6 +308,9 @@ class PreferenceModule(BaseModule):
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         loss, policy = self._step(batch, "train")
+        reference_passes = int(self.loss.requires_reference and self.hparams.reference_mode in ("model", "adapter"))
+        kl_tokens = int(batch.kl_rows.attention_mask.sum()) if batch.kl_rows is not None else 0
+        self.log_batch_cost(batch, reference_passes, kl_tokens * (1 + reference_passes))
         return self.checked_loss(loss, torch.cat([policy.chosen, policy.rejected]), batch_idx)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

@@ -32,6 +32,7 @@ from lightning_pref.models import (
 )
 from lightning_pref.registry import REWARD_LOSSES
 from lightning_pref.reward.losses import BradleyTerryLoss, RewardLoss
+from lightning_pref.throughput import flop_parameters
 from lightning_pref.types import PackedRows, PreferenceBatch
 
 #: Validation keys (prefixed ``val/``): exact means over the whole set on all devices. ``*_sq`` are the second
@@ -146,6 +147,7 @@ class RewardModule(BaseModule):
             disable_dropout(model)
         if hp.gradient_checkpointing:
             enable_activation_checkpointing(model)
+        self.flop_params = flop_parameters(model)
         self.scorer = RewardScorer(model)
         if self._trainer is not None:
             dtype = str(next(self.scorer.parameters()).dtype).removeprefix("torch.")
@@ -192,6 +194,7 @@ class RewardModule(BaseModule):
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         loss, scores = self._step(batch, "train")
+        self.log_batch_cost(batch)
         return self.checked_loss(loss, scores, batch_idx)
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
