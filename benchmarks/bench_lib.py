@@ -240,7 +240,8 @@ class StepClock:
         self.warmup = warmup
         self.ends: list[float] = []
         self.tokens: list[int] = []  # non-pad tokens of the trained sequences (KL rows excluded)
-        self.padded: list[int] = []  # all positions of those sequences, pads included
+        self.padded: list[int] = []  # all cells the model runs on, pads and packing filler included
+        self.real: list[int] = []  # the cells that are not padding (a shared prompt once)
         self.reference_seconds: list[float] = []  # per step: time inside the reference model's forward, if timed
         self._reference_running = 0.0
         self.memory = MemoryProbe()
@@ -248,9 +249,17 @@ class StepClock:
     def add_reference_time(self, seconds: float) -> None:
         self._reference_running += seconds
 
-    def batch(self, attention_mask) -> None:
-        self.tokens.append(int(attention_mask.sum()))
-        self.padded.append(int(attention_mask.numel()))
+    def batch(self, attention_mask=None, *, tokens: int | None = None, cells: int | None = None,
+              real: int | None = None) -> None:
+        """One training batch: its ``attention_mask`` (padded), or for a packed batch its sequences' ``tokens``
+        (as a padded batch holds them: the same count for every variant of the same data), the ``cells`` the
+        model runs on and the ``real`` (non-filler) ones among them."""
+        if attention_mask is not None:
+            tokens = real = int(attention_mask.sum())
+            cells = int(attention_mask.numel())
+        self.tokens.append(tokens)
+        self.padded.append(cells)
+        self.real.append(real)
 
     def step_end(self) -> None:
         sync()  # kernels run asynchronously: the step ends when the GPU is done
@@ -264,7 +273,7 @@ class StepClock:
             raise RuntimeError(f"need >= 1 warm-up and >= 1 measured step, got {len(self.ends)} steps, warmup {w}")
         seconds = (self.ends[-1] - self.ends[w - 1]) / n
         tokens = self.tokens[w : w + n]
-        padded = self.padded[w : w + n]
+        padded, real = self.padded[w : w + n], self.real[w : w + n]
         reference = sum(self.reference_seconds[w : w + n]) / n
         return {
             **({"reference_seconds_per_step": reference} if reference > 0 else {}),
@@ -272,7 +281,8 @@ class StepClock:
             "step_times": [b - a for a, b in zip(self.ends[w - 1 : -1], self.ends[w:], strict=True)],
             "measured_steps": n,
             "tokens_per_step": sum(tokens) / max(len(tokens), 1),
-            "pad_fraction": 1 - sum(tokens) / max(sum(padded), 1),
+            "pad_fraction": 1 - sum(real) / max(sum(padded), 1),
+            "cells_per_step": sum(padded) / max(len(padded), 1),
             **self.memory.report(),
         }
 
@@ -314,7 +324,18 @@ class StepTimer(_lightning_callback_base()):
         reference.forward = timed  # an instance attribute: nn.Module.__call__ looks it up first
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.clock.batch(batch.attention_mask)
+        packed = batch.packed
+        if packed is None:
+            self.clock.batch(batch.attention_mask)
+            return
+        # A sequence's length is its last position + 1, also for a rejected response that continues a shared prompt.
+        import torch
+
+        index, positions = packed.sequence_index.flatten(), packed.position_ids.flatten()
+        keep = index >= 0
+        ends = torch.zeros(packed.num_sequences, dtype=torch.long, device=index.device)
+        ends = ends.scatter_reduce(0, index[keep], positions[keep], "amax")
+        self.clock.batch(tokens=int((ends + 1).sum()), cells=packed.input_ids.numel(), real=packed.real_tokens)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.clock.step_end()

@@ -44,6 +44,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str, str]] = {
     "lp_bf16": ("lp", {"precision": "bf16-mixed"}, "main", "lightning-pref CLI, trainer.precision=bf16-mixed"),
     "lp_varlen": ("lp", {}, "varlen", "lightning-pref CLI on variable-length data, group_by_length=false"),
     "lp_grouped": ("lp", {"group_by_length": True}, "varlen", "lightning-pref CLI on variable-length data, group_by_length=true"),
+    "lp_packed": ("lp", {"packing": True}, "main", "lightning-pref CLI, data.packing=true (sequences end to end in rows)"),
+    "lp_shared": ("lp", {"packing": "shared"}, "main", "lightning-pref CLI, data.packing=shared (packed, each pair's prompt once)"),
     "trl": ("trl", {}, "main", "TRL DPOTrainer / KTOTrainer, defaults (the benchmark's precision, report_to=none)"),
 }
 DEFAULT_VARIANTS = ["floor", "lp", "lp_full_head", "lp_precomputed", "lp_bare"]
@@ -80,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lengths", choices=["fixed", "hh"], default="fixed",
                    help="fixed: every pair --prompt-len + --response-len; hh: (prompt, chosen, rejected) token counts "
                         "drawn from Anthropic HH (benchmarks/data/hh_lengths.json, see hh_lengths.py)")
+    p.add_argument("--packing", action="store_true", help="add the lp_packed and lp_shared variants")
     p.add_argument("--no-trl", action="store_true", help="skip TRL even when it is installed")
     p.add_argument("--name", default=None, help="result file name (default: train_step_<loss>)")
     p.add_argument("--out-dir", default=str(HERE / "results"))
@@ -116,6 +119,7 @@ def chosen_variants(args: argparse.Namespace) -> list[str]:
         names += ["lp_compile"] if args.compile else []
         names += ["lp_bf16"] if args.bf16 else []
         names += ["lp_varlen", "lp_grouped"] if args.group_by_length else []
+        names += ["lp_packed", "lp_shared"] if args.packing else []
         names += ["trl"]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

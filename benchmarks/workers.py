@@ -122,6 +122,7 @@ def _lp_config(spec: dict[str, Any], root: Path) -> dict[str, Any]:
         "batch_size": spec["batch_size"] * (2 if kto else 1),
         "max_length": spec["prompt_len"] + spec["response_len"] + 8,
         "group_by_length": lp.get("group_by_length", False),
+        "packing": lp.get("packing", False),
         "cache_dir": str(Path(spec["workdir"]) / "token_cache"),
     }
     trainer = {
