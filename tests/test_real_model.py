@@ -173,3 +173,30 @@ def test_reward_model_on_the_real_model(smollm2, hh, tmp_path):
         consumer = ids.masked_fill(mask == 0, tokenizer.pad_token_id)  # padded with the export's own pad
         theirs = model(input_ids=consumer, attention_mask=mask).logits[:, 0]
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_and_shared_prompt_logps_equal_padded_on_real_model_and_text(smollm2, hh):
+    """SmolLM2 (Llama body, tied head, pad = EOS) on HH conversations rendered with its chat template: packed rows
+    and shared prompts give the padded batch's per-sequence log-probs."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_pref import PreferenceDataModule
+    from lightning_pref.data.collate import PreferenceCollator
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    from lightning_pref.models import load_tokenizer
+
+    dm = PreferenceDataModule(train=str(hh["train"]), val=None, tokenizer=load_tokenizer(str(smollm2)), max_length=192,
+                              cache=False)
+    dm.setup("fit")
+    examples = [dm.datasets["train"][i] for i in range(4)]
+    scorer = SequenceScorer(model)
+    logps, tokens = {}, {}
+    with torch.no_grad():
+        for packing in (False, True, "shared"):
+            batch = PreferenceCollator(dm.tokenizer.pad_token_id, packing=packing)(examples)
+            logps[packing] = scorer(batch.input_ids, batch.attention_mask, batch.response_mask, packed=batch.packed)[0]
+            tokens[packing] = batch.real_tokens
+    assert tokens[True] == tokens[False] == tokens["shared"] + sum(len(e.prompt) for e in examples)  # prompts once
+    for packing in (True, "shared"):
+        torch.testing.assert_close(logps[packing], logps[False], rtol=1e-5, atol=1e-4)
