@@ -34,6 +34,11 @@ def main() -> int:
     commands = [
         ["train_step.py", "--loss", "dpo", *steps],
         ["train_step.py", "--loss", "kto", "--variants", "floor,lp,lp_bare,trl", *steps],
+        # Real preference lengths (Anthropic HH): padded vs packed vs shared prompts vs TRL.
+        ["train_step.py", "--loss", "dpo", "--lengths", "hh", "--name", "train_step_dpo_hh",
+         "--variants", "floor,lp,lp_packed,lp_shared,trl", *steps],
+        ["train_step.py", "--loss", "kto", "--lengths", "hh", "--name", "train_step_kto_hh",
+         "--variants", "floor,lp,lp_packed,trl", *steps],
         # Precomputed vs model mode, the closest call: runs in one process, 9 repetitions, 20 steps each.
         ["train_step.py", "--loss", "dpo", "--name", "precomputed_ab", "--variants", "lp,lp_precomputed", "--no-trl",
          "--in-process", *steps, "--steps", "20", "--warmup", "3", "--repeats", "9"],

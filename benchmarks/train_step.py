@@ -92,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--in-process", action="store_true",
                    help="run the variants in this process instead of one subprocess each (faster start; memory "
                         "numbers are then not isolated). Implied by --smoke")
+    p.add_argument("--resummarize", action="store_true",
+                   help="rewrite the tables from the run results already in --workdir (same arguments as the run)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
@@ -210,14 +212,18 @@ def main(argv: list[str] | None = None) -> int:
 
     # The peak in the dtype the matmuls run in: bf16 under bf16-mixed / bf16-true.
     matmul_dtype = bench_lib.compute_dtype(args.precision)
-    peak_flops = [bench_lib.matmul_peak_flops(matmul_dtype)]
+    previous = Path(args.out_dir) / f"{name}.json"
+    if args.resummarize and previous.is_file():  # the peak measured with the runs, not on today's machine load
+        peak_flops = [json.loads(previous.read_text())["matmul_peak_flops"]]
+    else:
+        peak_flops = [bench_lib.matmul_peak_flops(matmul_dtype)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "LIGHTNING_PREF_CACHE": str(workdir / "cache"), "WANDB_DISABLED": "true", "PYTHONWARNINGS": "ignore"}
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     errors: dict[str, str] = {}
     (workdir / "logs").mkdir(exist_ok=True)
     started = time.time()
-    for rep in range(args.repeats):
+    for rep in range(args.repeats if not args.resummarize else 0):
         # A B C, C B A, A B C, ...: a linear drift of the machine's speed cancels over each pair of repetitions.
         for variant in variants if rep % 2 == 0 else variants[::-1]:
             if variant in errors:
@@ -247,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             runs[variant].append(result)
             print(f"[{tag}] {result['seconds_per_step'] * 1e3:8.1f} ms/step  "
                   f"train peak RSS {result['train_peak_rss_mb']:7.0f} MB  ({time.time() - t:.0f} s wall)", flush=True)
-    peak_flops.append(bench_lib.matmul_peak_flops(matmul_dtype))
+    if not args.resummarize:
+        peak_flops.append(bench_lib.matmul_peak_flops(matmul_dtype))
+    else:
+        runs = {v: [json.loads(p.read_text()) for rep in range(args.repeats)
+                    if (p := workdir / "runs" / f"{v}_rep{rep}.json").is_file()] for v in variants}
 
     summary = summarize(args, config, variants, runs, errors, max(peak_flops), n_pairs)
     summary["wall_seconds"] = time.time() - started
@@ -272,10 +282,14 @@ def summarize(args, config, variants, runs, errors, peak_flops, n_pairs) -> dict
         "warmup_steps": args.warmup, "measured_steps": args.steps, "repeats": args.repeats, "lr": args.lr,
         "n_pairs": n_pairs, "precision": args.precision, "matmul_dtype": bench_lib.compute_dtype(args.precision),
         "peak_tflops": args.peak_tflops, "params": floor_runs[0]["params"] if floor_runs else None,
-        "flops_note": ("model FLOPs per trained (non-pad) token = 8N (6N policy fwd+bwd, 2N reference fwd)"
+        "flops_note": ("*tokens/s*: the tokens of the step's sequences as a padded batch holds them (prompt + "
+                       "response, pads left out), the same work for every variant. MFU: model FLOPs per token the "
+                       "model runs on (pads and packing filler left out, a shared prompt once) = 8N (6N policy "
+                       "fwd+bwd, 2N reference fwd)"
                        + (" + 4N (KTO KL rows: policy and reference fwd)" if args.loss == "kto" else "")
-                       + "; N = all parameters except the input embedding table (the LM head is counted); the same"
-                       " nominal count for every variant, so MFU ratios equal throughput ratios"),
+                       + "; N = all parameters except the input embedding table. The LM head is counted at every "
+                       "token although lightning-pref applies it at response positions only, so its MFU overstates "
+                       "the FLOPs it actually runs; attention FLOPs are not counted"),
         "matmul_peak_flops": peak_flops, "environment": bench_lib.environment(), "variants": {}, "errors": errors,
     }
     for variant in variants:
@@ -284,6 +298,9 @@ def summarize(args, config, variants, runs, errors, peak_flops, n_pairs) -> dict
             continue
         sec = median([r["seconds_per_step"] for r in rs])
         tokens = median([r["tokens_per_step"] for r in rs])
+        # the tokens the model runs on: padding and packing filler left out, a shared prompt once
+        real = median([r.get("cells_per_step", tokens) * (1 - r["pad_fraction"]) if "cells_per_step" in r
+                       else r["tokens_per_step"] for r in rs])
         row = {
             "description": VARIANTS[variant][3],
             "seconds_per_step": sec,
@@ -295,11 +312,12 @@ def summarize(args, config, variants, runs, errors, peak_flops, n_pairs) -> dict
             "train_peak_rss_mb": median([r["train_peak_rss_mb"] for r in rs]),
             "peak_rss_mb": median([r["peak_rss_mb"] for r in rs]),
             "rss_at_train_start_mb": median([r["rss_at_train_start_mb"] for r in rs]),
-            "model_flops_per_second": tokens * per_token / sec,
-            "mfu": tokens * per_token / sec / peak_flops,
+            "real_tokens_per_step": real,
+            "model_flops_per_second": real * per_token / sec,
+            "mfu": real * per_token / sec / peak_flops,
         }
         if args.peak_tflops:
-            row["mfu_vs_datasheet"] = tokens * per_token / sec / (args.peak_tflops * 1e12)
+            row["mfu_vs_datasheet"] = real * per_token / sec / (args.peak_tflops * 1e12)
         if "reference_seconds_per_step" in rs[0]:  # model-mode reference timed inside lightning-pref's step
             row["reference_share_of_step"] = median([r["reference_seconds_per_step"] / r["seconds_per_step"] for r in rs])
         if "cuda_max_allocated_mb" in rs[0]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from lightning_pref import packing
 from lightning_pref.head import sum_rows
 from lightning_pref.types import KLRows
 
@@ -46,13 +47,17 @@ def mismatched(groups: list[object]) -> list[tuple[int, int]]:
     return pairs
 
 
-def mismatched_rows(rows: list[Sequence], pad_token_id: int) -> KLRows:
-    """The mismatched rows of a batch whose rows are ``rows`` (``(prompt, response)`` token ids, in order)."""
+def mismatched_rows(rows: list[Sequence], pad_token_id: int, packed: bool = False) -> KLRows:
+    """The mismatched rows of a batch whose rows are ``rows`` (``(prompt, response)`` token ids, in order); of a
+    packed batch, also packed (a packed pass keeps no K/V cache to share prompts from, so its KL rows run in
+    full, and without their padding)."""
     from lightning_pref.data.collate import pad  # the batch's own padding
+    from lightning_pref.packing import pack
 
     pairs = mismatched([tuple(prompt) for prompt, _ in rows])
     sequences = [(rows[i][0], rows[k][1]) for i, k in pairs]
-    return KLRows(*pad(sequences, pad_token_id), torch.tensor([i for i, _ in pairs], dtype=torch.long))
+    return KLRows(*pad(sequences, pad_token_id), torch.tensor([i for i, _ in pairs], dtype=torch.long),
+                  pack(sequences, pad_token_id) if packed and sequences else None)
 
 
 def checkpointed(model: nn.Module) -> bool:
@@ -96,6 +101,10 @@ def score_kl_rows(scorer: SequenceScorer, kl_rows: KLRows, hidden: Tensor | None
         return torch.zeros(0, dtype=torch.float32, device=device)
     if cache is not None and _plain_kv_cache(cache):
         return _score_continuations(scorer, hidden, cache, kl_rows)
+    if kl_rows.packed is not None:
+        usable, masks = packing.runnable(scorer.lm, kl_rows.packed)
+        if usable is not None:
+            return scorer.score_packed(usable, masks)[0]
     return scorer.score(kl_rows.input_ids, kl_rows.attention_mask, kl_rows.response_mask)[0]
 
 
@@ -126,7 +135,7 @@ def _score_continuations(scorer: SequenceScorer, hidden: Tensor, cache: Any, kl_
     at positions ``P_m, P_m + 1, ...`` attending to those ``P_m`` cached entries and to itself; its first token
     is predicted from the batch row's hidden state at the prompt's last position.
     """
-    ids, attention, response, rows = kl_rows
+    ids, attention, response, rows = kl_rows[:4]
     prompt_lengths = _prompt_lengths(kl_rows)  # (M,)
     response_lengths = response.sum(-1)  # (M,)
     offsets = torch.arange(int(response_lengths.max()), device=ids.device)  # (R_max,)

@@ -27,10 +27,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_pref.data.chat import ChatTemplate
 from lightning_pref.data.collate import PreferenceCollator
 from lightning_pref.data.prompts import encode_completion
 from lightning_pref.data.tokenize import Encoded
 from lightning_pref.errors import UserInputError
+from lightning_pref.generation import Completions
 from lightning_pref.judges.base import Judge
 from lightning_pref.models import ModelSpec
 from lightning_pref.module import PreferenceModule
@@ -129,15 +131,10 @@ class OnPolicyModule(PreferenceModule):
             values: the prompts as the data gave them (what the judge sees).
             seed: seed of the sampling.
         """
-        k = self.hparams.samples_per_prompt
         start = time.perf_counter()
-        completions = self.complete_samples(prompts, k, seed)
+        completions = self.complete_samples(prompts, self.hparams.samples_per_prompt, seed)
         seconds = time.perf_counter() - start
-        texts = [t for per_prompt in completions.texts for t in per_prompt]  # (B * k,) prompt-major
-        scores = torch.tensor(self.judge.score([v for v in values for _ in range(k)], texts), dtype=torch.float32)
-        if self.hparams.eos_penalty is not None:
-            scores = scores - self.hparams.eos_penalty * (~completions.eos.cpu()).float()
-        scores = scores.view(len(prompts), k)
+        scores = self.judged(values, completions)
         pairs = pick_pairs(scores, self.hparams.min_gap)
         kept = len(pairs)
         examples: list[Encoded] = []
@@ -163,7 +160,17 @@ class OnPolicyModule(PreferenceModule):
                 del metrics[key]
         return examples, metrics
 
-    def complete_samples(self, prompts: list[list[int]], k: int, seed: int):
+    def judged(self, values: list[Any], completions: Completions) -> Tensor:
+        """The judge's score of each prompt's ``k`` completions, minus ``eos_penalty`` where one never emitted a
+        stop token. # -> (B, k)"""
+        k = self.hparams.samples_per_prompt
+        texts = [t for per_prompt in completions.texts for t in per_prompt]  # (B * k,) prompt-major
+        scores = torch.tensor(self.judge.score([v for v in values for _ in range(k)], texts), dtype=torch.float32)
+        if self.hparams.eos_penalty is not None:
+            scores = scores - self.hparams.eos_penalty * (~completions.eos.cpu()).float()
+        return scores.view(len(values), k)
+
+    def complete_samples(self, prompts: list[list[int]], k: int, seed: int) -> Completions:
         """``k`` sampled completions per prompt by the current policy (no reference)."""
         saved = self.generation.num_return_sequences
         self.generation.num_return_sequences = k
@@ -179,9 +186,9 @@ class OnPolicyModule(PreferenceModule):
         return getattr(datamodule, "hparams", {}).get("packing", False)
 
     @property
-    def chat(self):
-        from lightning_pref.data.chat import ChatTemplate
-
+    def chat(self) -> ChatTemplate | None:
+        """The policy tokenizer's chat template (``None`` without one): how a message prompt and a completion are
+        encoded, as the data pipeline encodes them."""
         if getattr(self, "_chat", None) is None and getattr(self.tokenizer, "chat_template", None):
             self._chat = ChatTemplate(self.tokenizer)
         return getattr(self, "_chat", None)
@@ -219,11 +226,7 @@ class OnPolicyModule(PreferenceModule):
             ids, values = [p[0] for p in part], [p[1] for p in part]
             seed = self.generation.seed + 1_000_003 * round_index + 10_007 * start + 101 * trainer.global_rank
             completions = self.complete_samples(ids, self.hparams.samples_per_prompt, seed)
-            k = self.hparams.samples_per_prompt
-            texts = [t for per in completions.texts for t in per]
-            scores = torch.tensor(self.judge.score([v for v in values for _ in range(k)], texts)).view(len(part), k)
-            if self.hparams.eos_penalty is not None:
-                scores = scores - self.hparams.eos_penalty * (~completions.eos.cpu()).float().view(len(part), k)
+            scores = self.judged(values, completions)
             for b, best, worst in pick_pairs(scores, self.hparams.min_gap):
                 records.append({"prompt": values[b], "chosen": completions.texts[b][best],
                                 "rejected": completions.texts[b][worst], "chosen_score": float(scores[b, best]),

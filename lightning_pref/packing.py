@@ -33,8 +33,9 @@ from lightning_pref.types import PackedRows
 
 Sequence = tuple[list[int], list[int]]  # (prompt ids, response ids)
 
-#: ``data.packing``: ``false`` pads; ``true`` and ``auto`` pack (the same today: a model that cannot take packed
-#: rows is given them padded again, with an info line); ``shared`` also runs each pair's prompt once.
+#: ``data.packing``: ``false`` pads; ``true`` packs; ``shared`` also runs each pair's prompt once; ``auto`` (the
+#: default) is what measured fastest: shared prompts for pairs, plain packing for unpaired examples. A model that
+#: cannot take shared prompts gets plain packing, one that cannot take packed rows padding, with an info line.
 Packing = bool | Literal["auto", "shared"]
 
 # Attention implementations whose masks transformers builds from packed position_ids (flash-attention from the
@@ -69,6 +70,11 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
         bins[b].append(i)
         space[b] -= lengths[i]
     return bins
+
+
+def shares_prompts(packing: Packing, paired: bool) -> bool:
+    """Whether ``data.packing`` puts each pair's prompt once in a shared segment."""
+    return paired and packing in ("shared", "auto")
 
 
 def pack(sequences: list[Sequence], pad_token_id: int, share_prompts: bool = False) -> PackedRows:
@@ -213,7 +219,7 @@ def runnable(model: nn.Module, packed: PackedRows) -> tuple[PackedRows | None, A
         return packed, None
     masks, why = prompt_sharing_masks(model, packed, model.dtype)
     if masks is None:
-        _tell(f"lightning-pref: data.packing: shared: packing without shared prompts, {why}")
+        _tell(f"lightning-pref: data.packing: packing without shared prompts, {why}")
         return unshare(packed), None
     return packed, masks
 

@@ -57,19 +57,6 @@ class LossOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)  # extra scalars to log, e.g. {"kl": ...}
 
 
-class KLRows(NamedTuple):
-    """KTO's mismatched prompt/completion rows for the KL baseline ``z0``, right-padded like a batch.
-
-    Row ``m`` is the prompt of batch row ``prompt_rows[m]`` followed by another row's completion, so its first
-    tokens repeat that batch row's prompt exactly (the scorer reuses their keys and values).
-    """
-
-    input_ids: Tensor  # (M, T')
-    attention_mask: Tensor  # (M, T')
-    response_mask: Tensor  # (M, T')
-    prompt_rows: Tensor  # (M,) index of the batch row whose prompt the row starts with
-
-
 @dataclass
 class PackedRows:
     """``N`` sequences laid end to end in ``R`` rows of length ``L`` instead of padding each to ``T``
@@ -102,6 +89,21 @@ class PackedRows:
     def padding_fraction(self) -> float:
         """Share of the ``R * L`` cells that are filler."""
         return 1.0 - self.real_tokens / max(1, self.input_ids.numel())
+
+
+class KLRows(NamedTuple):
+    """KTO's mismatched prompt/completion rows for the KL baseline ``z0``, right-padded like a batch.
+
+    Row ``m`` is the prompt of batch row ``prompt_rows[m]`` followed by another row's completion, so its first
+    tokens repeat that batch row's prompt exactly (the scorer reuses their keys and values).
+    """
+
+    input_ids: Tensor  # (M, T')
+    attention_mask: Tensor  # (M, T')
+    response_mask: Tensor  # (M, T')
+    prompt_rows: Tensor  # (M,) index of the batch row whose prompt the row starts with
+    # A packed batch's KL rows are also packed (scored without their padding), in this row order.
+    packed: PackedRows | None = None
 
 
 @dataclass

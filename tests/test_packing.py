@@ -173,6 +173,7 @@ class _Losses(Callback):
 
 
 def _losses(module, data, steps: int, **data_kwargs) -> list[float]:
+    data_kwargs.setdefault("packing", False)  # padded unless a test asks for a layout
     dm = PreferenceDataModule(train=str(data), tokenizer=module.tokenizer, batch_size=4, **data_kwargs)
     record = _Losses()
     trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -203,6 +204,23 @@ def test_kto_with_kl_rows_packed_equals_padded(pairs_file):
     padded = _losses(kto(), pairs_file, 2, **options)
     packed = _losses(kto(), pairs_file, 2, packing=True, **options)
     assert max(abs(a - b) for a, b in zip(packed, padded, strict=True)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_window"])
+def test_kl_rows_of_a_packed_batch_are_packed_and_score_as_padded(name):
+    """KTO's mismatched rows: packed with their batch (no padding run), the same z0 inputs as the padded rows
+    scored on the batch's cached prompts."""
+    examples = [Encoded(p, r, None, label=i % 2 == 0, index=i) for i, (p, r) in enumerate(_pairs())]
+    scorer = SequenceScorer(_model(name))
+    kl = {}
+    with torch.no_grad():
+        for layout in (False, True):
+            batch = PreferenceCollator(0, kl_baseline=True, packing=layout)(examples)
+            assert (batch.kl_rows.packed is not None) is layout
+            kl[layout] = scorer(batch.input_ids, batch.attention_mask, batch.response_mask, batch.kl_rows,
+                                batch.packed)[2]
+    assert kl[True].shape == kl[False].shape == (len(batch.kl_rows.prompt_rows),)
+    torch.testing.assert_close(kl[True], kl[False], rtol=0, atol=1e-5)
 
 
 def test_precomputed_reference_packed_equals_padded(pairs_file, tmp_path):

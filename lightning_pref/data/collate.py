@@ -6,7 +6,7 @@ import torch
 
 from lightning_pref.data.tokenize import Encoded
 from lightning_pref.kl import mismatched_rows
-from lightning_pref.packing import Packing, pack
+from lightning_pref.packing import Packing, pack, shares_prompts
 from lightning_pref.types import PreferenceBatch
 
 Sequence = tuple[list[int], list[int]]  # (prompt ids, response ids)
@@ -41,8 +41,8 @@ class PreferenceCollator:
         split: the split the examples come from, stamped on each batch (with each row's example index and
             response column) so per-example tables such as precomputed reference log-probs can be looked up.
         packing: lay the sequences end to end in rows instead of padding them (``batch.packed``, see
-            :mod:`lightning_pref.packing`); ``shared``: one segment per pair, its prompt once (paired batches;
-            unpaired ones are packed plainly). KTO's mismatched rows stay padded.
+            :mod:`lightning_pref.packing`); ``shared`` and ``auto``: one segment per pair, its prompt once (paired
+            batches; unpaired ones are packed plainly), KTO's mismatched rows too.
     """
 
     def __init__(self, pad_token_id: int, kl_baseline: bool = False, split: str = "", packing: Packing = False) -> None:
@@ -64,7 +64,7 @@ class PreferenceCollator:
         # Column 0 is the chosen (or only) completion, 1 the rejected one; also the reference table's columns.
         ordered = [(e.prompt, e.rejected if column else e.chosen) for e, column in rows]
         if self.packing:  # one layout only: the padded tensors are not built
-            padded, packed = (None, None, None), pack(ordered, self.pad_token_id, self.packing == "shared" and paired)
+            padded, packed = (None, None, None), pack(ordered, self.pad_token_id, shares_prompts(self.packing, paired))
         else:
             padded, packed = pad(ordered, self.pad_token_id), None
         batch = PreferenceBatch(
@@ -77,5 +77,5 @@ class PreferenceCollator:
         if paired and any(e.margin is not None for e in examples):
             batch.margins = torch.tensor([e.margin if e.margin is not None else 0.0 for e in examples])
         if self.kl_baseline:
-            batch.kl_rows = mismatched_rows(ordered, self.pad_token_id)
+            batch.kl_rows = mismatched_rows(ordered, self.pad_token_id, packed=bool(self.packing))
         return batch

@@ -102,11 +102,13 @@ class PreferenceDataModule(LightningDataModule):
             ``prompts``, batches of ``train``'s prompts (online on-policy training; ``train`` may be a prompt-only
             file); ``rounds``, pairs from the files :meth:`train_from` points at, sampled from ``train``'s prompts
             (iterative on-policy training).
-        packing: ``false`` pads every sequence to the batch's longest; ``true`` (or ``auto``) lays them end to
-            end in rows of that length, each with its own positions and attention, with identical log-probs and
-            less padding, where the model supports it (elsewhere batches are padded again, with an info line
-            saying why: see :func:`lightning_pref.packing.supports_packing`); ``shared`` also runs each pair's
-            prompt once for both responses (sdpa or eager attention; a custom mask of ``L * L`` per row).
+        packing: ``true`` lays the sequences end to end in rows as long as the batch's longest, each with its
+            own positions and attention (identical log-probs, no compute on padding) where the model supports
+            it (elsewhere batches are padded again, with an info line saying why: see
+            :func:`lightning_pref.packing.supports_packing`); ``shared`` also runs each pair's prompt once for
+            both responses (sdpa or eager attention; a custom mask of ``L * L`` per row); ``auto``, the default,
+            is what measured fastest: ``shared`` for pairs, ``true`` for unpaired examples; ``false`` pads every
+            sequence to the batch's longest.
     """
 
     def __init__(
@@ -132,7 +134,7 @@ class PreferenceDataModule(LightningDataModule):
         cache_dir: str | None = None,
         predict: str | None = None,
         train_data: Literal["pairs", "prompts", "rounds"] = "pairs",
-        packing: Packing = False,
+        packing: Packing = "auto",
     ) -> None:
         super().__init__()
         if tokenizer is None:
