@@ -57,7 +57,16 @@ PLOTS = (
     Plot("rewards", "Implicit rewards", ("rewards/chosen", "rewards/rejected")),
     Plot("logps", "Policy log-probs", ("logps/chosen", "logps/rejected")),
     Plot("kl", "KL baseline z₀", ("kl",), overview=True),
+    Plot("throughput", "Real tokens per second", ("device/items_per_sec",)),
+    Plot("mfu", "Model FLOPs utilization", ("device/mfu",), ylim=(-0.03, 1.03)),
+    Plot("padding", "Padding fraction of the cells the model runs", ("padding_fraction",), ylim=(-0.03, 1.03)),
 )
+#: What Lightning's ThroughputMonitor logs besides the rates plotted above: running totals and rates in other
+#: units (the same curve rescaled), not plotted.
+UNPLOTTED = frozenset({
+    "batches", "samples", "lengths", "time", "flops", "items_per_sec", "mfu",
+    *(f"{prefix}{rate}_per_sec" for prefix in ("", "device/") for rate in ("batches", "samples", "flops")),
+})
 
 #: Stage prefix → matplotlib line style. Training is logged every few steps (a line); validation is sparse, so
 #: its points are marked.
@@ -138,7 +147,7 @@ def plan_plots(columns: Iterable[str]) -> list[Plot]:
     present = {c.partition("/")[2] for c in columns if c.partition("/")[0] in STAGE_STYLES and "/" in c}
     plots = [p._replace(suffixes=tuple(s for s in p.suffixes if s in present)) for p in PLOTS]
     plots = [p for p in plots if p.suffixes]
-    claimed = {s for p in PLOTS for s in p.suffixes}
+    claimed = {s for p in PLOTS for s in p.suffixes} | UNPLOTTED
     families: dict[str, list[str]] = {}
     for suffix in sorted(present - claimed):
         families.setdefault(suffix.rpartition("/")[0] or suffix, []).append(suffix)

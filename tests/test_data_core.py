@@ -92,11 +92,22 @@ def test_collate_builds_kl_rows():
 
 
 def test_datamodule_reads_and_batches(pairs_file, tokenizer):
-    dm = PreferenceDataModule(train=str(pairs_file), val=str(pairs_file), tokenizer=tokenizer, batch_size=4)
+    dm = PreferenceDataModule(train=str(pairs_file), val=str(pairs_file), tokenizer=tokenizer, batch_size=4,
+                              packing=False)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch.input_ids.shape[0] == 8 and batch.num_chosen == 4
     assert torch.all(batch.response_mask.sum(-1) > 0)
+
+
+def test_datamodule_packs_by_default_with_shared_prompts_for_pairs(pairs_file, tokenizer):
+    """``data.packing: auto``: pairs in shared-prompt segments, unpaired examples packed plainly."""
+    paired = PreferenceDataModule(train=str(pairs_file), tokenizer=tokenizer, batch_size=4)
+    unpaired = PreferenceDataModule(train=str(pairs_file), tokenizer=tokenizer, batch_size=4, unpair=True)
+    for dm, shared, sequences in ((paired, True, 8), (unpaired, False, 4)):  # 4 pairs; 4 unpaired examples
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        assert batch.input_ids is None and batch.packed.shared_prompts is shared and batch.num_sequences == sequences
 
 
 def test_bundled_default_has_train_and_heldout_val(tokenizer):

@@ -233,7 +233,7 @@ def test_evaluate_measures_a_known_good_policy_against_a_known_bad_one(tmp_path,
     winner = "win_rate" if good_is_policy else "loss_rate"
     assert report[winner]["value"] == 1.0 and report[winner]["low"] > 0.85  # every comparison, CI from 24
     assert report["policy"]["score"]["mean"] == pytest.approx(
-        sum(judge.score([], [r["policy"] for r in records])) / 24)
+        sum(judge.score([r["prompt"] for r in records], [r["policy"] for r in records])) / 24)
     assert 0 <= report["policy"]["eos_rate"]["value"] <= 1 and math.isfinite(report["policy"]["tokens"]["mean"])
 
 

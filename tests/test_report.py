@@ -50,7 +50,7 @@ def run_root(tmp_path_factory) -> Path:
         main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--data.train", str(data), "--data.val", str(data),
               "--trainer.default_root_dir", str(tmp / "root"), "--data.batch_size", "4", "--trainer.max_steps", "4",
               "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
-              "--progress_bar.refresh_rate", "0"])
+              "--progress_bar.refresh_rate", "0", "--throughput.window_size", "2"])
     write_jsonl(tmp / "root/lightning_logs/version_0/completions.jsonl", COMPLETIONS)
     return tmp / "root"
 
@@ -98,7 +98,8 @@ def test_report_of_a_real_run(run_root, capsys):
     _report(str(run_root))
     assert f"newest run under {run_root}: {run_dir}" in capsys.readouterr().out
 
-    plots = ["loss", "accuracy", "margins", "rewards", "logps"]  # every DPO metric family; no KL without KTO
+    # every DPO metric family (no KL without KTO), tokens/s and padding (no MFU on a CPU)
+    plots = ["loss", "accuracy", "margins", "rewards", "logps", "throughput", "padding"]
     written = sorted(p.name for p in run_dir.glob("report_*.png"))
     assert written == sorted([*(f"report_{name}.png" for name in plots), "report_overview.png"])
     for name in written:

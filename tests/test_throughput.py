@@ -35,7 +35,7 @@ def _run(tmp_path, *extra: str) -> list[dict]:
 
 def test_tokens_per_second_count_real_tokens_and_flops_are_8n_per_token(tmp_path):
     Tokens.seen = []
-    rows = _run(tmp_path, "--trainer.callbacks+=tests.test_throughput.Tokens")
+    rows = _run(tmp_path, "--trainer.callbacks+=tests.test_throughput.Tokens", "--data.packing", "false")
     (last,) = [r for r in rows if r.get("train/device/items_per_sec") and r["step"] == "3"]
     items, samples = float(last["train/device/items_per_sec"]), float(last["train/device/samples_per_sec"])
     # a window of 3 batches: rates over the time between the first and the third batch's end (batches 3 and 4)
@@ -56,7 +56,7 @@ def test_tokens_per_second_count_real_tokens_and_flops_are_8n_per_token(tmp_path
 
 def test_shared_prompts_cut_the_tokens_the_model_runs(tmp_path):
     """The same batches, padded and with shared prompts: fewer real tokens (each prompt once), less padding."""
-    padded = _run(tmp_path / "padded")
+    padded = _run(tmp_path / "padded", "--data.packing", "false")
     shared = _run(tmp_path / "shared", "--data.packing", "shared")
 
     def first(rows, key):
