@@ -101,12 +101,16 @@ def _validate(root: Path, data, strategy: str | None, ckpt: Path) -> dict[str, f
     return {k: float(v) for k, v in row.items() if k.startswith("val/")}
 
 
+@pytest.fixture(scope="module")
+def single_validation(runs, data, tmp_path_factory) -> dict[str, float]:
+    return _validate(tmp_path_factory.mktemp("single_validation"), data, None, _last(runs[None]))
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_validation_metrics_equal_single_process(runs, data, tmp_path, strategy):
+def test_validation_metrics_equal_single_process(runs, data, tmp_path, strategy, single_validation):
     """13 pairs on 2 processes: the sampler pads one duplicate, which must not count."""
-    ckpt = _last(runs[None])
-    single = _validate(tmp_path / "single", data, None, ckpt)
-    multi = _validate(tmp_path / strategy, data, strategy, ckpt)
+    single = single_validation
+    multi = _validate(tmp_path / strategy, data, strategy, _last(runs[None]))
     assert single.keys() == multi.keys() and "val/rewards/accuracies" in single
     for key, value in single.items():
         assert multi[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
@@ -204,17 +208,14 @@ def test_predict_under_ddp_writes_each_prompt_once_in_input_order(runs, data, tm
 
 
 def test_reward_model_validation_metrics_equal_single_process(data, tmp_path):
-    """A reward model's exact metrics (means, standard deviations from summed moments) over 2 processes."""
-    root = tmp_path / "fit"
-    _cli("fit", "--config", str(REPO / "configs/reward.yaml"), "--trainer.devices", "1", "--trainer.accelerator", "cpu",
-         "--data.train", str(data["train"]), "--data.val", "null", "--data.batch_size", "4", "--trainer.max_steps", "3",
-         "--trainer.default_root_dir", str(root), "--progress_bar.refresh_rate", "0")
+    """A reward model's exact metrics (means, standard deviations from summed moments) over 2 processes, on the
+    seeded initial model (what is measured is the reduction, not the model)."""
     values = {}
     for strategy in (None, "ddp"):
         out = tmp_path / (strategy or "single")
         _cli("validate", "--config", str(REPO / "configs/reward.yaml"), *_strategy(strategy), "--trainer.accelerator",
              "cpu", "--data.train", str(data["train"]), "--data.val", str(data["val"]), "--data.batch_size", "4",
-             "--trainer.default_root_dir", str(out), "--ckpt_path", str(_last(root)), "--progress_bar.refresh_rate", "0")
+             "--trainer.default_root_dir", str(out), "--progress_bar.refresh_rate", "0")
         (row,) = [r for r in csv.DictReader(open(out / "lightning_logs/version_0/metrics.csv")) if r["val/loss"]]
         values[strategy] = {k: float(v) for k, v in row.items() if k.startswith("val/")}
     assert "val/rewards/chosen_std" in values[None] and values[None].keys() == values["ddp"].keys()
@@ -227,10 +228,12 @@ def test_reward_model_validation_metrics_equal_single_process(data, tmp_path):
 
 def test_online_under_ddp_each_rank_samples_its_own_prompts(tmp_path):
     """On-policy DPO on 2 processes x 4 prompts: each step the ranks generate for disjoint prompts which together
-    are the single process's batch of 8, and both train on finite losses."""
+    are a single process's batch of 8 (the sampler's order), and both train on finite losses."""
+    from lightning_pref.data.sampler import TrainSampler
+
     prompts = {}
-    for strategy, batch_size in ((None, 8), ("ddp", 4)):
-        root = tmp_path / (strategy or "single")
+    for strategy, batch_size in (("ddp", 4),):
+        root = tmp_path / strategy
         _cli("fit", "--config", str(REPO / "configs/online_dpo.yaml"), *_strategy(strategy), "--trainer.accelerator",
              "cpu", "--data.batch_size", str(batch_size), "--trainer.max_steps", "2", "--progress_bar.refresh_rate",
              "0", "--trainer.default_root_dir", str(root), "--trainer.callbacks+=tests.support.RecordPrompts",
@@ -241,6 +244,7 @@ def test_online_under_ddp_each_rank_samples_its_own_prompts(tmp_path):
         losses = [json.loads((root / f"losses_rank{r}.json").read_text()) for r in ranks]
         assert all(len(x) == 2 and all(v == v and abs(v) < 1e3 for v in x) for x in losses)
     rank0, rank1 = prompts["ddp"]
-    for step, single in enumerate(prompts[None][0]):
+    order = list(TrainSampler(range(2048), seed=0))  # the bundled set's 2,048 prompts, one process
+    for step, single in enumerate([order[:8], order[8:16]]):
         assert not set(rank0[step]) & set(rank1[step])
         assert sorted(rank0[step] + rank1[step]) == sorted(single)

@@ -30,14 +30,22 @@ def _losses(metrics: Path) -> dict[str, str]:
     return {r["step"]: r["train/loss"] for r in csv.DictReader(open(metrics)) if r["train/loss"]}
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
+    """The data, and the root of the uninterrupted 10-step run on it."""
+    tmp = tmp_path_factory.mktemp("resume")
+    data = write_jsonl(tmp / "pairs.jsonl", generate(24, seed=2)[0])
+    full = _fit(tmp / "full", data)
+    assert full.returncode == 0, full.stderr[-2000:]
+    return data, tmp / "full"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [4, 7], ids=["mid-epoch", "after-epoch-end"])
-def test_resume_after_sigkill_is_exact(tmp_path, kill_at):
+def test_resume_after_sigkill_is_exact(tmp_path, kill_at, uninterrupted):
     """24 pairs / batch 4 = 6 batches an epoch; checkpoints every 3 steps. Killed at step 4 the run resumes
     from step 3 (mid-epoch); killed at step 7 it resumes from step 6 (an epoch boundary)."""
-    data = write_jsonl(tmp_path / "pairs.jsonl", generate(24, seed=2)[0])
-    full = _fit(tmp_path / "full", data)
-    assert full.returncode == 0, full.stderr[-2000:]
+    data, full_root = uninterrupted
 
     killed = _fit(tmp_path / "killed", data, "--trainer.callbacks+=tests.support.KillAtStep",
                   "--trainer.callbacks.step", str(kill_at))
@@ -45,12 +53,12 @@ def test_resume_after_sigkill_is_exact(tmp_path, kill_at):
     resumed = _fit(tmp_path / "killed", data, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
-    expected = torch.load(tmp_path / "full/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=False)
+    expected = torch.load(full_root / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=False)
     got = torch.load(tmp_path / "killed/lightning_logs/version_1/checkpoints/last.ckpt", weights_only=False)
     assert got["global_step"] == expected["global_step"] == 9
     for key, value in expected["state_dict"].items():
         assert torch.equal(got["state_dict"][key], value), key
-    reference_losses = _losses(tmp_path / "full/lightning_logs/version_0/metrics.csv")
+    reference_losses = _losses(full_root / "lightning_logs/version_0/metrics.csv")
     resumed_losses = _losses(tmp_path / "killed/lightning_logs/version_1/metrics.csv")
     assert resumed_losses and all(reference_losses[step] == loss for step, loss in resumed_losses.items())
     # nothing of the interrupted run was overwritten
