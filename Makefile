@@ -22,9 +22,11 @@ install:
 demo: install
 	$(BIN)/lightning-pref fit --config configs/dpo.yaml
 
+# Two workers, one test file each at a time (module fixtures are not run twice): most tests wait on subprocesses
+# (2-process DDP/FSDP2 runs, the CLI), so two workers finish sooner on 2 cores.
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: install
 	$(BIN)/python -m pip install -q "trl>=1.16"
