@@ -299,7 +299,7 @@ def summarize(args, config, variants, runs, errors, peak_flops, n_pairs) -> dict
         sec = median([r["seconds_per_step"] for r in rs])
         tokens = median([r["tokens_per_step"] for r in rs])
         # the tokens the model runs on: padding and packing filler left out, a shared prompt once
-        real = median([r.get("cells_per_step", tokens) * (1 - r["pad_fraction"]) if "cells_per_step" in r
+        real = median([r["cells_per_step"] * (1 - r["pad_fraction"]) if "cells_per_step" in r
                        else r["tokens_per_step"] for r in rs])
         row = {
             "description": VARIANTS[variant][3],

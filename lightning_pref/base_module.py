@@ -46,6 +46,8 @@ class BaseModule(LightningModule):
     # Model FLOPs of the last training batch, for Lightning's ThroughputMonitor (lightning_pref.throughput).
     flops_per_batch: int | None = None
     flop_params: int = 0  # N of the estimate, counted before sharding
+    # Dict attributes a subclass keeps in checkpoints under their own names (e.g. on-policy round files).
+    checkpointed_state: ClassVar[tuple[str, ...]] = ()
 
     def log_batch_cost(self, batch: PreferenceBatch, no_grad_passes: int = 0, extra_no_grad_tokens: int = 0) -> None:
         """Set ``flops_per_batch`` (6N per real token of the trained pass, 2N per token of each pass without
@@ -152,10 +154,12 @@ class BaseModule(LightningModule):
         return False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave out what may be missing, and keep the RNG states for an exact resume."""
+        """Leave out what may be missing, keep :attr:`checkpointed_state`, and the RNG states for an exact resume."""
         state = checkpoint["state_dict"]
         for key in [k for k in state if self.may_be_missing(k)]:
             del state[key]
+        for name in self.checkpointed_state:
+            checkpoint[name] = dict(getattr(self, name))
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -210,6 +214,8 @@ class BaseModule(LightningModule):
             saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"].keys()
             expected = self.state_dict().keys()
             self._check_keys([k for k in expected if k not in saved], [k for k in saved if k not in expected])
+        for name in self.checkpointed_state:
+            setattr(self, name, dict(checkpoint.get(name) or {}))
         rng = checkpoint.get("rng_states")
         if rng is not None and self._trainer is not None:  # resuming a run, not loading weights for inference
             torch.set_rng_state(rng["torch"])

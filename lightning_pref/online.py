@@ -72,6 +72,7 @@ class OnPolicyModule(PreferenceModule):
     """
 
     plugin_registries = {"loss": LOSSES, "judge": JUDGES}
+    checkpointed_state = ("round_files",)
 
     def __init__(
         self,
@@ -265,14 +266,6 @@ class OnPolicyModule(PreferenceModule):
             path = str(self.write_round(round_index, [(p.ids, p.prompt) for p in shard], directory))
             self.round_files[round_index] = path
         datamodule.train_from(path)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["round_files"] = dict(self.round_files)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.round_files = dict(checkpoint.get("round_files") or {})
 
 
 def _mean(values: Tensor) -> Tensor:

@@ -105,6 +105,7 @@ class RewardModule(BaseModule):
 
     loss_registry = REWARD_LOSSES
     plugin_registries = {"loss": REWARD_LOSSES}
+    checkpointed_state = ("reward_stats",)
 
     def __init__(
         self,
@@ -227,14 +228,6 @@ class RewardModule(BaseModule):
 
     def on_test_epoch_end(self) -> None:
         self._epoch_stats("test")
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["reward_stats"] = dict(self.reward_stats)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.reward_stats = dict(checkpoint.get("reward_stats") or {})
 
 
 def _std(mean: Tensor, second: Tensor) -> Tensor:
