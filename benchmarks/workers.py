@@ -169,7 +169,7 @@ def run_lp_bare(spec: dict[str, Any]) -> dict[str, Any]:
     module = PreferenceModule(
         loss=loss, optimizer=lambda params: torch.optim.AdamW(params, **opt), **m
     )
-    data = PreferenceDataModule(tokenizer=module.tokenizer, kl_baseline=module.requires_kl_baseline, **cfg["data"])
+    data = PreferenceDataModule(tokenizer=module.tokenizer, **cfg["data"])
     timer = StepTimer(spec["warmup"])
     trainer = Trainer(
         max_steps=cfg["trainer"]["max_steps"], accelerator="auto", devices=1, precision=cfg["trainer"]["precision"],

@@ -1,10 +1,11 @@
 """What a policy and a reward model train with alike: :class:`BaseModule`.
 
 Both ``PreferenceModule`` and ``RewardModule`` load a Hugging Face model as the user configured it (parameter
-dtype from the trainer's precision, the model's own tokenizer), train it in train mode whatever mode it loaded
-in, build optimizer and scheduler from factories, skip or stop on a non-finite loss on every device alike, keep
-their loss plugin's spec in checkpoints, and load checkpoints strictly (allowing only keys a subclass leaves out
-on purpose) and with one-line errors.
+dtype from the trainer's precision, the model's own tokenizer, dropout off, activation checkpointing, FLOP count,
+one line saying which dtype and why), train it in train mode whatever mode it loaded in, build optimizer and
+scheduler from factories, log per-step and per-epoch metrics alike, skip or stop on a non-finite loss on every
+device alike, keep their loss plugin's spec in checkpoints, and load checkpoints strictly (allowing only keys a
+subclass leaves out on purpose) and with one-line errors.
 """
 
 from __future__ import annotations
@@ -16,38 +17,107 @@ from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule
-from torch import Tensor
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM
 
 from lightning_pref.errors import TrainingError, UserInputError
-from lightning_pref.models import ModelSpec, load_tokenizer, parameter_dtype
-from lightning_pref.registry import Registry, UnknownLossError
+from lightning_pref.models import (
+    ModelSpec,
+    enable_activation_checkpointing,
+    load_configured,
+    model_tokenizer,
+    parameter_dtype,
+    storage_dtype,
+)
+from lightning_pref.registry import Registry, UnknownPluginError
+from lightning_pref.throughput import flop_parameters
 from lightning_pref.types import PreferenceBatch
 
 _OTHER_MODEL = "it was written for another model: use the model options it was trained with"
+# Lightning notes that a module's on_before_batch_transfer is used although a data module is given: ours
+# prepares every batch on purpose (layout, KL rows, precomputed reference), whatever data module feeds it.
+_BATCH_HOOK_NOTE = r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a"
+# Lightning warns about any module in eval mode when training starts; a frozen reference is, on purpose.
+_EVAL_MODE_NOTE = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 
 class BaseModule(LightningModule):
     """The shared part of the lightning-pref modules; a subclass names its model and its loss registry.
 
-    A subclass calls ``save_hyperparameters(ignore=["loss", "optimizer", "scheduler", ...])`` in its own
-    ``__init__`` (Lightning records the caller's arguments), then :meth:`init_common`.
+    A subclass's ``__init__`` calls ``super().__init__(model, loss, tokenizer, model_kwargs, optimizer,
+    scheduler)``; the hyperparameters saved are every constructor argument along the subclass chain (Lightning
+    collects them from each ``__init__``), except the factories and the plugin objects named in
+    :attr:`not_hparams`, which a subclass stores as specs itself.
 
     Attributes:
-        loss_registry: where ``model.loss`` names come from (the CLI resolves them there).
+        loss_registry: where ``model.loss`` names come from.
+        default_loss: the loss when none is given.
+        model_field: the option that names the trained model (``model.policy``), in messages.
         plugin_registries: constructor arguments that take a registered plugin name, and their registries.
+        not_hparams: constructor arguments not saved as hyperparameters as they are (objects and factories).
     """
 
     loss_registry: ClassVar[Registry]
+    default_loss: ClassVar[type]
+    model_field: ClassVar[str] = "model.policy"
     plugin_registries: ClassVar[dict[str, Registry]] = {}
-    # What the data module must build, linked to it by the CLI: KTO's mismatched rows, and what training
-    # batches are (``pairs``; on-policy: ``prompts`` or ``rounds``, see ``PreferenceDataModule``).
-    requires_kl_baseline: bool = False
+    not_hparams: ClassVar[tuple[str, ...]] = ("model", "loss", "optimizer", "scheduler")
+    # What training batches are, linked to the data module by the CLI (``pairs``; on-policy: ``prompts`` or
+    # ``rounds``, see ``PreferenceDataModule``).
     train_data: str = "pairs"
     # Model FLOPs of the last training batch, for Lightning's ThroughputMonitor (lightning_pref.throughput).
     flops_per_batch: int | None = None
     flop_params: int = 0  # N of the estimate, counted before sharding
-    # Dict attributes a subclass keeps in checkpoints under their own names (e.g. on-policy round files).
+    # Dict attributes a subclass keeps in checkpoints under their own names (e.g. reward statistics).
     checkpointed_state: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: ModelSpec, loss: Any, tokenizer: str | None, model_kwargs: dict[str, Any] | None,
+                 optimizer: Any, scheduler: Any) -> None:
+        """The loss (an instance or the ``{class_path, init_args}`` spec checkpoints keep, saved as that spec),
+        the optimizer and scheduler factories, and the tokenizer (the model's own, from the same revision, when
+        ``tokenizer`` is ``None``)."""
+        super().__init__()
+        self.save_hyperparameters(ignore=list(self.not_hparams))
+        if isinstance(loss, dict):
+            try:
+                loss = self.loss_registry.from_spec(loss)
+            except UnknownPluginError as err:
+                raise UserInputError(f"model.loss: {err}") from None
+        self.loss = loss if loss is not None else self.default_loss()
+        self.hparams["loss"] = self.loss.spec
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.tokenizer = model_tokenizer(model, tokenizer, model_kwargs, self.model_field)
+        self._finite_batches = 0
+
+    # ------------------------------------------------------------------------------------------------- models
+    def load_model(self, spec: ModelSpec, field: str, dtype: torch.dtype | None = None,
+                   model_kwargs: dict[str, Any] | None = None, auto_class: Any = AutoModelForCausalLM,
+                   **fields: Any) -> nn.Module:
+        """Load ``spec`` as this module loads its models: the tokenizer's vocabulary size and pad id for a config
+        dict, the module's seed, its parameter dtype (unless ``dtype``) and dropout off if configured."""
+        hp = self.hparams
+        return load_configured(spec, field, self.tokenizer, seed=hp.init_seed, dtype=dtype or self.parameter_dtype,
+                               model_kwargs=model_kwargs, dropout=not hp.disable_dropout, auto_class=auto_class,
+                               **fields)
+
+    def load_trained_model(self, spec: ModelSpec, model_kwargs: dict[str, Any] | None = None,
+                           auto_class: Any = AutoModelForCausalLM, **fields: Any) -> nn.Module:
+        """:meth:`load_model` for the model this module trains: also activation checkpointing if configured, and
+        the model's FLOP parameters (counted before any sharding or adapters)."""
+        model = self.load_model(spec, self.model_field, model_kwargs=model_kwargs, auto_class=auto_class, **fields)
+        if self.hparams.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        self.flop_params = flop_parameters(model)
+        return model
+
+    def describe_dtype(self, what: str, model: nn.Module) -> str:
+        """``<what> parameters <dtype> (<why>; checkpoint <storage dtype>)``: the start-up line, shared by every
+        module so a user reads the same sentence whatever they train."""
+        hp = self.hparams
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        why = "model.dtype" if hp.dtype else f"trainer.precision {self._trainer.precision}"
+        spec = hp[self.model_field.removeprefix("model.")]
+        return f"lightning-pref: {what} parameters {dtype} ({why}; checkpoint {storage_dtype(spec, hp.model_kwargs)})"
 
     def log_batch_cost(self, batch: PreferenceBatch, no_grad_passes: int = 0, extra_no_grad_tokens: int = 0) -> None:
         """Set ``flops_per_batch`` (6N per real token of the trained pass, 2N per token of each pass without
@@ -57,26 +127,20 @@ class BaseModule(LightningModule):
         self.log("train/padding_fraction", batch.padding_fraction, on_step=True, on_epoch=False,
                  batch_size=batch.num_sequences)
 
-    def init_common(
-        self, loss: Any, default_loss: Any, model: ModelSpec, model_field: str, tokenizer: str | None,
-        model_kwargs: dict[str, Any] | None, optimizer: Any, scheduler: Any,
-    ) -> None:
-        """The loss (an instance or the ``{class_path, init_args}`` spec checkpoints keep, saved as that spec),
-        the optimizer and scheduler factories, and the tokenizer (the model's own, from the same revision, when
-        ``tokenizer`` is ``None``)."""
-        if isinstance(loss, dict):
-            try:
-                loss = self.loss_registry.from_spec(loss)
-            except UnknownLossError as err:
-                raise UserInputError(f"model.loss: {err}") from None
-        self.loss = loss if loss is not None else default_loss()
-        self.hparams["loss"] = self.loss.spec
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        if tokenizer is None and not isinstance(model, str):
-            raise UserInputError(f"model.tokenizer: required when {model_field} is a config dict (e.g. 'byte')")
-        own = tokenizer is None
-        self.tokenizer = load_tokenizer(model if own else tokenizer, model_kwargs=model_kwargs if own else None)
-        self._finite_batches = 0
+    def log_metrics(self, stage: str, values: dict[str, Tensor], batch_size: int, progress_bar: tuple[str, ...] = (),
+                    ) -> None:
+        """Log a training step's values per step (those named in ``progress_bar`` also on the bar), in one call
+        each; ``values`` keys are without the ``train/`` prefix."""
+        logged = {f"{stage}/{k}": v for k, v in values.items()}
+        for on_bar in (True, False):
+            part = {k: v for k, v in logged.items() if (k in progress_bar) is on_bar}
+            if part:
+                self.log_dict(part, prog_bar=on_bar, on_step=True, on_epoch=False, batch_size=batch_size)
+
+    def setup(self, stage: str) -> None:
+        # Notes Lightning gives about what these modules do on purpose; registered when a run starts, not at import.
+        for note in (_BATCH_HOOK_NOTE, _EVAL_MODE_NOTE):
+            warnings.filterwarnings("ignore", message=note)
 
     @property
     def parameter_dtype(self) -> torch.dtype:

@@ -183,7 +183,6 @@ class LightningPrefCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
-        parser.link_arguments("model.requires_kl_baseline", "data.kl_baseline", apply_on="instantiate")
         parser.link_arguments("model.train_data", "data.train_data", apply_on="instantiate")
         # Always-on callbacks, configurable as --checkpoint.*, --progress_bar.*, --predictions.*, --summary.*,
         # --throughput.*: a last.ckpt to resume or validate from, a progress bar showing loss and reward accuracy,

@@ -8,17 +8,20 @@ into its base weights unless ``adapter_only`` is set.
 from __future__ import annotations
 
 import copy
-import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from lightning_pref.errors import UserInputError
-from lightning_pref.losses.nll import NLLLoss
-from lightning_pref.models import DtypeName, quiet_saving
+from lightning_pref.models import DtypeName, load_configured, model_tokenizer, quiet_saving
 from lightning_pref.module import PreferenceModule
+from lightning_pref.reference import AdapterReference
+from lightning_pref.reward.export import load_reward_from_checkpoint, save_reward_model
 
 _POLICY_PREFIX = "policy."
 
@@ -33,11 +36,36 @@ def _check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     return out
 
 
+class Policy(NamedTuple):
+    """A trained policy as it is exported: the ``transformers`` model (a ``peft`` model in adapter mode) and its
+    tokenizer."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+
+
+def write_policy(policy: Policy, output_dir: str | Path, adapter_only: bool = False,
+                 dtype: DtypeName | None = None) -> Path:
+    """Write ``policy`` to ``output_dir`` with ``save_pretrained``: a LoRA policy merged into its base weights
+    (unless ``adapter_only``), in ``dtype`` when given (else the trained parameters' dtype)."""
+    out = Path(output_dir)
+    model = policy.model
+    if hasattr(model, "merge_and_unload") and not adapter_only:
+        # Merge into a copy: the module keeps training (or validating) with its adapters intact.
+        model = copy.deepcopy(model).merge_and_unload()
+    if dtype is not None and getattr(torch, dtype) != next(model.parameters()).dtype:
+        model = copy.deepcopy(model).to(getattr(torch, dtype))  # a copy: the module keeps its master weights
+    with quiet_saving():
+        model.save_pretrained(out)
+    policy.tokenizer.save_pretrained(out)
+    return out
+
+
 def save_policy(
     module: PreferenceModule, output_dir: str | Path, adapter_only: bool = False, dtype: DtypeName | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``module``'s policy and tokenizer to ``output_dir`` with ``save_pretrained``.
+    """Write ``module``'s policy and tokenizer to ``output_dir`` (:func:`write_policy`).
 
     Args:
         module: the module whose policy to write.
@@ -47,24 +75,13 @@ def save_policy(
         state_dict: the policy's full weights (keys of ``module.policy.model``) where the module's own are
             sharded (:func:`gathered_policy_state`): they are put into an unsharded copy of the model.
     """
-    out = Path(output_dir)
     model = module.policy.model if state_dict is None else _unsharded(module, state_dict)
-    if hasattr(model, "merge_and_unload") and not adapter_only:
-        # Merge into a copy: the module keeps training (or validating) with its adapters intact.
-        model = copy.deepcopy(model).merge_and_unload()
-    if dtype is not None and getattr(torch, dtype) != next(model.parameters()).dtype:
-        model = copy.deepcopy(model).to(getattr(torch, dtype))  # a copy: the module keeps its master weights
-    with quiet_saving():
-        model.save_pretrained(out)
-    module.tokenizer.save_pretrained(out)
-    return out
+    return write_policy(Policy(model, module.tokenizer), output_dir, adapter_only, dtype)
 
 
 def gathered_policy_state(trainer: Trainer, module: PreferenceModule) -> dict[str, torch.Tensor] | None:
     """Under a sharded strategy (FSDP, FSDP2) the policy's full weights, gathered to CPU on rank 0; ``None``
     where every rank holds them whole. A collective: every rank must call it."""
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
     if not isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -74,16 +91,12 @@ def gathered_policy_state(trainer: Trainer, module: PreferenceModule) -> dict[st
     return {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
 
 
-def _unsharded(module: PreferenceModule, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+def _unsharded(module: PreferenceModule, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """A plain copy of the policy holding ``state_dict``: built on the meta device, the weights assigned."""
-    from transformers import AutoModelForCausalLM
-
-    from lightning_pref.reference import apply_lora
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(module.policy.lm.config)
-        if module.hparams.reference_mode == "adapter":
-            model = apply_lora(model, module.hparams.lora)
+        if hasattr(module.policy.model, "peft_config"):  # adapter mode: the same adapters around it
+            model = AdapterReference.wrap(model, module.hparams.lora)
     model.load_state_dict(state_dict, assign=True)
     (model.get_base_model() if hasattr(model, "get_base_model") else model).tie_weights()
     return model
@@ -104,28 +117,26 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_policy_from_checkpoint(ckpt_path: str | Path | dict[str, Any]) -> PreferenceModule:
-    """Rebuild the module from a checkpoint (a path, or the checkpoint already read) and load the policy
-    weights only.
+def load_policy_from_checkpoint(ckpt_path: str | Path | dict[str, Any]) -> Policy:
+    """The policy of a checkpoint (a path, or the checkpoint already read), loaded as the run loaded it (its
+    tokenizer, seed, loading arguments, adapters) with the trained weights, in the dtype it was trained in.
 
-    The reference and the loss are not needed to export, so neither is built: any reference mode and any loss
-    (including ones whose plugin is not installed here) export the same way.
+    Neither the reference nor the loss is built: any reference mode and any loss (including ones whose plugin is
+    not installed here) export the same way.
     """
     checkpoint = ckpt_path if isinstance(ckpt_path, dict) else read_checkpoint(ckpt_path)
-    accepted = inspect.signature(PreferenceModule.__init__).parameters
-    hparams: dict[str, Any] = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in accepted}
-    if "policy" not in hparams:
+    hp = checkpoint.get("hyper_parameters", {})
+    if "policy" not in hp:
         raise UserInputError("--ckpt_path: the checkpoint holds no policy (a reward model's? it exports as one)")
-    adapter = hparams.get("reference_mode") == "adapter"
     state = {k[len(_POLICY_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(_POLICY_PREFIX)}
-    # Built in the dtype it was trained in (no trainer here to derive it from the precision).
     trained = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
-    hparams.update(loss=NLLLoss(), reference_mode="adapter" if adapter else "none", ref_sync_steps=None,
-                   dtype=str(trained).removeprefix("torch."))
-    module = PreferenceModule(**hparams)
-    module.configure_model()
-    module.policy.load_state_dict(state)
-    return module
+    tokenizer = model_tokenizer(hp["policy"], hp.get("tokenizer"), hp.get("model_kwargs"), "model.policy")
+    model = load_configured(hp["policy"], "model.policy", tokenizer, seed=hp.get("init_seed", 0), dtype=trained,
+                            model_kwargs=hp.get("model_kwargs"), dropout=not hp.get("disable_dropout", True))
+    if hp.get("reference_mode") == "adapter":
+        model = AdapterReference.wrap(model, hp.get("lora"))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    return Policy(model, tokenizer)
 
 
 def export_checkpoint(
@@ -147,10 +158,8 @@ def export_checkpoint(
     checkpoint = read_checkpoint(ckpt_path)
     out = _check_output_dir(output_dir, overwrite)
     if "backbone" in checkpoint["hyper_parameters"]:
-        from lightning_pref.reward.export import load_reward_from_checkpoint, save_reward_model
-
         return save_reward_model(load_reward_from_checkpoint(checkpoint), out, dtype)
-    return save_policy(load_policy_from_checkpoint(checkpoint), out, adapter_only, dtype)
+    return write_policy(load_policy_from_checkpoint(checkpoint), out, adapter_only, dtype)
 
 
 class ExportPolicy(Callback):

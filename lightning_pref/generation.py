@@ -1,20 +1,23 @@
-"""Completions from the policy and the reference: sampling options, left-padded prompt batches, decoding.
+"""Completions from the policy and the reference: sampling options, stop tokens, decoding.
 
 One function, :func:`generate`, serves ``predict``, ``evaluate``, the ``SampleCompletions`` callback and
 on-policy training. It runs ``transformers``' own ``generate`` in eval mode without gradients, with the model's
 generation config as the base (its EOS ids) plus the chat template's end-of-turn, and seeds a private RNG stream,
 so the same seed gives the same completions and the training RNG (exact resume) is untouched.
+:class:`Sampler` binds what stays fixed over a run (tokenizer, options, stop tokens) so callers pass only the
+model, the prompts, the seed and how many samples per prompt.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from lightning_pref.errors import UserInputError
+from lightning_pref.layout import left_pad
 
 
 @dataclass
@@ -133,16 +136,33 @@ def generate(
     return Completions(texts, ids, lengths, eos, stop_ids)
 
 
-def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
-    """Left-pad prompt ids (generation continues every row from its last token). # -> (B, P), (B, P)"""
-    length = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        if prompt:
-            ids[row, length - len(prompt) :] = torch.tensor(prompt)
-            mask[row, length - len(prompt) :] = 1
-    return ids, mask
+class Sampler:
+    """Samples completions of prompt token ids: what stays fixed over a run, bound once.
+
+    Args:
+        tokenizer: decodes completions; its pad id pads prompts (left) and completions (right).
+        options: the sampling options (``model.generation``).
+        stop_ids: tokens that end a completion (:func:`stop_token_ids`).
+        synced: every process keeps stepping until all are done (sharded models, see :func:`generate`).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, options: GenerationOptions, stop_ids: list[int],
+                 synced: bool = False) -> None:
+        self.tokenizer, self.options, self.stop_ids, self.synced = tokenizer, options, stop_ids, synced
+
+    def __call__(self, model: nn.Module, prompts: list[list[int]], seed: int, k: int | None = None) -> Completions:
+        """``k`` completions (default ``options.num_return_sequences``) of each prompt by ``model``, on its device.
+
+        Args:
+            model: a ``transformers`` causal LM.
+            prompts: prompt token ids. # [B]
+            seed: seed of this call's private RNG stream.
+            k: completions per prompt.
+        """
+        device = next(model.parameters()).device
+        ids, mask = (t.to(device) for t in left_pad(prompts, self.tokenizer.pad_token_id))
+        options = self.options if k is None else replace(self.options, num_return_sequences=k)
+        return generate(model, ids, mask, options, self.tokenizer, seed, self.stop_ids, self.synced)
 
 
 def _fields(options: GenerationOptions) -> dict:

@@ -6,8 +6,14 @@ peak memory does not scale with ``B * T * V``. A self-check on the first batch c
 with the model's own logits, so an architecture whose logits are post-processed in a way the head does not
 reproduce stops with an error instead of training on wrong log-probs.
 
-Packed batches (:mod:`lightning_pref.packing`) run the body on rows of several sequences and come back as the
-same per-sequence values; a model that cannot take them gets the batch padded again (one info line says why).
+Packed batches (:mod:`lightning_pref.layout`) run the body on rows of several sequences and come back as the
+same per-sequence values; a model that cannot take them gets the batch padded again (one info line says why;
+:mod:`lightning_pref.packing` decides, once per model).
+
+KTO's mismatched rows (:mod:`lightning_pref.kl`) are scored here too, inside the scorer's forward where sharded
+strategies have gathered the parameters: where the model allows it only their completions run, on the batch's
+own K/V cut to each prompt; otherwise the rows are scored in full. Either way exactly one forward runs, also on
+a rank with no rows, so every rank of a sharded run issues the same collectives.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from lightning_pref import kl, packing
+from lightning_pref import layout, packing
 from lightning_pref.errors import UserInputError
 from lightning_pref.head import LogitTransform, default_chunk_size, logits_logps, sum_rows, token_logps
 from lightning_pref.types import KLRows, PackedRows
@@ -56,6 +63,18 @@ class SequenceScorer(nn.Module):
         self.takes_position_ids = "position_ids" in body_args
         self._cache_arg = "cache" if "cache" in body_args else "past_key_values"  # renamed in transformers 5.x
         self.checked = not self.response_only_head  # the self-check runs once, on the first scored batch
+        self._capability: packing.Capability | None = None
+
+    @property
+    def capability(self) -> packing.Capability:
+        """Which packed layouts the model runs, decided on first use (its config does not change)."""
+        if self._capability is None:
+            self._capability = packing.capability(self.lm)
+        return self._capability
+
+    def runnable(self, packed: PackedRows) -> tuple[PackedRows | None, Any]:
+        """The layout of ``packed`` this model runs and the masks it needs (:func:`packing.runnable`)."""
+        return packing.runnable(self.lm, packed, self.capability)
 
     @property
     def lm(self) -> nn.Module:
@@ -88,22 +107,22 @@ class SequenceScorer(nn.Module):
             # (N,), (N,), (M,)
         """
         if packed is not None:
-            usable, masks = packing.runnable(self.lm, packed)
+            usable, masks = self.runnable(packed)
             if usable is not None:
                 logps, tokens = self.score_packed(usable, masks)
-                kl_logps = kl.score_kl_rows(self, kl_rows, None, None) if kl_rows is not None else None
+                kl_logps = self.score_kl_rows(kl_rows, None, None) if kl_rows is not None else None
                 return logps, tokens, kl_logps
-            input_ids, attention_mask, response_mask = packing.unpack(packed)
-        share = kl_rows is not None and kl.can_share_prompts(self, kl_rows)
+            input_ids, attention_mask, response_mask = layout.unpack(packed)
+        share = kl_rows is not None and self.can_share_prompts(kl_rows)
         logps, hidden, cache = self.score(input_ids, attention_mask, response_mask, keep_cache=share)
-        kl_logps = kl.score_kl_rows(self, kl_rows, hidden, cache) if kl_rows is not None else None
+        kl_logps = self.score_kl_rows(kl_rows, hidden, cache) if kl_rows is not None else None
         return logps, response_mask[:, 1:].sum(-1), kl_logps
 
     def score_packed(self, packed: PackedRows, masks: Any = None) -> tuple[Tensor, Tensor]:
         """Summed response log-probs and response tokens of each of the ``N`` packed sequences. # (N,), (N,)"""
         if not self.checked:
-            self.check_head(*packing.unpack(packed))
-        cells, predictors, sequences = packing.scored_tokens(packed)  # (S,) each
+            self.check_head(*layout.unpack(packed))
+        cells, predictors, sequences = layout.scored_tokens(packed)  # (S,) each
         targets = packed.input_ids.flatten()[cells]  # (S,)
         inputs = packing.body_inputs(packed, masks)
         if self.response_only_head:
@@ -113,7 +132,7 @@ class SequenceScorer(nn.Module):
             logits = self.lm(**inputs).logits  # (R, L, V)
             per_token = logits_logps(logits.flatten(0, 1)[predictors], targets, self.chunk_size)  # (S, V) -> (S,)
         num_tokens = torch.bincount(sequences, minlength=packed.num_sequences)
-        return packing.sequence_sums(per_token, sequences, packed.num_sequences), num_tokens
+        return layout.sequence_sums(per_token, sequences, packed.num_sequences), num_tokens
 
     def body(self, cache: Any = None, **kwargs: Any) -> Any:
         """The transformer body without the LM head; a ``cache`` given goes in under the name this version of
@@ -153,6 +172,74 @@ class SequenceScorer(nn.Module):
         """Log-probs of ``targets`` from the model's own ``(N, T, V)`` logits. # -> (R,)"""
         logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, T, V)
         return logits_logps(logits[:, :-1][target_mask], targets, self.chunk_size)  # (R, V) -> (R,)
+
+    # ------------------------------------------------------------------------------------------- KTO's KL rows
+    def can_share_prompts(self, kl_rows: KLRows) -> bool:
+        """Whether the KL rows can reuse the batch pass's prompt K/V.
+
+        Needs a split head on a body that takes ``position_ids``, a non-empty prompt in every row, and a batch pass
+        that backward will not recompute: a recomputed layer would run again on a cache that scoring the KL rows
+        has since cropped and re-indexed. Passes without gradients (the reference's, validation) always qualify.
+        """
+        if not self.takes_position_ids or len(kl_rows.prompt_rows) == 0:
+            return False
+        if torch.is_grad_enabled() and checkpointed(self.lm):
+            return False
+        return bool((_prompt_lengths(kl_rows) > 0).all() and kl_rows.response_mask.any())
+
+    @torch.no_grad()
+    def score_kl_rows(self, kl_rows: KLRows, hidden: Tensor | None, cache: Any) -> Tensor:
+        """Summed log-probs of ``kl_rows``, without gradient. # -> (M,)
+
+        Args:
+            kl_rows: the batch's mismatched rows.
+            hidden: the batch pass's final hidden states when it kept its cache (``None``: a packed pass).
+                # (N, T, H)
+            cache: the batch pass's K/V cache (``None``: score the rows in full).
+        """
+        if len(kl_rows.prompt_rows) == 0:  # every row of the batch shares one prompt: nothing to estimate here,
+            # but other ranks run a forward, so this one does too (sharded strategies gather layers per forward)
+            device = kl_rows.input_ids.device  # the batch's device, also after a packed pass (no hidden states)
+            ids, attention, response = (t[:1, :2] for t in kl_rows[:3]) if kl_rows.input_ids.numel() else _dummy(device)
+            self.score(ids, attention, response)
+            return torch.zeros(0, dtype=torch.float32, device=device)
+        if cache is not None and _plain_kv_cache(cache):
+            return self._score_continuations(hidden, cache, kl_rows)
+        if kl_rows.packed is not None:
+            usable, masks = self.runnable(kl_rows.packed)
+            if usable is not None:
+                return self.score_packed(usable, masks)[0]
+        return self.score(kl_rows.input_ids, kl_rows.attention_mask, kl_rows.response_mask)[0]
+
+    def _score_continuations(self, hidden: Tensor, cache: Any, kl_rows: KLRows) -> Tensor:
+        """Score ``kl_rows`` by running only their responses on top of their prompts' cached K/V.
+
+        Row ``m`` continues the prompt of batch row ``prompt_rows[m]``, whose first ``P_m`` cached positions are
+        exactly that prompt's (causal attention: a prompt's K/V never depend on what follows it). The response
+        runs at positions ``P_m, P_m + 1, ...`` attending to those ``P_m`` cached entries and to itself; its first
+        token is predicted from the batch row's hidden state at the prompt's last position.
+        """
+        ids, attention, response, rows = kl_rows[:4]
+        prompt_lengths = _prompt_lengths(kl_rows)  # (M,)
+        response_lengths = response.sum(-1)  # (M,)
+        offsets = torch.arange(int(response_lengths.max()), device=ids.device)  # (R_max,)
+        valid = offsets < response_lengths[:, None]  # (M, R_max)
+        positions = prompt_lengths[:, None] + offsets  # (M, R_max) positions of the response tokens
+        responses = ids.gather(1, positions.clamp(max=ids.shape[1] - 1)).masked_fill(~valid, 0)  # (M, R_max)
+
+        prefix = int(prompt_lengths.max())
+        cache.crop(prefix - cache.get_seq_length())  # keep the first P_max positions (crop takes a negative count)
+        cache.batch_select_indices(rows)  # (N, ...) -> (M, ...): each KL row gets its prompt's K/V
+        # Cached positions past a row's own prompt belong to its batch row's response: masked out as holes.
+        prompt_mask = torch.arange(prefix, device=ids.device) < prompt_lengths[:, None]  # (M, P_max)
+        out = self.body(
+            input_ids=responses, attention_mask=torch.cat([prompt_mask, valid], 1).long(), position_ids=positions,
+            cache=cache,
+        ).last_hidden_state  # (M, R_max, H)
+        last_prompt = hidden[rows, prompt_lengths - 1]  # (M, H) predicts each response's first token
+        predictors = torch.cat([last_prompt[:, None], out[:, :-1]], 1)  # (M, R_max, H): position j predicts token j
+        per_token = self.head_logps(predictors[valid], responses[valid])
+        return sum_rows(per_token, valid)
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -196,3 +283,31 @@ class SequenceScorer(nn.Module):
                 "every log-prob would be wrong; set model.response_only_head: false to score from the model's own "
                 "logits"
             )
+
+
+def checkpointed(model: nn.Module) -> bool:
+    """Whether backward will recompute some of ``model``'s forward: Hugging Face's gradient checkpointing in
+    training, or a checkpoint wrapper (Lightning's ``activation_checkpointing_policy``, torch's
+    ``apply_activation_checkpointing``) around any of its modules."""
+    if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        return True
+    return any(type(m).__name__ == "CheckpointWrapper" for m in model.modules())
+
+
+def _dummy(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    return ids, torch.ones_like(ids), torch.tensor([[False, True]], device=device)
+
+
+def _prompt_lengths(kl_rows: KLRows) -> Tensor:
+    """Prompt tokens of each (right-padded) row: attended tokens outside the response. # (M,)"""
+    return (kl_rows.attention_mask.bool() & ~kl_rows.response_mask.bool()).sum(-1)
+
+
+def _plain_kv_cache(cache: Any) -> bool:
+    """Whether ``cache`` is a ``DynamicCache`` of full-attention layers only, whose positions can be cropped and
+    rows selected (sliding-window, linear-attention or quantized layers keep other state)."""
+    layers = getattr(cache, "layers", None)
+    return isinstance(cache, DynamicCache) and bool(layers) and all(
+        type(x) is DynamicLayer and getattr(x, "keys", None) is not None for x in layers
+    )

@@ -106,6 +106,31 @@ def load_causal_lm(
     return model.to(dtype) if dtype is not None else model
 
 
+def load_configured(
+    spec: ModelSpec, field: str, tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, dtype: torch.dtype | None = None,
+    model_kwargs: dict[str, Any] | None = None, dropout: bool = False, auto_class: Any = AutoModelForCausalLM,
+    **fields: Any,
+) -> PreTrainedModel:
+    """:func:`load_causal_lm` as a lightning-pref module loads its models: a config dict gets the tokenizer's
+    vocabulary size and pad id, and dropout is turned off unless ``dropout``."""
+    fields = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, **fields}
+    model = load_causal_lm(spec, field=field, seed=seed, dtype=dtype, model_kwargs=model_kwargs,
+                           auto_class=auto_class, **fields)
+    if not dropout:
+        disable_dropout(model)
+    return model
+
+
+def model_tokenizer(spec: ModelSpec, tokenizer: str | None, model_kwargs: dict[str, Any] | None,
+                    field: str) -> PreTrainedTokenizerBase:
+    """The tokenizer a module trains ``spec`` with: ``tokenizer`` when given, else the model's own (from the same
+    revision: the file-selecting ``model_kwargs`` are passed on)."""
+    if tokenizer is None and not isinstance(spec, str):
+        raise UserInputError(f"model.tokenizer: required when {field} is a config dict (e.g. 'byte')")
+    own = tokenizer is None
+    return load_tokenizer(spec if own else tokenizer, model_kwargs=model_kwargs if own else None)
+
+
 def storage_dtype(spec: ModelSpec, model_kwargs: dict[str, Any] | None = None) -> str:
     """The dtype ``spec``'s checkpoint is stored in (its config's ``dtype``), for the start-up message;
     ``"random init"`` for a config dict. Read from the config file, since loading rewrites the config's dtype."""

@@ -6,25 +6,29 @@ left padding, seeded per step and rank, so an exact resume still holds), scores 
 function, a rule, an exported reward model: ``lightning_pref.judges``), keeps the best and the worst completion
 of each prompt as chosen and rejected (dropping ties and pairs closer than ``min_gap``, optionally penalizing
 completions that never emitted EOS), turns them into exactly the batch the offline data pipeline builds for those
-texts (:func:`~lightning_pref.data.prompts.encode_completion`, :class:`~lightning_pref.data.PreferenceCollator`),
+texts (:func:`~lightning_pref.data.prompts.encode_completion`, :class:`~lightning_pref.data.PreferenceCollator`,
+laid out as the prompt batch says ``data.packing`` wants),
 and trains with the same scorer and loss. The loss contract is untouched: every registered pairwise loss works
 (DPO, cDPO, IPO, hinge, SimPO, yours); the reference stays at the initial model.
 
 Two modes:
 
 - ``online``: a new pair per prompt at every step (the training data is prompts).
-- ``iterative``: rounds. A round samples and labels ``round_prompts`` prompts once into ``round_<r>.jsonl`` in the
-  run directory, and the next epoch trains on that file offline; the round index is the epoch (saved in
+- ``iterative``: rounds (the :class:`~lightning_pref.rounds.IterativeRounds` callback, added by the module). A round samples and labels
+  ``round_prompts`` prompts once into ``round_<r>.jsonl`` in the run directory, and the next epoch trains on that
+  file offline; the round index is the epoch and the round files are the callback's state (saved in
   checkpoints), so a killed run resumes in its round (``trainer.reload_dataloaders_every_n_epochs: 1``).
+
+The sampling and judging is a :class:`~lightning_pref.rollout.Rollout`, the component reinforcement learning
+shares.
 """
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch import Callback
 from torch import Tensor
 
 from lightning_pref.data.chat import ChatTemplate
@@ -32,12 +36,12 @@ from lightning_pref.data.collate import PreferenceCollator
 from lightning_pref.data.prompts import encode_completion
 from lightning_pref.data.tokenize import Encoded
 from lightning_pref.errors import UserInputError
-from lightning_pref.generation import Completions
 from lightning_pref.judges.base import Judge
 from lightning_pref.models import ModelSpec
 from lightning_pref.module import PreferenceModule
-from lightning_pref.predict import write_jsonl
 from lightning_pref.registry import JUDGES, LOSSES
+from lightning_pref.rollout import Rollout, roll_out
+from lightning_pref.rounds import IterativeRounds
 from lightning_pref.types import PreferenceBatch, PromptBatch
 
 
@@ -72,7 +76,7 @@ class OnPolicyModule(PreferenceModule):
     """
 
     plugin_registries = {"loss": LOSSES, "judge": JUDGES}
-    checkpointed_state = ("round_files",)
+    not_hparams = (*PreferenceModule.not_hparams, "judge")
 
     def __init__(
         self,
@@ -104,15 +108,17 @@ class OnPolicyModule(PreferenceModule):
         if round_prompts < 1:
             raise UserInputError(f"model.round_prompts: must be >= 1, got {round_prompts}")
         self.judge = judge
-        self.hparams.update(judge=judge.spec, samples_per_prompt=samples_per_prompt, min_gap=min_gap,
-                            eos_penalty=eos_penalty, mode=mode, round_prompts=round_prompts)
-        self.round_files: dict[int, str] = {}  # iterative: round -> its JSONL (kept in checkpoints)
+        self.hparams["judge"] = judge.spec
 
     @property
     def train_data(self) -> str:
         """Training batches are prompts (``online``) or a round's pairs (``iterative``); linked to the data
         module."""
         return "prompts" if self.hparams.mode == "online" else "rounds"
+
+    def configure_callbacks(self) -> list[Callback]:
+        """``iterative`` mode's rounds, as a callback whose state (the round files) is checkpointed."""
+        return [IterativeRounds(self.hparams.round_prompts)] if self.hparams.mode == "iterative" else []
 
     # --------------------------------------------------------------------------------------------- sampling
     def _seed(self, first_prompt: int) -> int:
@@ -121,6 +127,12 @@ class OnPolicyModule(PreferenceModule):
         run samples what the uninterrupted one did."""
         rank = self.trainer.global_rank if self._trainer is not None else 0
         return self.generation.seed + 1_000_003 * self.global_step + 10_007 * first_prompt + 101 * rank
+
+    def roll_out(self, prompts: list[list[int]], values: list[Any], seed: int) -> Rollout:
+        """``samples_per_prompt`` completions of each prompt by the current policy, judged."""
+        hp = self.hparams
+        return roll_out(self.sampler, self.policy.lm, self.judge, prompts, values, hp.samples_per_prompt, seed,
+                        hp.eos_penalty)
 
     def sample_pairs(self, prompts: list[list[int]], values: list[Any], seed: int) -> tuple[list[Encoded], dict]:
         """Sample, judge and pair: the offline pipeline's examples of the kept pairs, and the step's metrics.
@@ -132,59 +144,34 @@ class OnPolicyModule(PreferenceModule):
             values: the prompts as the data gave them (what the judge sees).
             seed: seed of the sampling.
         """
-        start = time.perf_counter()
-        completions = self.complete_samples(prompts, self.hparams.samples_per_prompt, seed)
-        seconds = time.perf_counter() - start
-        scores = self.judged(values, completions)
+        rollout = self.roll_out(prompts, values, seed)
+        scores, texts = rollout.scores, rollout.completions.texts
         pairs = pick_pairs(scores, self.hparams.min_gap)
         kept = len(pairs)
         examples: list[Encoded] = []
         for b, best, worst in pairs or [(0, int(scores[0].argmax()), int(scores[0].argmin()))]:
-            chosen = encode_completion(self.tokenizer, self.chat, values[b], completions.texts[b][best], prompts[b])
-            rejected = encode_completion(self.tokenizer, self.chat, values[b], completions.texts[b][worst], prompts[b])
+            chosen = encode_completion(self.tokenizer, self.chat, values[b], texts[b][best], prompts[b])
+            rejected = encode_completion(self.tokenizer, self.chat, values[b], texts[b][worst], prompts[b])
             examples.append(Encoded(chosen[0], chosen[1], rejected[1], index=b))
         if kept == 0 and examples[0].chosen == examples[0].rejected:  # a tie of identical texts: still a forward
             examples[0].rejected = [*examples[0].rejected, self.tokenizer.pad_token_id]
-        pairs = pairs[:kept]
-        lengths = completions.lengths.float()
-        chosen_scores = torch.tensor([float(scores[b, i]) for b, i, _ in pairs]) if pairs else torch.zeros(0)
-        rejected_scores = torch.tensor([float(scores[b, j]) for b, _, j in pairs]) if pairs else torch.zeros(0)
-        metrics = {
-            "judge/score": scores.mean(), "judge/chosen": _mean(chosen_scores), "judge/rejected": _mean(rejected_scores),
-            "judge/gap": _mean(chosen_scores - rejected_scores), "judge/ties": torch.tensor(1 - len(pairs) / len(prompts)),
-            "completions/eos_rate": completions.eos.float().mean().cpu(), "completions/tokens": lengths.mean().cpu(),
-            "generation/tokens_per_s": torch.tensor(float(lengths.sum()) / max(seconds, 1e-9)),
-            "generation/seconds": torch.tensor(seconds), "pairs": torch.tensor(float(kept)),
-        }
-        if not kept:  # no pair: means over none are undefined, not NaN in the logs
-            for key in ("judge/chosen", "judge/rejected", "judge/gap"):
-                del metrics[key]
+        metrics = rollout.metrics() | {"judge/ties": torch.tensor(1 - kept / len(prompts)),
+                                       "pairs": torch.tensor(float(kept))}
+        if kept:  # means over no pair are undefined: left out rather than NaN in the logs
+            chosen_scores = torch.tensor([float(scores[b, i]) for b, i, _ in pairs])
+            rejected_scores = torch.tensor([float(scores[b, j]) for b, _, j in pairs])
+            metrics |= {"judge/chosen": chosen_scores.mean(), "judge/rejected": rejected_scores.mean(),
+                        "judge/gap": (chosen_scores - rejected_scores).mean()}
         return examples, metrics
 
-    def judged(self, values: list[Any], completions: Completions) -> Tensor:
-        """The judge's score of each prompt's ``k`` completions, minus ``eos_penalty`` where one never emitted a
-        stop token. # -> (B, k)"""
-        k = self.hparams.samples_per_prompt
-        texts = [t for per_prompt in completions.texts for t in per_prompt]  # (B * k,) prompt-major
-        scores = torch.tensor(self.judge.score([v for v in values for _ in range(k)], texts), dtype=torch.float32)
-        if self.hparams.eos_penalty is not None:
-            scores = scores - self.hparams.eos_penalty * (~completions.eos.cpu()).float()
-        return scores.view(len(values), k)
-
-    def complete_samples(self, prompts: list[list[int]], k: int, seed: int) -> Completions:
-        """``k`` sampled completions per prompt by the current policy (no reference)."""
-        saved = self.generation.num_return_sequences
-        self.generation.num_return_sequences = k
-        try:
-            return self.complete(prompts, seed, with_reference=False)[0]
-        finally:
-            self.generation.num_return_sequences = saved
-
-    @property
-    def packing(self) -> bool | str:
-        """The data module's ``data.packing``, so generated pairs are laid out as offline batches are."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        return getattr(datamodule, "hparams", {}).get("packing", False)
+    def label(self, prompts: list[list[int]], values: list[Any], seed: int) -> list[dict[str, Any]]:
+        """A round's records for a batch of prompts: ``{"prompt", "chosen", "rejected", "chosen_score",
+        "rejected_score"}`` per kept pair (a preference file the offline pipeline reads)."""
+        rollout = self.roll_out(prompts, values, seed)
+        scores, texts = rollout.scores, rollout.completions.texts
+        return [{"prompt": values[b], "chosen": texts[b][best], "rejected": texts[b][worst],
+                 "chosen_score": float(scores[b, best]), "rejected_score": float(scores[b, worst])}
+                for b, best, worst in pick_pairs(scores, self.hparams.min_gap)]
 
     @property
     def chat(self) -> ChatTemplate | None:
@@ -200,73 +187,11 @@ class OnPolicyModule(PreferenceModule):
             return super().training_step(batch, batch_idx)
         prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
         examples, metrics = self.sample_pairs(prompts, batch.prompts, self._seed(int(batch.index[0])))
-        collate = PreferenceCollator(self.tokenizer.pad_token_id, packing=self.packing)
-        pairs = self.transfer_batch_to_device(collate(examples), self.device, 0)
-        score = metrics.pop("judge/score")
-        self.log("train/judge/score", score, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(prompts))
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False,
-                      batch_size=len(prompts))
+        pairs = PreferenceCollator(self.tokenizer.pad_token_id, packing=batch.packing)(examples)
+        self.runnable_layout(pairs)
+        pairs = self.transfer_batch_to_device(pairs, self.device, 0)
+        self.log_metrics("train", metrics, len(prompts), ("train/judge/score",))
         # No pair kept: the fallback pair trains with weight 0, so every device still runs the same forward and
         # backward (collectives under DDP/FSDP) and nothing is learnt from a tie.
         loss = super().training_step(pairs, batch_idx)
         return loss * 0.0 if metrics["pairs"] == 0 else loss
-
-    # -------------------------------------------------------------------------------------------- iterative
-    def write_round(self, round_index: int, prompts: list[Any], directory: Path) -> Path:
-        """Sample and label round ``round_index``'s prompts (``(ids, value)`` pairs) into a preference JSONL of
-        ``{"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}`` records; every rank samples its
-        share, rank 0 writes. Returns the file."""
-        from lightning_pref.predict import all_gather_objects
-
-        trainer = self.trainer
-        mine = prompts[trainer.global_rank :: trainer.world_size]
-        records = []
-        batch_size = trainer.datamodule.hparams.batch_size
-        for start in range(0, len(mine), batch_size):
-            part = mine[start : start + batch_size]
-            ids, values = [p[0] for p in part], [p[1] for p in part]
-            seed = self.generation.seed + 1_000_003 * round_index + 10_007 * start + 101 * trainer.global_rank
-            completions = self.complete_samples(ids, self.hparams.samples_per_prompt, seed)
-            scores = self.judged(values, completions)
-            for b, best, worst in pick_pairs(scores, self.hparams.min_gap):
-                records.append({"prompt": values[b], "chosen": completions.texts[b][best],
-                                "rejected": completions.texts[b][worst], "chosen_score": float(scores[b, best]),
-                                "rejected_score": float(scores[b, worst])})
-        records = all_gather_objects(trainer, records)
-        path = directory / f"round_{round_index}.jsonl"
-        if trainer.is_global_zero:
-            if not records:
-                raise UserInputError(f"model.min_gap: round {round_index} kept no pair (every prompt's samples "
-                                     "tied); lower model.min_gap or sample more per prompt")
-            write_jsonl(path, records)
-        trainer.strategy.barrier()
-        return path
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        if self.hparams.mode == "iterative":
-            if not self.trainer.reload_dataloaders_every_n_epochs:
-                raise UserInputError("model.mode: iterative trains each round's file in its own epoch; set "
-                                     "trainer.reload_dataloaders_every_n_epochs: 1")
-            self._prepare_round(self.current_epoch)
-
-    def on_train_epoch_end(self) -> None:
-        if self.hparams.mode == "iterative":
-            self._prepare_round(self.current_epoch + 1)
-
-    def _prepare_round(self, round_index: int) -> None:
-        """The file of round ``round_index`` (this run's or, resuming, the interrupted run's), and the data module
-        pointed at it for the next training dataloader."""
-        datamodule = self.trainer.datamodule
-        path = self.round_files.get(round_index)
-        if path is None or not Path(path).is_file():
-            n, prompts = self.hparams.round_prompts, datamodule.train_prompts
-            shard = [prompts[(round_index * n + i) % len(prompts)] for i in range(n)]
-            directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            path = str(self.write_round(round_index, [(p.ids, p.prompt) for p in shard], directory))
-            self.round_files[round_index] = path
-        datamodule.train_from(path)
-
-
-def _mean(values: Tensor) -> Tensor:
-    return values.mean() if values.numel() else torch.tensor(float("nan"))

@@ -1,8 +1,7 @@
-"""``reference_mode: precomputed``: reference log-probs computed once, cached on disk, looked up per batch.
+"""``reference_mode: precomputed``'s tables: reference log-probs of a split computed once and cached on disk.
 
-:class:`PrecomputedReference` is a callback (``PreferenceModule.configure_callbacks`` adds it) that owns the whole
-mechanism: at the start of ``fit``/``validate``/``test`` it loads each split's table from the cache or computes
-it, and before every batch it gives the batch its rows' reference log-probs (``batch.reference_logps``).
+:class:`~lightning_pref.reference.PrecomputedReference` (the mode) loads each split's table with
+:func:`load_or_compute` before a stage runs, and attaches each batch's rows' values to it.
 
 The cache key covers what decides the numbers:
 
@@ -29,14 +28,13 @@ from typing import Any
 
 import datasets
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Trainer
 from rich.progress import Progress
 
 from lightning_pref.data.cache import default_dir
-from lightning_pref.data.collate import pad
-from lightning_pref.errors import TrainingError, UserInputError
+from lightning_pref.errors import UserInputError
+from lightning_pref.layout import pad
 from lightning_pref.logps import SequenceScorer
-from lightning_pref.types import PreferenceBatch
 
 VERSION = 2
 #: Files of a model directory whose bytes decide its outputs.
@@ -150,63 +148,3 @@ def load_or_compute(
         os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache entry
     strategy.barrier()
     return table
-
-
-class PrecomputedReference(Callback):
-    """Reference log-probs for every split, computed once and cached; each batch gets its rows' values.
-
-    Added by ``PreferenceModule.configure_callbacks`` when ``model.reference_mode`` is ``precomputed``; it builds
-    the reference with the module's own loading (:meth:`PreferenceModule.load_reference`), so it is the model
-    ``model`` mode would use.
-
-    Args:
-        cache_dir: where tables are cached; ``None`` = ``~/.cache/lightning_pref/reference_logps``.
-    """
-
-    def __init__(self, cache_dir: str | None = None) -> None:
-        self.cache_dir = cache_dir
-        self.tables: dict[str, torch.Tensor] = {}  # split -> (n, 2): column 0 chosen/desirable, 1 rejected
-
-    def prepare(self, trainer: Trainer, module: LightningModule) -> None:
-        """Load or compute the table of every split the data module holds."""
-        datasets_ = getattr(trainer.datamodule, "datasets", None)
-        if datasets_ is None:
-            raise UserInputError("model.reference_mode: 'precomputed' needs data from a PreferenceDataModule")
-        missing = [split for split in datasets_ if split not in self.tables]
-        if not missing:
-            return
-        identity = {**module.reference_identity(), "precision": str(trainer.precision)}
-        batch_size = trainer.datamodule.hparams.batch_size
-        for split in missing:
-            self.tables[split] = load_or_compute(
-                trainer, datasets_[split], identity, self.cache_dir, module.build_reference_scorer,
-                module.tokenizer.pad_token_id, batch_size, split,
-            )
-
-    def lookup(self, batch: PreferenceBatch) -> torch.Tensor:
-        """The batch's rows' reference log-probs, by example index and response column. # (N,)"""
-        table = self.tables.get(batch.split)
-        if table is None or batch.example_index is None:
-            raise TrainingError(f"reference_mode 'precomputed': no reference log-probs for split {batch.split!r}")
-        return table[batch.example_index.cpu(), batch.response_column.cpu()].to(batch.device)
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.prepare(trainer, pl_module)
-
-    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.prepare(trainer, pl_module)
-
-    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.prepare(trainer, pl_module)
-
-    def _attach(self, batch: PreferenceBatch) -> None:
-        batch.reference_logps = self.lookup(batch)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._attach(batch)
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._attach(batch)
-
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._attach(batch)

@@ -20,6 +20,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lightning_pref.errors import UserInputError
+from lightning_pref.generation import Completions
 
 PREDICTIONS = "predictions.jsonl"
 COMPLETIONS = "completions.jsonl"
@@ -45,6 +46,27 @@ def write_jsonl(path: Path, records: list[dict[str, Any]], append: bool = False)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def prediction_records(prompts: list[Any], policy: Completions, reference: Completions | None) -> list[dict[str, Any]]:
+    """One record per prompt (see :class:`PredictionWriter`): the prompt as the data gave it, and each side's
+    completion(s), tokens and whether each ended with a stop token."""
+    records = []
+    for i, prompt in enumerate(prompts):
+        record = {"prompt": prompt, **_completion_fields("policy", policy, i)}
+        record |= _completion_fields("reference", reference, i) if reference is not None else {"reference": None}
+        records.append(record)
+    return records
+
+
+def _completion_fields(name: str, completions: Completions, i: int) -> dict[str, Any]:
+    """Prompt ``i``'s completions as record fields: text(s), tokens, whether each ended with a stop token."""
+    k = len(completions.texts[i])
+    rows = slice(i * k, (i + 1) * k)
+    texts, tokens, eos = completions.texts[i], completions.lengths[rows].tolist(), completions.eos[rows].tolist()
+    if k == 1:
+        return {name: texts[0], f"{name}_tokens": tokens[0], f"{name}_eos": eos[0]}
+    return {name: texts, f"{name}_tokens": tokens, f"{name}_eos": eos}
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -26,8 +26,8 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 
-class UnknownLossError(KeyError):
-    """Raised for a name that is not registered; its message lists the registered names."""
+class UnknownPluginError(KeyError):
+    """Raised for a plugin name (of any registry) that is not registered; its message lists the registered names."""
 
     def __str__(self) -> str:  # KeyError would wrap the message in quotes
         return str(self.args[0])
@@ -70,12 +70,12 @@ class Registry(Generic[T]):
         """The class registered under ``name``.
 
         Raises:
-            UnknownLossError: with the registered names and the closest match.
+            UnknownPluginError: with the registered names and the closest match.
         """
         self.load_plugins()
         if name in self.classes:
             return self.classes[name]
-        raise UnknownLossError(self.unknown_message(name))
+        raise UnknownPluginError(self.unknown_message(name))
 
     def create(self, name: str, **kwargs: Any) -> T:
         """Instantiate the class registered under ``name`` with ``kwargs``."""
@@ -104,7 +104,7 @@ class Registry(Generic[T]):
         checkpoints keep a plugin.
 
         Raises:
-            UnknownLossError: the class cannot be found (e.g. the plugin that defined it is not installed).
+            UnknownPluginError: the class cannot be found (e.g. the plugin that defined it is not installed).
         """
         path, init_args = spec["class_path"], spec.get("init_args") or {}
         if "." not in path:
@@ -113,7 +113,7 @@ class Registry(Generic[T]):
         try:
             cls = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
-            raise UnknownLossError(f"{self.kind} {path!r} cannot be imported; install the package that defines it") from None
+            raise UnknownPluginError(f"{self.kind} {path!r} cannot be imported; install the package that defines it") from None
         return cls(**init_args)
 
     def load_plugins(self, force: bool = False) -> None:
@@ -198,13 +198,10 @@ REWARD_LOSSES: Registry = Registry(
 #: Judges of completions (``evaluate --judge``, on-policy training).
 JUDGES: Registry = Registry("judge", "judges", "lightning_pref.judges", "lightning_pref.judges.base.Judge")
 
-ENTRY_POINT_GROUP = LOSSES.group
 register_loss = LOSSES.register
 get_loss_class = LOSSES.get
 get_loss = LOSSES.create
 list_losses = LOSSES.names
-unknown_loss_message = LOSSES.unknown_message
-loss_from_spec = LOSSES.from_spec
 register_reward_loss = REWARD_LOSSES.register
 register_judge = JUDGES.register
 

@@ -174,3 +174,5 @@ class PromptBatch:
     index: Tensor  # (B,) each prompt's row in its source, for writing results in input order
     prompts: list[Any] = field(default_factory=list)  # [B] each prompt as the data gave it (text or messages)
     weights: Tensor | None = None  # (B,) 0 for duplicates a distributed sampler padded in
+    # ``data.packing``: how batches built from these prompts' completions are laid out (on-policy pairs).
+    packing: bool | str = False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -13,22 +12,7 @@ from transformers import ByT5Tokenizer  # noqa: E402
 
 from lightning_pref.data.synthetic import generate  # noqa: E402
 from lightning_pref.models import load_causal_lm  # noqa: E402
-
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
+from tests.support import TINY, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

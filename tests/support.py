@@ -1,11 +1,39 @@
-"""Callbacks used by tests that run the CLI in a subprocess."""
+"""What tests share: the tiny model's config, small files, batch helpers, and callbacks for tests that run the
+CLI in a subprocess. Tests import these from here, never from ``conftest.py`` (which holds only fixtures)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+from pathlib import Path
 
 from lightning.pytorch import Callback
+
+from lightning_pref import kl, layout
+from lightning_pref.types import PreferenceBatch
+
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def with_kl_rows(batch: PreferenceBatch, pad_token_id: int = 0) -> PreferenceBatch:
+    """``batch`` with KTO's mismatched rows, as a module whose loss needs a KL baseline builds them."""
+    batch.kl_rows = kl.mismatched_rows(layout.sequences(batch), pad_token_id, packed=batch.packed is not None)
+    return batch
 
 
 class KillAtStep(Callback):

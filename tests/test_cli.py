@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from lightning_pref.cli import main
-from tests.conftest import REPO, TINY
+from tests.support import REPO, TINY
 
 # Every shipped config and the loss it selects; a config added without an entry here fails the count below.
 CONFIGS = {
@@ -172,7 +172,7 @@ def test_lightning_misconfiguration_is_one_line(capsys):
 def run_checkpoint(tmp_path_factory) -> str:
     """The last.ckpt of a 1-step DPO run of configs/dpo.yaml."""
     from lightning_pref.data.synthetic import generate
-    from tests.conftest import write_jsonl
+    from tests.support import write_jsonl
 
     tmp = tmp_path_factory.mktemp("ckpt")
     data = write_jsonl(tmp / "pairs.jsonl", generate(8, seed=2)[0])

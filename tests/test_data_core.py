@@ -9,7 +9,7 @@ from lightning_pref.data import PreferenceCollator, PreferenceDataModule
 from lightning_pref.data.tokenize import Encoded, encode_prompt, encode_response, truncate
 from lightning_pref.errors import UserInputError
 from lightning_pref.kl import mismatched
-from tests.conftest import write_jsonl
+from tests.support import with_kl_rows, write_jsonl
 
 
 def test_response_ids_are_exactly_the_response(tokenizer):
@@ -79,7 +79,7 @@ def test_mismatched_single_prompt_has_no_partner():
 
 def test_collate_builds_kl_rows():
     examples = [Encoded([1], [2], label=True), Encoded([3], [4, 4], label=False), Encoded([5], [6], label=True)]
-    batch = PreferenceCollator(pad_token_id=0, kl_baseline=True)(examples)
+    batch = with_kl_rows(PreferenceCollator(0)(examples))
     kl = batch.kl_rows
     rows = [row[m.bool()].tolist() for row, m in zip(kl.input_ids, kl.attention_mask, strict=True)]
     # ordered rows: desirable (1,2), (5,6), undesirable (3,44); each prompt takes the next row's completion

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 from lightning_pref.data import PreferenceDataModule
 from lightning_pref.data.tokenize import split_shared_text
 from lightning_pref.errors import UserInputError
-from tests.conftest import write_jsonl
+from tests.support import write_jsonl
 
 #: A minimal chat template: each turn is ``<|role|>content</s>``; the generation prompt is ``<|assistant|>``.
 TEMPLATE = (

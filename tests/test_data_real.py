@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 
 from lightning_pref.data import PreferenceDataModule
 from lightning_pref.errors import UserInputError
-from tests.conftest import write_jsonl
 from tests.real import hh_file, hh_records
+from tests.support import write_jsonl
 
 IM_START, IM_END, NEWLINE = 1, 2, 198
 DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_pref.data.synthetic import generate
-from tests.conftest import REPO, write_jsonl
+from tests.support import REPO, write_jsonl
 
 pytestmark = pytest.mark.slow
 STRATEGIES = ["ddp", "fsdp2"]

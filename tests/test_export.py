@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_pref.cli import main
 from lightning_pref.export import export_checkpoint, load_policy_from_checkpoint
-from tests.conftest import REPO
+from tests.support import REPO
 
 RUN = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.batch_size", "4"]
 
@@ -19,7 +19,7 @@ RUN = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.
 def checkpoint(tmp_path_factory) -> str:
     tmp = tmp_path_factory.mktemp("export")
     from lightning_pref.data.synthetic import generate
-    from tests.conftest import write_jsonl
+    from tests.support import write_jsonl
 
     data = write_jsonl(tmp / "pairs.jsonl", generate(16, seed=4)[0])
     main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--data.train", str(data), "--data.val", str(data),
@@ -33,7 +33,7 @@ def test_exported_model_reloads_with_same_logits_and_generates(checkpoint, tmp_p
     main(["export", "--ckpt_path", checkpoint, "--output_dir", str(out)])
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
-    policy = load_policy_from_checkpoint(checkpoint).policy.model.eval()
+    policy = load_policy_from_checkpoint(checkpoint).model.eval()
     ids = tokenizer("User: Tell me about figo.\nAssistant:", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, policy(ids).logits)

@@ -14,7 +14,7 @@ from lightning_pref.generation import GenerationOptions, generate, left_pad, sto
 from lightning_pref.judges import FunctionJudge, Judge, NoShoutingJudge
 from lightning_pref.models import load_causal_lm
 from lightning_pref.registry import JUDGES
-from tests.conftest import REPO, TINY, write_jsonl
+from tests.support import REPO, TINY, write_jsonl
 
 FIT = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--data.batch_size", "4"]
 

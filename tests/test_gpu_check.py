@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 ARCHS = ("qwen2", "gemma2", "llama")

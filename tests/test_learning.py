@@ -13,7 +13,7 @@ from lightning_pref import PreferenceModule
 from lightning_pref.cli import main
 from lightning_pref.data.collate import PreferenceCollator
 from lightning_pref.data.tokenize import Encoded
-from tests.conftest import REPO, TINY, write_jsonl
+from tests.support import REPO, TINY, with_kl_rows, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +72,7 @@ def test_kl_baseline_is_mean_logratio_of_mismatched_pairs_clamped():
     model = _kto_module()
     examples = [Encoded([5, 6], [7, 8, 1], label=True), Encoded([9], [10, 1], label=False),
                 Encoded([11, 12, 13], [14, 1], label=True)]
-    batch = PreferenceCollator(0, kl_baseline=True)(examples)
+    batch = with_kl_rows(PreferenceCollator(0)(examples))
     args = batch.kl_rows[:3]
     with torch.no_grad():
         expected = (model.policy(*args)[0] - model.reference(*args)[0]).mean().clamp(min=0)
@@ -85,7 +85,7 @@ def test_kto_batch_with_one_kind_of_example(labels):
     """Only desirable or only undesirable examples: z0 from their mismatched pairs, finite per-example losses."""
     model = _kto_module()
     examples = [Encoded([i + 3], [i + 20, 1], label=label) for i, label in enumerate(labels)]
-    batch = PreferenceCollator(0, kl_baseline=True)(examples)
+    batch = with_kl_rows(PreferenceCollator(0)(examples))
     policy, reference, kl = model(batch)
     out = model.loss(policy, reference, kl_baseline=kl)
     assert out.losses.shape == (len(labels),) and torch.isfinite(out.losses).all()
@@ -94,7 +94,7 @@ def test_kto_batch_with_one_kind_of_example(labels):
 def test_kl_baseline_without_mismatched_rows_is_zero():
     """One pair: both rows share the prompt, so there is no mismatched pair; z0 = 0/0 -> 0, no crash."""
     model = _kto_module()
-    batch = PreferenceCollator(0, kl_baseline=True)([Encoded([5, 6], [7, 1], [8, 1])])
+    batch = with_kl_rows(PreferenceCollator(0)([Encoded([5, 6], [7, 1], [8, 1])]))
     assert batch.kl_rows.input_ids.shape[0] == 0
     policy, reference, kl = model(batch)
     assert kl.item() == 0.0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_pref import kl
 from lightning_pref.head import LogitTransform, token_logps
 from lightning_pref.logps import SequenceScorer
+from tests.support import with_kl_rows
 
 
 def _batch(vocab: int, seed: int = 0):
@@ -290,7 +290,7 @@ def _kto_batch():
                 label=label)
         for p, r, label in lengths
     ]
-    return PreferenceCollator(pad_token_id=0, kl_baseline=True)(examples)
+    return with_kl_rows(PreferenceCollator(0)(examples))
 
 
 @pytest.mark.parametrize("architecture", list(_ARCHITECTURES))
@@ -308,8 +308,8 @@ def test_kl_rows_reusing_prompt_cache_match_a_full_pass(tokenizer, tiny_model, m
             module.p = 0.0
     scorer = SequenceScorer(model, chunk_size=4)
     calls = []
-    original = kl._score_continuations
-    monkeypatch.setattr(kl, "_score_continuations", lambda *a: calls.append(1) or original(*a))
+    original = SequenceScorer._score_continuations
+    monkeypatch.setattr(SequenceScorer, "_score_continuations", lambda *a: calls.append(1) or original(*a))
     batch = _kto_batch()
     main = (batch.input_ids, batch.attention_mask, batch.response_mask)
 
@@ -330,7 +330,7 @@ def test_kl_rows_fall_back_to_a_full_pass_under_gradient_checkpointing(tiny_mode
     """Gradient checkpointing turns the policy's cache off in training, so the KL rows are scored from scratch."""
     tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tiny_model.train()
-    monkeypatch.setattr(kl, "_score_continuations", lambda *a: pytest.fail("must not reuse a cache"))
+    monkeypatch.setattr(SequenceScorer, "_score_continuations", lambda *a: pytest.fail("must not reuse a cache"))
     batch = _kto_batch()
     kl_logps = SequenceScorer(tiny_model)(batch.input_ids, batch.attention_mask, batch.response_mask, batch.kl_rows)[2]
     with torch.no_grad():

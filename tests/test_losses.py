@@ -25,7 +25,7 @@ from lightning_pref.losses import (
     PreferenceLoss,
     WeightedLoss,
 )
-from lightning_pref.registry import UnknownLossError, get_loss, get_loss_class, list_losses
+from lightning_pref.registry import UnknownPluginError, get_loss, get_loss_class, list_losses
 from lightning_pref.types import SequenceLogps
 
 LN3 = math.log(3.0)
@@ -486,7 +486,7 @@ def test_constructor_validation(name, kwargs, match):
 
 
 def test_weighted_rejects_unknown_term():
-    with pytest.raises(UnknownLossError, match="Did you mean 'dpo'"):
+    with pytest.raises(UnknownPluginError, match="Did you mean 'dpo'"):
         WeightedLoss(terms={"dpp": 1.0})
 
 

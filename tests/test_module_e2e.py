@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_pref import PreferenceDataModule, PreferenceModule
 from lightning_pref.metrics import KEYS
-from tests.conftest import TINY
+from tests.support import TINY
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
     """Fit 4 steps with validation; return the module, its initial weights and the run directory."""
     tmp = tmp_path_factory.mktemp("fit")
     from lightning_pref.data.synthetic import generate
-    from tests.conftest import write_jsonl
+    from tests.support import write_jsonl
 
     records, _ = generate(24, seed=5)
     data = write_jsonl(tmp / "pairs.jsonl", records)

@@ -14,7 +14,7 @@ from lightning_pref.data.collate import PreferenceCollator
 from lightning_pref.generation import GenerationOptions
 from lightning_pref.judges import FunctionJudge
 from lightning_pref.online import pick_pairs
-from tests.conftest import REPO, TINY, write_jsonl
+from tests.support import REPO, TINY, write_jsonl
 
 ONLINE = str(REPO / "configs/online_dpo.yaml")
 
@@ -159,7 +159,7 @@ def test_iterative_rounds_write_pairs_and_resume_in_their_round(tmp_path):
     records = [json.loads(x) for x in (run / "round_0.jsonl").open()]
     assert records and all(r["chosen_score"] > r["rejected_score"] for r in records)
     checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
-    assert checkpoint["epoch"] == 1 and set(checkpoint["round_files"]) == {0, 1, 2}
+    assert checkpoint["epoch"] == 1 and set(checkpoint["callbacks"]["IterativeRounds"]["round_files"]) == {0, 1, 2}
     main([*base, "--trainer.max_epochs", "3", "--ckpt_path", "last"])  # resumes in round 2, with its file
     resumed = tmp_path / "lightning_logs/version_1"
     assert not (resumed / "round_2.jsonl").exists()  # round 2's file came from the interrupted run

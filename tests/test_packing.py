@@ -19,12 +19,13 @@ from transformers import (
 )
 
 from lightning_pref import PreferenceDataModule, PreferenceModule, packing
-from lightning_pref.data.collate import PreferenceCollator, pad
+from lightning_pref.data.collate import PreferenceCollator
 from lightning_pref.data.tokenize import Encoded
+from lightning_pref.layout import best_fit_decreasing, pack, pad, unpacked_sequences
 from lightning_pref.logps import SequenceScorer
 from lightning_pref.losses import KTOLoss
 from lightning_pref.reward import RewardModule
-from tests.conftest import TINY
+from tests.support import TINY, with_kl_rows
 
 VOCAB = 64
 _SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -71,23 +72,23 @@ def _scores_and_grads(scorer: SequenceScorer, *args, **kwargs) -> tuple[torch.Te
 
 
 def test_best_fit_decreasing_is_deterministic_and_fills_rows():
-    assert packing.best_fit_decreasing([5, 3, 8, 2, 6], 8) == [[2], [4, 3], [0, 1]]
-    assert packing.best_fit_decreasing([1, 1, 1], 3) == [[0, 1, 2]]
+    assert best_fit_decreasing([5, 3, 8, 2, 6], 8) == [[2], [4, 3], [0, 1]]
+    assert best_fit_decreasing([1, 1, 1], 3) == [[0, 1, 2]]
 
 
 def test_packed_rows_restart_positions_and_map_back_to_rows():
     sequences = _pairs()
-    packed = packing.pack(sequences, pad_token_id=0)
+    packed = pack(sequences, pad_token_id=0)
     assert packed.input_ids.shape[1] == max(len(p) + len(r) for p, r in sequences)
     assert packed.real_tokens == sum(len(p) + len(r) for p, r in sequences)
     for n, (prompt, response) in enumerate(sequences):
         cells = packed.sequence_index == n
         assert packed.input_ids[cells].tolist() == prompt + response
         assert packed.position_ids[cells].tolist() == list(range(len(prompt) + len(response)))
-    assert packing.unpacked_sequences(packed) == sequences
-    shared = packing.pack(sequences, pad_token_id=0, share_prompts=True)
+    assert unpacked_sequences(packed) == sequences
+    shared = pack(sequences, pad_token_id=0, share_prompts=True)
     assert shared.real_tokens == packed.real_tokens - sum(len(p) for p, _ in sequences[:4])
-    assert packing.unpacked_sequences(shared) == sequences
+    assert unpacked_sequences(shared) == sequences
     padded = PreferenceCollator(0)([Encoded([1, 2], [3, 4, 5], [6], index=0), Encoded([7], [8], [9, 9], index=1)])
     assert padded.padding_fraction == pytest.approx(1 - 13 / 20)  # rows of 5, 2, 3 and 3 tokens, T = 5
 
@@ -99,7 +100,7 @@ def test_packed_logps_and_gradients_equal_padded(name, layout):
     assert packing.supports_packing(scorer.lm) == (True, "")
     sequences = _pairs()
     expected, expected_tokens, expected_grads = _scores_and_grads(scorer, *pad(sequences, 0))
-    packed = packing.pack(sequences, 0, share_prompts=layout == "shared")
+    packed = pack(sequences, 0, share_prompts=layout == "shared")
     if layout == "shared":  # the layout really is shared: no fallback to plain packing
         assert packing.runnable(scorer.lm, packed)[1] is not None
     logps, tokens, grads = _scores_and_grads(scorer, None, None, None, packed=packed)
@@ -115,7 +116,7 @@ def test_odd_unpaired_batch_packs(response_only_head):
     sequences = _pairs()[:5]
     with torch.no_grad():
         expected = scorer(*pad(sequences, 0))[0]
-        logps = scorer(None, None, None, packed=packing.pack(sequences, 0))[0]
+        logps = scorer(None, None, None, packed=pack(sequences, 0))[0]
     assert len(logps) == 5 and (logps - expected).abs().max() <= 1e-5
 
 
@@ -126,8 +127,8 @@ def test_a_model_that_cannot_pack_is_padded_with_one_info_line(monkeypatch, capl
     sequences = _pairs()
     with torch.no_grad(), caplog.at_level(logging.INFO):
         expected = scorer(*pad(sequences, 0))[0]
-        logps = scorer(None, None, None, packed=packing.pack(sequences, 0))[0]
-        scorer(None, None, None, packed=packing.pack(sequences, 0))
+        logps = scorer(None, None, None, packed=pack(sequences, 0))[0]
+        scorer(None, None, None, packed=pack(sequences, 0))
     assert torch.equal(logps, expected)
     lines = [r.getMessage() for r in caplog.records if "data.packing" in r.getMessage()]
     assert lines == ["lightning-pref: data.packing: scoring padded batches, LlamaModel.forward takes no position_ids"]
@@ -137,7 +138,7 @@ def test_shared_prompts_fall_back_to_plain_packing_where_the_mask_is_not_taken(c
     config, _ = ARCHITECTURES["llama"]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="flex_attention").float().eval()
-    packed = packing.pack(_pairs(), 0, share_prompts=True)
+    packed = pack(_pairs(), 0, share_prompts=True)
     packing._tell.cache_clear()
     with caplog.at_level(logging.INFO):
         plain, masks = packing.runnable(model, packed)
@@ -153,7 +154,7 @@ def test_one_mask_for_all_layers_shares_prompts_only_within_the_window(window, c
     config = MistralConfig(**_SMALL, sliding_window=window)
     scorer = SequenceScorer(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval())
     sequences = _pairs()
-    packed = packing.pack(sequences, 0, share_prompts=True)
+    packed = pack(sequences, 0, share_prompts=True)
     packing._tell.cache_clear()
     with torch.no_grad(), caplog.at_level(logging.INFO):
         shared = packing.runnable(scorer.lm, packed)[0].shared_prompts
@@ -200,7 +201,7 @@ def test_kto_with_kl_rows_packed_equals_padded(pairs_file):
     def kto() -> PreferenceModule:
         return _dpo(loss=KTOLoss())
 
-    options = {"unpair": True, "kl_baseline": True}
+    options = {"unpair": True}
     padded = _losses(kto(), pairs_file, 2, **options)
     packed = _losses(kto(), pairs_file, 2, packing=True, **options)
     assert max(abs(a - b) for a, b in zip(packed, padded, strict=True)) <= 1e-5
@@ -215,7 +216,7 @@ def test_kl_rows_of_a_packed_batch_are_packed_and_score_as_padded(name):
     kl = {}
     with torch.no_grad():
         for layout in (False, True):
-            batch = PreferenceCollator(0, kl_baseline=True, packing=layout)(examples)
+            batch = with_kl_rows(PreferenceCollator(0, packing=layout)(examples))
             assert (batch.kl_rows.packed is not None) is layout
             kl[layout] = scorer(batch.input_ids, batch.attention_mask, batch.response_mask, batch.kl_rows,
                                 batch.packed)[2]

@@ -15,9 +15,9 @@ import torch
 from lightning_pref import registry
 from lightning_pref.cli import main
 from lightning_pref.losses import DPOLoss
-from lightning_pref.registry import ENTRY_POINT_GROUP, get_loss_class, list_losses, load_plugins
+from lightning_pref.registry import LOSSES, get_loss_class, list_losses, load_plugins
 from lightning_pref.types import SequenceLogps
-from tests.conftest import REPO
+from tests.support import REPO
 
 try:
     import tomllib
@@ -46,8 +46,8 @@ def _plugin_entry_points() -> list[importlib.metadata.EntryPoint]:
     project = tomllib.loads((PLUGIN_DIR / "pyproject.toml").read_text())["project"]
     assert project["name"] == "lightning-pref-example-loss"
     assert project["dependencies"] == ["lightning-pref"]
-    declared = project["entry-points"][ENTRY_POINT_GROUP]
-    return [importlib.metadata.EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in declared.items()]
+    declared = project["entry-points"][LOSSES.group]
+    return [importlib.metadata.EntryPoint(name, value, LOSSES.group) for name, value in declared.items()]
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def installed_plugin(monkeypatch):
 
     def entry_points(**params):
         assert set(params) == {"group"}
-        return eps if params["group"] == ENTRY_POINT_GROUP else []
+        return eps if params["group"] == LOSSES.group else []
 
     monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
     load_plugins(force=True)

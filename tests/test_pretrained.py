@@ -16,7 +16,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning_pref import PreferenceDataModule, PreferenceModule
 from lightning_pref.models import load_causal_lm, parameter_dtype
 from lightning_pref.schedules import WarmupDecay
-from tests.conftest import TINY
+from tests.support import TINY
 
 
 def _checkpoint(tmp_path: Path, tokenizer, config: dict, dtype=torch.bfloat16) -> str:

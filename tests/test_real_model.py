@@ -14,8 +14,8 @@ from lightning.pytorch import Trainer
 from lightning_pref import PreferenceModule
 from lightning_pref.cli import main
 from lightning_pref.logps import SequenceScorer
-from tests.conftest import REPO, write_jsonl
 from tests.real import hh_records
+from tests.support import REPO, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def test_kto_recipe_on_real_model_and_text(smollm2, hh, tmp_path):
 def test_response_only_head_equals_full_logits_on_real_model(smollm2, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lightning_pref.data.collate import pad
+    from lightning_pref.layout import pad
 
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
@@ -155,7 +155,7 @@ def test_reward_model_on_the_real_model(smollm2, hh, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from lightning_pref import RewardModule
-    from lightning_pref.data.collate import pad
+    from lightning_pref.layout import pad
 
     (last,) = list(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
     out = tmp_path / "rm"

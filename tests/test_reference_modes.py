@@ -13,7 +13,7 @@ from lightning_pref import LossOutput, PreferenceDataModule, PreferenceLoss, Pre
 from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.losses import DPOLoss, SimPOLoss
 from lightning_pref.types import PreferenceBatch
-from tests.conftest import TINY
+from tests.support import TINY
 
 
 def _fit(model: PreferenceModule, data, steps: int = 2, **trainer_kwargs) -> Trainer:
@@ -42,7 +42,7 @@ def test_ref_sync_needs_model_mode():
 def test_none_mode_with_reference_free_loss_builds_no_reference(pairs_file):
     model = _module(loss=SimPOLoss(), reference_mode="none")
     _fit(model, pairs_file)
-    assert model.reference is None
+    assert not list(model.reference.parameters())
 
 
 def test_reference_dtype(pairs_file):
@@ -57,20 +57,20 @@ def test_adapter_mode_reference_is_policy_with_adapters_disabled(pairs_file):
     pytest.importorskip("peft")
     model = _module(reference_mode="adapter", lora={"r": 4, "lora_alpha": 8})
     model.configure_model()
-    assert model.reference is None
+    assert not list(model.reference.parameters())
     trainable = [n for n, p in model.policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     batch_ids = torch.randint(3, 200, (2, 10))
     mask, response = torch.ones_like(batch_ids), torch.zeros_like(batch_ids, dtype=torch.bool)
     response[:, 5:] = True
     batch = PreferenceBatch(batch_ids, mask, response, num_chosen=1)
-    before = model.reference_scores(batch)[0]
+    before = model.reference.logps(model.policy, batch)[0]
     # LoRA's B matrices start at zero, so the policy starts equal to its reference: DPO loss ln 2
     torch.testing.assert_close(model.policy(batch_ids, mask, response)[0], before)
     _fit(model, pairs_file, steps=3)
     with torch.no_grad():
         after_policy = model.policy(batch_ids, mask, response)[0]
-    torch.testing.assert_close(model.reference_scores(batch)[0], before)  # base untouched
+    torch.testing.assert_close(model.reference.logps(model.policy, batch)[0], before)  # base untouched
     assert not torch.allclose(after_policy, before)
 
 
@@ -144,7 +144,7 @@ def test_precomputed_matches_model_mode_and_reuses_its_cache(pairs_file, tmp_pat
 def test_precomputed_holds_no_reference_model(pairs_file, tmp_path):
     model = _module(reference_mode="precomputed", reference_cache_dir=str(tmp_path))
     _fit(model, pairs_file, steps=1)
-    assert model.reference is None
+    assert not list(model.reference.parameters())
 
 
 def test_precomputed_refuses_kto():

@@ -12,8 +12,8 @@ import lightning_pref.losses  # noqa: F401 - registers the built-in losses
 from lightning_pref import registry
 from lightning_pref.losses import DPOLoss, PreferenceLoss
 from lightning_pref.registry import (
-    ENTRY_POINT_GROUP,
-    UnknownLossError,
+    LOSSES,
+    UnknownPluginError,
     get_loss,
     get_loss_class,
     list_losses,
@@ -53,7 +53,7 @@ class FakeEntryPoint:
     dist: FakeDist | None
     target: Any
 
-    group: str = ENTRY_POINT_GROUP
+    group: str = LOSSES.group
 
     def load(self) -> Any:
         if isinstance(self.target, Exception):
@@ -64,7 +64,7 @@ class FakeEntryPoint:
 def fake_entry_points(monkeypatch, *eps: FakeEntryPoint) -> None:
     def entry_points(**params):
         assert set(params) == {"group"}
-        return list(eps) if params["group"] == ENTRY_POINT_GROUP else []  # other registries: no plugins
+        return list(eps) if params["group"] == LOSSES.group else []  # other registries: no plugins
 
     monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
 
@@ -97,7 +97,7 @@ def test_duplicate_name_with_different_class_raises():
 
 
 def test_unknown_name_suggests_closest_and_lists_registered():
-    with pytest.raises(UnknownLossError) as info:
+    with pytest.raises(UnknownPluginError) as info:
         get_loss("dpp")
     message = str(info.value)
     assert "Unknown loss 'dpp'." in message
@@ -109,7 +109,7 @@ def test_unknown_name_suggests_closest_and_lists_registered():
 
 
 def test_unknown_name_without_close_match_has_no_suggestion():
-    with pytest.raises(UnknownLossError) as info:
+    with pytest.raises(UnknownPluginError) as info:
         get_loss_class("completely-different")
     assert "Did you mean" not in str(info.value)
 

@@ -18,7 +18,7 @@ import pytest
 from lightning_pref.cli import main
 from lightning_pref.metrics import KEYS
 from lightning_pref.report import PLOTS, resolve_run_dir
-from tests.conftest import REPO, write_jsonl
+from tests.support import REPO, write_jsonl
 
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None,

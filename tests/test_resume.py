@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_pref.data.synthetic import generate
-from tests.conftest import REPO, write_jsonl
+from tests.support import REPO, write_jsonl
 
 
 def _fit(root: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:

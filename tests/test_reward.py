@@ -22,7 +22,7 @@ from lightning_pref.reward import (
     RewardModule,
     last_token,
 )
-from tests.conftest import REPO, TINY, write_jsonl
+from tests.support import REPO, TINY, write_jsonl
 
 RUN = ["--trainer.max_steps", "40", "--trainer.val_check_interval", "40", "--trainer.log_every_n_steps", "5"]
 

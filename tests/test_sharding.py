@@ -11,7 +11,7 @@ from lightning_pref import PreferenceModule
 from lightning_pref.cli import main
 from lightning_pref.logps import SequenceScorer
 from lightning_pref.sharding import DecoderLayerWrapPolicy, decoder_layer_names
-from tests.conftest import REPO, TINY
+from tests.support import REPO, TINY
 
 
 class Unit(nn.Module):

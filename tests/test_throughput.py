@@ -9,7 +9,7 @@ from lightning.pytorch import Callback
 
 from lightning_pref.cli import main
 from lightning_pref.throughput import flop_parameters
-from tests.conftest import REPO
+from tests.support import REPO
 
 
 @pytest.fixture(autouse=True)

@@ -1,33 +1,12 @@
-"""Collating encoded examples into a :class:`~lightning_pref.types.PreferenceBatch` with dynamic padding."""
+"""Collating encoded examples into a :class:`~lightning_pref.types.PreferenceBatch`, padded or packed."""
 
 from __future__ import annotations
 
 import torch
 
 from lightning_pref.data.tokenize import Encoded
-from lightning_pref.kl import mismatched_rows
-from lightning_pref.packing import Packing, pack, shares_prompts
+from lightning_pref.layout import Packing, pack, pad, shares_prompts
 from lightning_pref.types import PreferenceBatch
-
-Sequence = tuple[list[int], list[int]]  # (prompt ids, response ids)
-
-
-def pad(sequences: list[Sequence], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad ``prompt + response`` sequences to the longest one in the batch.
-
-    Returns:
-        ``input_ids``, ``attention_mask`` and the boolean ``response_mask``. # each (N, T)
-    """
-    length = max((len(p) + len(r) for p, r in sequences), default=0)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    response_mask = torch.zeros((len(sequences), length), dtype=torch.bool)
-    for row, (prompt, response) in enumerate(sequences):
-        n = len(prompt) + len(response)
-        input_ids[row, :n] = torch.tensor(prompt + response, dtype=torch.long)
-        attention_mask[row, :n] = 1
-        response_mask[row, len(prompt) : n] = True
-    return input_ids, attention_mask, response_mask
 
 
 class PreferenceCollator:
@@ -37,17 +16,15 @@ class PreferenceCollator:
 
     Args:
         pad_token_id: the tokenizer's pad id (padding is masked everywhere).
-        kl_baseline: also build the mismatched prompt/completion rows for KTO's KL baseline.
         split: the split the examples come from, stamped on each batch (with each row's example index and
             response column) so per-example tables such as precomputed reference log-probs can be looked up.
         packing: lay the sequences end to end in rows instead of padding them (``batch.packed``, see
-            :mod:`lightning_pref.packing`); ``shared`` and ``auto``: one segment per pair, its prompt once (paired
-            batches; unpaired ones are packed plainly), KTO's mismatched rows too.
+            :mod:`lightning_pref.layout`); ``shared`` and ``auto``: one segment per pair, its prompt once (paired
+            batches; unpaired ones are packed plainly).
     """
 
-    def __init__(self, pad_token_id: int, kl_baseline: bool = False, split: str = "", packing: Packing = False) -> None:
+    def __init__(self, pad_token_id: int, split: str = "", packing: Packing = False) -> None:
         self.pad_token_id = pad_token_id
-        self.kl_baseline = kl_baseline
         self.split = split
         self.packing = packing
 
@@ -76,6 +53,4 @@ class PreferenceCollator:
             batch.weights = torch.tensor([e.weight for e, _ in rows])
         if paired and any(e.margin is not None for e in examples):
             batch.margins = torch.tensor([e.margin if e.margin is not None else 0.0 for e in examples])
-        if self.kl_baseline:
-            batch.kl_rows = mismatched_rows(ordered, self.pad_token_id, packed=bool(self.packing))
         return batch

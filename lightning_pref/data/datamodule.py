@@ -18,12 +18,12 @@ from lightning_pref.data.collate import PreferenceCollator
 from lightning_pref.data.formats import Format, Transcript
 from lightning_pref.data.prepare import Options, prepare
 from lightning_pref.data.prompts import PromptCollator, PromptExample, prepare_prompts
-from lightning_pref.data.sampler import EvalSampler, LengthGroupedSampler, TrainSampler
+from lightning_pref.data.sampler import EvalSampler, LengthGroupedSampler, ResumableLoader, TrainSampler
 from lightning_pref.data.sources import Source, bundled, read_source
 from lightning_pref.data.stats import SplitStats, print_summary
 from lightning_pref.data.tokenize import Encoded
 from lightning_pref.errors import UserInputError
-from lightning_pref.packing import Packing
+from lightning_pref.layout import Packing
 
 
 class EncodedDataset(Dataset):
@@ -71,7 +71,6 @@ class PreferenceDataModule(LightningDataModule):
         max_prompt_length: maximum prompt tokens; a cut prompt keeps its head (BOS, and the chat template's
             system turn up to the first user content) and its end.
         num_workers: DataLoader workers.
-        kl_baseline: build KTO's mismatched pairs in each batch (linked from the loss by the CLI).
         format: ``auto`` (detect from the columns) or ``standard``, ``conversational``, ``implicit_prompt``,
             ``unpaired``.
         columns: your column names for the canonical fields, e.g. ``{prompt: question, chosen: response_j,
@@ -120,7 +119,6 @@ class PreferenceDataModule(LightningDataModule):
         max_length: int = 512,
         max_prompt_length: int | None = None,
         num_workers: int = 0,
-        kl_baseline: bool = False,
         format: Format = "auto",
         columns: dict[str, str] | None = None,
         unpair: bool = False,
@@ -146,12 +144,6 @@ class PreferenceDataModule(LightningDataModule):
             )
         if packing not in (True, False, "auto", "shared"):
             raise UserInputError(f"data.packing: {packing!r} is not one of true, false, auto, shared")
-        if kl_baseline and batch_size < 2:
-            raise UserInputError(
-                f"data.batch_size: {batch_size} example per device leaves KTO's KL baseline without a mismatched "
-                "pair (each prompt is paired with another example's completion in the same batch), so z0 would be "
-                "0 for the whole run; use data.batch_size >= 2"
-            )
         if not 0.0 <= val_fraction < 1.0:
             raise UserInputError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
         if val_fraction and val is not None:
@@ -248,8 +240,7 @@ class PreferenceDataModule(LightningDataModule):
         self.datasets["train"] = EncodedDataset(table)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        collate = PreferenceCollator(self.tokenizer.pad_token_id, kl_baseline=self.hparams.kl_baseline, split=split,
-                                     packing=self.hparams.packing)
+        collate = PreferenceCollator(self.tokenizer.pad_token_id, split=split, packing=self.hparams.packing)
         dataset, trainer = self.datasets[split], self.trainer
         world = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else {}
         if train:
@@ -257,30 +248,21 @@ class PreferenceDataModule(LightningDataModule):
             if self.hparams.group_by_length:
                 batch = self.hparams.batch_size * world.get("num_replicas", 1)
                 grouped = LengthGroupedSampler(dataset.lengths, batch, self.hparams.seed)
-            sampler = TrainSampler(dataset, seed=self.hparams.seed, grouped=grouped, done=self._samples_done, **world)
-        else:
-            sampler = EvalSampler(dataset, **world)
-        return DataLoader(
-            dataset, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=collate,
-            num_workers=self.hparams.num_workers,
-        )
-
-    def _samples_done(self) -> int:
-        """Samples of the current epoch this process already trained on (read when the epoch's iteration starts:
-        non-zero only after resuming from a mid-epoch checkpoint, once Lightning has restored its loop)."""
-        if self.trainer is None:
-            return 0
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed * self.hparams.batch_size
+            sampler = TrainSampler(dataset, seed=self.hparams.seed, grouped=grouped, **world)
+            return ResumableLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=collate,
+                                   num_workers=self.hparams.num_workers)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=EvalSampler(dataset, **world),
+                          collate_fn=collate, num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         if self.hparams.train_data == "prompts":  # on-policy: prompts, shuffled and resumable like pairs
             trainer = self.trainer
             world = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else {}
             dataset = PromptDataset(self.train_prompts)
-            sampler = TrainSampler(dataset, seed=self.hparams.seed, done=self._samples_done, **world)
-            return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
-                              collate_fn=PromptCollator(self.tokenizer.pad_token_id),
-                              num_workers=self.hparams.num_workers)
+            sampler = TrainSampler(dataset, seed=self.hparams.seed, **world)
+            return ResumableLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
+                                   collate_fn=PromptCollator(self.tokenizer.pad_token_id, self.hparams.packing),
+                                   num_workers=self.hparams.num_workers)
         return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -28,7 +28,7 @@ from lightning_pref.data.prepare import Options, prompt_and_texts
 from lightning_pref.data.sources import Source
 from lightning_pref.data.tokenize import encode_prompt, encode_response, truncate
 from lightning_pref.errors import RowError, UserInputError
-from lightning_pref.generation import left_pad
+from lightning_pref.layout import left_pad
 from lightning_pref.types import PromptBatch
 
 
@@ -146,14 +146,21 @@ def encode_completion(
 
 
 class PromptCollator:
-    """Left-padded prompt batches (generation continues every row from its last token)."""
+    """Left-padded prompt batches (generation continues every row from its last token).
 
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
+    Args:
+        pad_token_id: the tokenizer's pad id.
+        packing: ``data.packing``, stamped on each batch: how batches made of these prompts' completions are laid
+            out (on-policy pairs train laid out as offline batches are).
+    """
+
+    def __init__(self, pad_token_id: int, packing: bool | str = False) -> None:
+        self.pad_token_id, self.packing = pad_token_id, packing
 
     def __call__(self, examples: list[PromptExample]) -> PromptBatch:
         ids, mask = left_pad([e.ids for e in examples], self.pad_token_id)
         return PromptBatch(
             ids, mask, index=torch.tensor([e.index for e in examples], dtype=torch.long),
             prompts=[e.prompt for e in examples], weights=torch.tensor([e.weight for e in examples]),
+            packing=self.packing,
         )

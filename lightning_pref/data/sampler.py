@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Iterator, Sequence, Sized
+from typing import Any
 
 import torch
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -62,9 +63,9 @@ class TrainSampler(DistributedSampler):
     Each epoch's global order is a seeded permutation (or the order of ``grouped``, a
     :class:`LengthGroupedSampler`), padded by repetition to a multiple of the number of processes, of which
     process ``rank`` takes every ``num_replicas``-th index. Being a ``DistributedSampler``, Lightning uses it
-    as is instead of replacing it. ``done`` tells, when an epoch's iteration starts, how many samples of this
-    epoch were already trained on (non-zero only when resuming from a mid-epoch checkpoint); they are skipped,
-    so the resumed run sees exactly the batches the uninterrupted run would have.
+    as is instead of replacing it. Its position in the epoch (samples trained on, counted by
+    :class:`ResumableLoader` as batches are handed out) is its :meth:`state_dict`; restored, the next iteration of
+    that epoch skips them, so a resumed run sees exactly the batches the uninterrupted run would have.
     """
 
     def __init__(
@@ -74,16 +75,22 @@ class TrainSampler(DistributedSampler):
         rank: int = 0,
         seed: int = 0,
         grouped: LengthGroupedSampler | None = None,
-        done: Callable[[], int] | None = None,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.grouped = grouped
-        self.done = done
+        self.consumed = 0  # samples of the current epoch handed out in batches
+        self._resume: tuple[int, int] | None = None  # (epoch, samples) to skip, from a checkpoint
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         if self.grouped is not None:
             self.grouped.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "samples": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (state["epoch"], state["samples"])
 
     def __iter__(self) -> Iterator[int]:
         if self.grouped is not None:
@@ -92,8 +99,29 @@ class TrainSampler(DistributedSampler):
             order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
             order = order.tolist()
         order += order[: self.total_size - len(order)]
-        skip = self.done() if self.done is not None else 0
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        self._resume, self.consumed = None, skip
         return iter(order[self.rank : self.total_size : self.num_replicas][skip:])
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`TrainSampler` whose position is part of Lightning's own loop state.
+
+    Lightning saves the ``state_dict`` of a loader that has one with the fit loop and restores it on resume (and
+    then does not warn that the loader is not resumable). Lightning does not prefetch from a loader of known
+    length, so the batches handed out are exactly those trained on.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            self.sampler.consumed += self.batch_size
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
 
 
 class EvalSampler(DistributedSampler):

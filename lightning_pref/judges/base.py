@@ -1,10 +1,13 @@
-"""The judge interface: a plugin that scores completions of prompts, or prefers one of two."""
+"""The judge interface: a plugin that scores completions of prompts, or prefers one of two; and the checks its
+output passes where it enters training or evaluation (:func:`judge_scores`, :func:`judge_preferences`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Sequence, Sized
 from typing import Any, ClassVar
 
+from lightning_pref.errors import UserInputError
 from lightning_pref.registry import Recorded
 
 #: A prompt as the data gave it: a string, or a list of ``{"role", "content"}`` messages.
@@ -37,3 +40,70 @@ class Judge(Recorded):
     def scores(self) -> bool:
         """Whether this judge gives scores (it overrides :meth:`score`), not only preferences."""
         return type(self).score is not Judge.score
+
+
+def judge_scores(judge: Judge, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+    """``judge.score``, checked where its output enters: one finite number per completion.
+
+    Raises:
+        UserInputError: naming the judge, the offending value and what ``score`` must return (a NaN, ``None``, a
+            string or a tensor would otherwise turn into ties, skipped steps or invalid JSON downstream).
+    """
+    values = judge.score(prompts, completions)
+    name = _name(judge)
+    _check_length(name, "score", values, len(completions))
+    out = []
+    for i, value in enumerate(values):
+        number = _number(value)
+        if number is None or not math.isfinite(number):
+            raise UserInputError(
+                f"judge {name}: score returned {value!r} for completion {i}; a judge's score must be one finite "
+                "number (int, float or bool) per completion"
+            )
+        out.append(number)
+    return out
+
+
+def judge_preferences(judge: Judge, prompts: Sequence[Prompt], first: Sequence[str], second: Sequence[str]) -> list[int]:
+    """``judge.prefer``, checked where its output enters: one of 1, 0, -1 per comparison.
+
+    Raises:
+        UserInputError: naming the judge, the offending value and what ``prefer`` must return.
+    """
+    values = judge.prefer(prompts, first, second)
+    name = _name(judge)
+    _check_length(name, "prefer", values, len(first))
+    out = []
+    for i, value in enumerate(values):
+        number = _number(value)
+        if number not in (1, 0, -1):
+            raise UserInputError(
+                f"judge {name}: prefer returned {value!r} for comparison {i}; it must return 1 (first better), -1 "
+                "(second better) or 0 (tie) per comparison"
+            )
+        out.append(int(number))
+    return out
+
+
+def _name(judge: Judge) -> str:
+    return judge.registered_name or type(judge).__name__
+
+
+def _check_length(name: str, method: str, values: Any, expected: int) -> None:
+    if not isinstance(values, Sized) or isinstance(values, str | bytes) or len(values) != expected:
+        got = f"{len(values)} values" if isinstance(values, Sized) and not isinstance(values, str) else repr(values)
+        raise UserInputError(f"judge {name}: {method} returned {got} for {expected} completions; it must return a list "
+                             "with one value per completion")
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float when it is a plain number (a 0-d tensor or NumPy scalar counts), else ``None``."""
+    if isinstance(value, bool | int | float):
+        return float(value)
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        try:
+            item = value.item()
+        except (ValueError, RuntimeError):
+            return None
+        return float(item) if isinstance(item, bool | int | float) else None
+    return None

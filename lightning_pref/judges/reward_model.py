@@ -7,11 +7,12 @@ from collections.abc import Sequence
 import torch
 
 from lightning_pref.data.chat import ChatTemplate
-from lightning_pref.data.collate import pad
 from lightning_pref.data.prompts import encode_completion
 from lightning_pref.errors import UserInputError
 from lightning_pref.judges.base import Judge, Prompt
+from lightning_pref.layout import pad
 from lightning_pref.registry import register_judge
+from lightning_pref.reward.module import RewardScorer
 
 
 @register_judge("reward_model")
@@ -33,8 +34,6 @@ class RewardModelJudge(Judge):
 
     def __init__(self, path: str, batch_size: int = 8, normalize: bool = False, device: str = "cpu") -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from lightning_pref.reward.module import RewardScorer
 
         self.path, self.batch_size, self.normalize, self.device = path, batch_size, normalize, device
         try:

@@ -18,21 +18,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification
 
-from lightning_pref import packing
+from lightning_pref import layout, packing
 from lightning_pref.base_module import BaseModule
 from lightning_pref.errors import UserInputError
 from lightning_pref.metrics import ExactMeans, batch_means
-from lightning_pref.models import (
-    DtypeName,
-    ModelSpec,
-    disable_dropout,
-    enable_activation_checkpointing,
-    load_causal_lm,
-    storage_dtype,
-)
+from lightning_pref.models import DtypeName, ModelSpec
 from lightning_pref.registry import REWARD_LOSSES
 from lightning_pref.reward.losses import BradleyTerryLoss, RewardLoss
-from lightning_pref.throughput import flop_parameters
 from lightning_pref.types import PackedRows, PreferenceBatch
 
 #: Validation keys (prefixed ``val/``): exact means over the whole set on all devices. ``*_sq`` are the second
@@ -63,16 +55,17 @@ class RewardScorer(nn.Module):
             raise UserInputError(
                 f"model.backbone: {type(model).__name__} has no scalar head (score or classifier) to read rewards from"
             )
+        self.capability = packing.capability(model)  # which packed layouts it runs, decided once
 
     def forward(self, input_ids: Tensor | None, attention_mask: Tensor | None, packed: PackedRows | None = None) -> Tensor:
         """Scores of ``prompt + response`` rows, or of the sequences in ``packed`` (in batch row order; padded
         again for a model that cannot take them). # (N, T) -> (N,)"""
         if packed is not None:
-            usable, masks = packing.runnable(self.model, packed)
+            usable, masks = packing.runnable(self.model, packed, self.capability)
             if usable is not None:
                 hidden = self.model.base_model(**packing.body_inputs(usable, masks)).last_hidden_state  # (R, L, H)
-                return self.head(hidden.flatten(0, 1)[packing.last_cells(usable)]).squeeze(-1).float()  # (N, H) -> (N,)
-            input_ids, attention_mask, _ = packing.unpack(packed)
+                return self.head(hidden.flatten(0, 1)[layout.last_cells(usable)]).squeeze(-1).float()  # (N, H) -> (N,)
+            input_ids, attention_mask, _ = layout.unpack(packed)
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = hidden.last_hidden_state  # (N, T, H)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
@@ -104,6 +97,8 @@ class RewardModule(BaseModule):
     """
 
     loss_registry = REWARD_LOSSES
+    default_loss = BradleyTerryLoss
+    model_field = "model.backbone"
     plugin_registries = {"loss": REWARD_LOSSES}
     checkpointed_state = ("reward_stats",)
 
@@ -121,10 +116,7 @@ class RewardModule(BaseModule):
         on_nonfinite: Literal["error", "skip"] = "error",
         init_seed: int = 0,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
-        self.init_common(loss, BradleyTerryLoss, backbone, "model.backbone", tokenizer, model_kwargs, optimizer,
-                         scheduler)
+        super().__init__(backbone, loss, tokenizer, model_kwargs, optimizer, scheduler)
         self.scorer: RewardScorer | None = None
         # float64 sums: the standard deviations are differences of moments
         self.val_metrics, self.test_metrics = ExactMeans(KEYS, torch.float64), ExactMeans(KEYS, torch.float64)
@@ -136,25 +128,13 @@ class RewardModule(BaseModule):
         if self.scorer is not None:
             return
         hp = self.hparams
-        fields = {"vocab_size": len(self.tokenizer), "pad_token_id": self.tokenizer.pad_token_id, "num_labels": 1}
-        model = load_causal_lm(
-            hp.backbone, field="model.backbone", seed=hp.init_seed, dtype=self.parameter_dtype,
-            model_kwargs={"num_labels": 1, **(hp.model_kwargs or {})} if isinstance(hp.backbone, str) else hp.model_kwargs,
-            auto_class=AutoModelForSequenceClassification, **fields,
-        )
+        kwargs = {"num_labels": 1, **(hp.model_kwargs or {})} if isinstance(hp.backbone, str) else hp.model_kwargs
+        model = self.load_trained_model(hp.backbone, kwargs, AutoModelForSequenceClassification, num_labels=1)
         if model.config.pad_token_id is None:  # its own forward (not ours) needs one; ours reads the mask
             model.config.pad_token_id = self.tokenizer.pad_token_id
-        if hp.disable_dropout:
-            disable_dropout(model)
-        if hp.gradient_checkpointing:
-            enable_activation_checkpointing(model)
-        self.flop_params = flop_parameters(model)
         self.scorer = RewardScorer(model)
         if self._trainer is not None:
-            dtype = str(next(self.scorer.parameters()).dtype).removeprefix("torch.")
-            why = "model.dtype" if hp.dtype else f"trainer.precision {self._trainer.precision}"
-            rank_zero_info(f"lightning-pref: reward model parameters {dtype} ({why}; checkpoint "
-                           f"{storage_dtype(hp.backbone, hp.model_kwargs)})")
+            rank_zero_info(self.describe_dtype("reward model", self.scorer))
 
     def forward(self, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
         """Scores of the chosen and the rejected responses (one forward over both). # -> (B,), (B,)"""
@@ -180,12 +160,10 @@ class RewardModule(BaseModule):
         batch_size = batch.num_chosen
         if stage == "train":
             means = batch_means(values)
-            logged = {f"train/{k}": v for k, v in means.items() if not k.endswith("_sq")}
-            logged["train/rewards/chosen_std"] = _std(means["rewards/chosen"], means["rewards/chosen_sq"])
-            logged["train/rewards/rejected_std"] = _std(means["rewards/rejected"], means["rewards/rejected_sq"])
-            for prog_bar in (True, False):
-                part = {k: v for k, v in logged.items() if (k in _PROGRESS_BAR) is prog_bar}
-                self.log_dict(part, prog_bar=prog_bar, on_step=True, on_epoch=False, batch_size=batch_size)
+            logged = {k: v for k, v in means.items() if not k.endswith("_sq")}
+            logged["rewards/chosen_std"] = _std(means["rewards/chosen"], means["rewards/chosen_sq"])
+            logged["rewards/rejected_std"] = _std(means["rewards/rejected"], means["rewards/rejected_sq"])
+            self.log_metrics("train", logged, batch_size, _PROGRESS_BAR)
         else:
             metrics = getattr(self, f"{stage}_metrics")
             for key, metric in metrics.update(values).items():

@@ -1,0 +1,267 @@
+"""Batch layouts as data: padding and packing, the lowest floor of the package (only ``torch`` and ``types``).
+
+A batch of ``N`` sequences ``prompt + response`` reaches a model in one of three layouts:
+
+- **padded** (:func:`pad`): each sequence in its own row, right-padded to the longest; prompts for generation are
+  left-padded instead (:func:`left_pad`), so every row continues from its last token;
+- **packed** (:func:`pack`): sequences laid end to end in rows as long as the longest sequence (best-fit
+  decreasing), positions restarting at 0 for each, no compute on padding (:class:`~lightning_pref.types.PackedRows`);
+- **packed with shared prompts** (:func:`pack` with ``share_prompts``): each pair one segment ``[prompt, chosen,
+  rejected]``, its prompt run once, an explicit mask (:func:`shared_prompt_mask`) keeping the rejected response
+  blind to the chosen one.
+
+The readers give the per-sequence view back: which cells are scored and from which hidden state
+(:func:`scored_tokens`), each sequence's last cell (:func:`last_cells`), per-sequence sums
+(:func:`sequence_sums`), the sequences themselves (:func:`sequences`), and the other layouts of the same batch
+(:func:`unpack`, :func:`unshare`). What a *model* can run is decided in :mod:`lightning_pref.packing`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_pref.types import PackedRows, PreferenceBatch
+
+Sequence = tuple[list[int], list[int]]  # (prompt ids, response ids)
+
+#: ``data.packing``: ``false`` pads; ``true`` packs; ``shared`` also runs each pair's prompt once; ``auto`` (the
+#: default) is what measured fastest: shared prompts for pairs, plain packing for unpaired examples. A model that
+#: cannot take shared prompts gets plain packing, one that cannot take packed rows padding, with an info line.
+Packing = bool | Literal["auto", "shared"]
+
+
+def pad(sequences: list[Sequence], pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-pad ``prompt + response`` sequences to the longest one.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` and the boolean ``response_mask``. # each (N, T)
+    """
+    length = max((len(p) + len(r) for p, r in sequences), default=0)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    response_mask = torch.zeros((len(sequences), length), dtype=torch.bool)
+    for row, (prompt, response) in enumerate(sequences):
+        n = len(prompt) + len(response)
+        input_ids[row, :n] = torch.tensor(prompt + response, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        response_mask[row, len(prompt) : n] = True
+    return input_ids, attention_mask, response_mask
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad prompt ids (generation continues every row from its last token). # -> (B, P), (B, P)"""
+    length = max((len(p) for p in prompts), default=0)
+    ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            ids[row, length - len(prompt) :] = torch.tensor(prompt)
+            mask[row, length - len(prompt) :] = 1
+    return ids, mask
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of total length at most ``capacity``: items longest first (ties by index), each into the fullest bin
+    it fits. Deterministic. # [N] -> [R] lists of item indices, each in placement order"""
+    bins: list[list[int]] = []
+    space: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = [b for b in range(len(bins)) if space[b] >= lengths[i]]
+        if fits:
+            b = min(fits, key=lambda b: (space[b], b))
+        else:
+            b = len(bins)
+            bins.append([])
+            space.append(capacity)
+        bins[b].append(i)
+        space[b] -= lengths[i]
+    return bins
+
+
+def shares_prompts(packing: Packing, paired: bool) -> bool:
+    """Whether ``data.packing`` puts each pair's prompt once in a shared segment."""
+    return paired and packing in ("shared", "auto")
+
+
+def pack(sequences: list[Sequence], pad_token_id: int, share_prompts: bool = False) -> PackedRows:
+    """Lay ``sequences`` (``(prompt, response)`` ids in batch row order) end to end in rows.
+
+    Args:
+        sequences: the batch's ``N`` sequences; with ``share_prompts`` a paired batch ``[chosen; rejected]``
+            whose row ``i`` and ``N/2 + i`` have the same prompt.
+        pad_token_id: id of the filler cells.
+        share_prompts: one segment ``[prompt, chosen, rejected]`` per pair (see :class:`PackedRows`).
+    """
+    half = len(sequences) // 2
+    if share_prompts:
+        segments = [[(i, 0), (i, len(sequences[i][0])), (half + i, len(sequences[i][0]))] for i in range(half)]
+    else:  # (sequence, token offset) parts: the prompt and response of each sequence
+        segments = [[(n, 0)] for n in range(len(sequences))]
+    parts = [_parts(sequences, segment, share_prompts) for segment in segments]
+    lengths = [sum(len(ids) for ids, *_ in segment) for segment in parts]
+    bins = best_fit_decreasing(lengths, max(lengths, default=0))
+    shape = (len(bins), max(lengths, default=0))
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    response_mask = torch.zeros(shape, dtype=torch.bool)
+    sequence_index = torch.full(shape, -1, dtype=torch.long)
+    segment_index = torch.full(shape, -1, dtype=torch.long)  # for the shared-prompt mask only
+    for row, members in enumerate(bins):
+        column = 0
+        for s in members:
+            for ids, n, start, response in parts[s]:
+                cells = slice(column, column + len(ids))
+                input_ids[row, cells] = torch.tensor(ids, dtype=torch.long)
+                position_ids[row, cells] = torch.arange(start, start + len(ids))
+                response_mask[row, cells] = response
+                sequence_index[row, cells] = n
+                segment_index[row, cells] = s
+                column += len(ids)
+    packed = PackedRows(input_ids, position_ids, response_mask, sequence_index, len(sequences), pad_token_id,
+                        shared_prompts=share_prompts)
+    if share_prompts:
+        packed.attention_mask = shared_prompt_mask(segment_index, sequence_index, response_mask, half)
+    return packed
+
+
+def _parts(sequences: list[Sequence], segment: list[tuple[int, int]], share_prompts: bool) -> list[tuple]:
+    """``(ids, sequence, first position, is response)`` of each part of a segment, in order."""
+    if not share_prompts:
+        (n, _), = segment
+        prompt, response = sequences[n]
+        return [(prompt, n, 0, False), (response, n, len(prompt), True)]
+    (chosen, _), _, (rejected, offset) = segment
+    prompt = sequences[chosen][0]
+    return [(prompt, chosen, 0, False), (sequences[chosen][1], chosen, offset, True),
+            (sequences[rejected][1], rejected, offset, True)]
+
+
+def shared_prompt_mask(segment: Tensor, sequence: Tensor, response: Tensor, half: int) -> Tensor:
+    """Causal within each segment, except that rejected tokens do not see the chosen response. # -> (R, 1, L, L)
+
+    Args:
+        segment: each cell's segment (pair), -1 on filler. # (R, L)
+        sequence: each cell's batch row, -1 on filler. # (R, L)
+        response: True on response cells. # (R, L)
+        half: the number of pairs; rows ``>= half`` are rejected.
+    """
+    length = segment.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()  # (L, L) query i sees key j <= i
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)  # (R, L, L)
+    rejected = sequence >= half  # (R, L)
+    chosen_response = response & (sequence >= 0) & ~rejected
+    blind = rejected[:, :, None] & chosen_response[:, None, :]  # (R, L, L)
+    allowed = same & causal & ~blind
+    # A filler cell attends to itself: a query row that sees nothing would softmax to NaN.
+    allowed |= torch.eye(length, dtype=torch.bool) & (segment < 0)[:, :, None]
+    return allowed[:, None]
+
+
+def scored_tokens(packed: PackedRows) -> tuple[Tensor, Tensor, Tensor]:
+    """Which cells are scored, which cell's hidden state predicts each, and the sequence each belongs to.
+
+    A response token is scored from the token before it in its own sequence, never from the end of the previous
+    sequence in the row: a sequence's first token (position 0, an empty prompt's first response token) is not
+    scored, as in a padded row. With shared prompts the rejected response's first token is predicted from the
+    prompt's last token, not from the chosen response before it.
+
+    Returns:
+        ``(cells, predictors, sequences)``, flat indices into ``R * L`` and batch rows. # each (S,)
+    """
+    flat_sequence = packed.sequence_index.flatten()  # (R * L,)
+    cells = (packed.response_mask & (packed.position_ids > 0)).flatten().nonzero().squeeze(-1)  # (S,)
+    sequences_ = flat_sequence[cells]
+    predictors = cells - 1
+    if packed.shared_prompts:
+        half = packed.num_sequences // 2
+        first_rejected = flat_sequence[predictors] != sequences_  # the cell before is the chosen's (or prompt's)
+        responses = packed.response_mask.flatten() & (flat_sequence >= 0)
+        chosen_lengths = torch.bincount(flat_sequence[responses], minlength=packed.num_sequences)  # (N,)
+        skip = chosen_lengths[(sequences_ - half).clamp(min=0)]  # jump back over the chosen response
+        predictors = torch.where(first_rejected, predictors - skip, predictors)
+    return cells, predictors, sequences_
+
+
+def last_cells(packed: PackedRows) -> Tensor:
+    """Flat index into ``R * L`` of each sequence's last token (a reward model reads it). # -> (N,)"""
+    flat = packed.sequence_index.flatten()  # (R * L,)
+    cells = torch.arange(flat.numel(), device=flat.device)
+    real = flat >= 0
+    last = torch.full((packed.num_sequences,), -1, dtype=torch.long, device=flat.device)
+    return last.scatter_reduce(0, flat[real], cells[real], "amax")
+
+
+def sequence_sums(values: Tensor, sequences_: Tensor, num_sequences: int) -> Tensor:
+    """Sum per-token ``values`` per batch row. # (S,), (S,) -> (N,)"""
+    return values.new_zeros(num_sequences).index_add(0, sequences_, values)
+
+
+def unpacked_sequences(packed: PackedRows) -> list[Sequence]:
+    """The ``(prompt, response)`` ids of each batch row again (a shared prompt given to both rows)."""
+    ids, sequence, response = (t.flatten().tolist() for t in (packed.input_ids.cpu(), packed.sequence_index.cpu(),
+                                                               packed.response_mask.cpu()))
+    out: list[Sequence] = [([], []) for _ in range(packed.num_sequences)]
+    for token, n, is_response in zip(ids, sequence, response, strict=True):
+        if n >= 0:
+            out[n][1 if is_response else 0].append(token)
+    if packed.shared_prompts:
+        half = packed.num_sequences // 2
+        out[half:] = [(out[i][0], out[half + i][1]) for i in range(half)]
+    return out
+
+
+def padded_sequences(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> list[Sequence]:
+    """The ``(prompt, response)`` ids of each right-padded row. # (N, T) each -> [N]"""
+    out = []
+    for ids, attended, response in zip(input_ids.tolist(), attention_mask.tolist(), response_mask.tolist(),
+                                       strict=True):
+        real = [(t, r) for t, a, r in zip(ids, attended, response, strict=True) if a]
+        out.append(([t for t, r in real if not r], [t for t, r in real if r]))
+    return out
+
+
+def sequences(batch: PreferenceBatch) -> list[Sequence]:
+    """The ``(prompt, response)`` ids of each of a batch's ``N`` rows, whichever its layout."""
+    if batch.packed is not None:
+        return unpacked_sequences(batch.packed)
+    return padded_sequences(batch.input_ids, batch.attention_mask, batch.response_mask)
+
+
+def unpack(packed: PackedRows) -> tuple[Tensor, Tensor, Tensor]:
+    """The padded ``input_ids``, ``attention_mask`` and ``response_mask`` of the same batch, on its device.
+    # each (N, T)"""
+    return tuple(t.to(packed.input_ids.device) for t in pad(unpacked_sequences(packed), packed.pad_token_id))
+
+
+def unshare(packed: PackedRows) -> PackedRows:
+    """The same batch packed without shared prompts, on its device."""
+    plain = pack(unpacked_sequences(packed), packed.pad_token_id)
+    device = packed.input_ids.device
+    return PackedRows(*(t.to(device) for t in (plain.input_ids, plain.position_ids, plain.response_mask,
+                                                plain.sequence_index)), plain.num_sequences, plain.pad_token_id)
+
+
+def by_sequence(values: Tensor, sequences_: Tensor, num_sequences: int) -> tuple[Tensor, Tensor]:
+    """Per-token values laid out one row per sequence, each row's values in their order, right-padded with 0.
+
+    Args:
+        values: one value per scored token, a sequence's values in order. # (S,)
+        sequences_: the batch row of each. # (S,)
+        num_sequences: ``N``.
+
+    Returns:
+        ``(table, mask)``: the values and where they are. # (N, L), (N, L) with L the longest row
+    """
+    counts = torch.bincount(sequences_, minlength=num_sequences)  # (N,)
+    order = torch.argsort(sequences_, stable=True)  # grouped by sequence, each in its own order
+    rows = sequences_[order]
+    columns = torch.arange(len(order), device=values.device) - (counts.cumsum(0) - counts)[rows]
+    width = int(counts.max()) if len(counts) else 0
+    table = values.new_zeros(num_sequences, width)
+    mask = torch.zeros(num_sequences, width, dtype=torch.bool, device=values.device)
+    table[rows, columns] = values[order]
+    mask[rows, columns] = True
+    return table, mask

@@ -1,0 +1,465 @@
+r"""``PolicyGradientModule``: the RL stage of RLHF, a policy optimized against a reward with a KL penalty to the
+reference (the SFT model), by PPO with a critic or by critic-free estimators (RLOO, GRPO, REINFORCE++).
+
+The objective (Ouyang et al. 2022, "Training language models to follow instructions with human feedback",
+arXiv:2203.02155, Eq. 2):
+
+.. math::
+    \max_\theta\ \mathbb{E}_{x, y \sim \pi_\theta}\big[r(x, y)\big] - \beta\, KL\big(\pi_\theta \| \pi_{ref}\big)
+    + \gamma\, \mathbb{E}_{x \sim D_{pretrain}}\big[\log \pi_\theta(x)\big]
+
+Each training step takes a batch of ``B`` prompts and
+
+1. **rolls out** ``k`` completions of each with the current policy (eval mode, no gradients, seeded per step,
+   batch and rank) and has the judge score them (:mod:`lightning_pref.rollout`), keeping each sampled token's
+   log-probability at the sampling temperature (:math:`\pi_{\theta_{old}}`);
+2. **scores the rollout**: the reference's log-probs (at the same temperature), the critic's values, per-token
+   rewards (the judge's score on each completion's last token, its stop token, never on the padding after it;
+   the KL penalty :math:`-\beta\,k_1` on every token when ``kl.placement`` is ``reward``) and advantages by the
+   estimator plugin (:mod:`lightning_pref.rl.advantages`);
+3. **updates**: ``ppo_epochs`` passes over the rollout in ``minibatches`` shuffled minibatches, each an optimizer
+   step on the clipped surrogate (:mod:`lightning_pref.rl.objective`), plus the critic's clipped value loss, the
+   KL penalty when it is placed in the loss, and PPO-ptx's language-model loss; with Lightning's manual
+   optimization (``manual_backward``, ``clip_gradients``, the scheduler stepped per update), so every process runs
+   the same number of updates under DDP and FSDP2. ``trainer.max_steps`` counts these updates.
+
+The policy's training forward divides its logits by the sampling temperature, as generation did, so the first
+update's ratio :math:`\pi_\theta / \pi_{\theta_{old}}` is 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from lightning_pref import layout
+from lightning_pref.data.sources import read_source
+from lightning_pref.errors import UserInputError
+from lightning_pref.judges.base import Judge
+from lightning_pref.logps import TokenLogps
+from lightning_pref.models import ModelSpec, load_causal_lm
+from lightning_pref.policy import PolicyModule
+from lightning_pref.reference import check_reference_mode
+from lightning_pref.registry import ADVANTAGES, JUDGES
+from lightning_pref.rl.advantages import GAE, AdvantageEstimator
+from lightning_pref.rl.critic import CriticOptions, ValueScorer
+from lightning_pref.rl.kl_penalty import KLController, KLEstimator, kl_estimate
+from lightning_pref.rl.objective import Aggregation, clipped_surrogate, clipped_value_loss, token_weights
+from lightning_pref.rl.ptx import PtxData, PtxOptions
+from lightning_pref.rollout import Rollout, roll_out
+from lightning_pref.types import PromptBatch
+
+_PROGRESS_BAR = ("train/judge/score", "train/objective/kl")
+
+
+@dataclass
+class KLOptions:
+    r"""``model.kl``: the penalty :math:`\beta\,KL(\pi_\theta \| \pi_{ref})` (see :mod:`lightning_pref.rl.kl_penalty`).
+
+    Attributes:
+        coef: :math:`\beta \ge 0` (the initial one when adaptive).
+        estimator: ``k1`` (default), ``k2`` or ``k3``, per token.
+        placement: ``reward`` (:math:`-\beta k` in each token's reward, InstructGPT's form) or ``loss``
+            (:math:`+\beta k` added to the loss, GRPO's form; ``k3`` there biases the gradient: prefer ``k2``).
+        target: adapt :math:`\beta` towards this KL per completion (Ziegler et al. 2019); ``None``: fixed.
+        horizon: completions over which the adaptive controller corrects an error.
+    """
+
+    coef: float = 0.05
+    estimator: KLEstimator = "k1"
+    placement: Literal["reward", "loss"] = "reward"
+    target: float | None = None
+    horizon: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.coef < 0:
+            raise UserInputError(f"model.kl.coef: must be >= 0, got {self.coef}")
+        if self.estimator not in ("k1", "k2", "k3"):
+            raise UserInputError(f"model.kl.estimator: {self.estimator!r} is not one of k1, k2, k3")
+        if self.placement not in ("reward", "loss"):
+            raise UserInputError(f"model.kl.placement: {self.placement!r} is not one of reward, loss")
+        if self.target is not None and (self.target <= 0 or self.coef == 0):
+            raise UserInputError("model.kl.target: an adaptive KL coefficient needs target > 0 and kl.coef > 0 to "
+                                 f"start from, got target {self.target}, coef {self.coef}")
+        if self.horizon < 1:
+            raise UserInputError(f"model.kl.horizon: must be >= 1, got {self.horizon}")
+
+
+class PolicyGradientModule(PolicyModule):
+    """Reinforcement learning of the policy against a judge's reward with a KL penalty (see the module docstring).
+
+    In YAML: ``model: {class_path: lightning_pref.PolicyGradientModule, init_args: {judge: ..., estimator: gae}}``
+    (``configs/ppo.yaml``, ``configs/grpo.yaml``, ``configs/rloo.yaml``); the data are prompts, as for on-policy
+    DPO; every ``PolicyModule`` option applies (``model.generation`` must sample: ``do_sample: true``).
+
+    Args:
+        policy: the model to train (a hub id, a local directory, or config fields).
+        judge: the reward: a registered judge name, class name or import path, or an instance (``function`` for
+            verifiable rewards, ``no_shouting``, ``reward_model`` with ``center: true`` for InstructGPT's
+            normalization).
+        estimator: the advantage estimator: ``gae`` (PPO with a critic), ``rloo``, ``grpo``, ``reinforce_pp``.
+        samples_per_prompt: completions sampled per prompt (``k``; RLOO and GRPO need ``k >= 2``).
+        ppo_epochs: passes over each rollout.
+        minibatches: optimizer steps per pass (the rollout's ``B * k`` completions split evenly).
+        micro_batches: each minibatch is run in this many parts with accumulated gradients (the same gradient as
+            undivided: the aggregation's denominators are the minibatch's).
+        clip: :math:`\\epsilon` of the clipped surrogate.
+        loss_aggregation: ``token_mean``, ``sequence_mean`` or ``constant`` (Dr. GRPO).
+        kl: the KL penalty (``coef``, ``estimator``, ``placement``, ``target``, ``horizon``).
+        critic: the critic of ``gae`` (``model``, ``lr``, ``vf_coef``, ``value_clip``); refused with a critic-free
+            estimator.
+        ptx: PPO-ptx (``data``, ``coef``, ``batch_size``): language-model loss on pretraining or SFT text.
+        eos_penalty: subtracted from the score of a completion that never emitted a stop token (the N+ recipe
+            penalizes them; ``None``: no penalty).
+        **kwargs: ``PolicyModule``'s arguments (reference, generation, optimizer, scheduler, ...).
+    """
+
+    plugin_registries = {"judge": JUDGES, "estimator": ADVANTAGES}
+    not_hparams = (*PolicyModule.not_hparams, "judge", "estimator", "kl", "critic", "ptx")
+    train_data = "prompts"
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        judge: Judge | None = None,
+        estimator: AdvantageEstimator | None = None,
+        samples_per_prompt: int = 4,
+        ppo_epochs: int = 1,
+        minibatches: int = 1,
+        micro_batches: int = 1,
+        clip: float = 0.2,
+        loss_aggregation: Aggregation = "token_mean",
+        kl: KLOptions | None = None,
+        critic: CriticOptions | None = None,
+        ptx: PtxOptions | None = None,
+        eos_penalty: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(policy, **kwargs)
+        self.automatic_optimization = False
+        self.judge = self.plugin(judge, JUDGES, None, "model.judge")
+        self.estimator = self.plugin(estimator, ADVANTAGES, GAE, "model.estimator")
+        kl = KLOptions(**kl) if isinstance(kl, dict) else kl or KLOptions()
+        critic = CriticOptions(**critic) if isinstance(critic, dict) else critic
+        ptx = PtxOptions(**ptx) if isinstance(ptx, dict) else ptx
+        if self.estimator.requires_critic and critic is None:
+            critic = CriticOptions()
+        self._check(samples_per_prompt, ppo_epochs, minibatches, micro_batches, clip, loss_aggregation, kl, critic)
+        self.kl_options, self.critic_options, self.ptx_options = kl, critic, ptx
+        self.hparams.update(judge=self.judge.spec, estimator=self.estimator.spec, kl=dataclasses.asdict(kl),
+                            critic=dataclasses.asdict(critic) if critic else None,
+                            ptx=dataclasses.asdict(ptx) if ptx else None)
+        check_reference_mode(self.hparams.reference_mode, self.needs_reference, False, "the KL penalty",
+                             self.hparams.ref_sync_steps)
+        self.kl_controller = KLController(kl.coef, kl.target, kl.horizon)
+        self.critic: ValueScorer | None = None
+        self.ptx: PtxData | None = None
+        #: checkpointed: the adaptive KL coefficient, so a resumed run continues with the one it had
+        self.kl_state: dict[str, float] = {"coef": kl.coef}
+
+    checkpointed_state = ("kl_state",)
+
+    def _check(self, k: int, epochs: int, minibatches: int, micro: int, clip: float, aggregation: str,
+               kl: KLOptions, critic: CriticOptions | None) -> None:
+        """Refuse options outside their meaning or contradicting each other, naming the option."""
+        if not self.generation.do_sample:
+            raise UserInputError("model.generation.do_sample: the policy gradient needs samples from the policy "
+                                 "(greedy decoding is not a sample of it); set it to true")
+        if k < 1 or epochs < 1 or minibatches < 1 or micro < 1:
+            raise UserInputError("model: samples_per_prompt, ppo_epochs, minibatches and micro_batches must be >= 1, "
+                                 f"got {k}, {epochs}, {minibatches}, {micro}")
+        if self.estimator.requires_groups and k < 2:
+            raise UserInputError(f"model.samples_per_prompt: {type(self.estimator).__name__} compares the "
+                                 f"completions of a prompt, so it needs >= 2, got {k}")
+        if critic is not None and not self.estimator.requires_critic:
+            raise UserInputError(f"model.critic: {type(self.estimator).__name__} uses no critic; drop model.critic or "
+                                 "use estimator gae")
+        if not 0 < clip < 1:
+            raise UserInputError(f"model.clip: must be in (0, 1), got {clip}")
+        if aggregation not in ("token_mean", "sequence_mean", "constant"):
+            raise UserInputError(f"model.loss_aggregation: {aggregation!r} is not one of token_mean, sequence_mean, "
+                                 "constant")
+        if self.hparams.reference_mode == "precomputed":
+            raise UserInputError("model.reference_mode: 'precomputed' cannot serve rollouts (new every step); use "
+                                 "reference_mode model or adapter")
+        if self.hparams.reference_mode == "none" and kl.coef > 0:
+            raise UserInputError("model.reference_mode: 'none' leaves no reference for the KL penalty; set "
+                                 "model.kl.coef: 0 or use reference_mode model or adapter")
+
+    @property
+    def needs_reference(self) -> bool:
+        """A reference is built unless ``reference_mode: none`` (then ``kl.coef`` is 0): the KL to it is logged
+        even when it is not penalized."""
+        return self.hparams.reference_mode != "none"
+
+    # ------------------------------------------------------------------------------------------------- models
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        super().configure_model()
+        if self.critic_options is not None:
+            self.critic = self.build_critic()
+            if self._trainer is not None:
+                rank_zero_info(self.describe_dtype("critic", self.critic))
+        if self.ptx_options is not None:
+            self.ptx = PtxData(self.ptx_options, self.tokenizer, self.hparams.init_seed)
+
+    def build_critic(self) -> ValueScorer:
+        """The critic: from ``critic.model`` (a reward model, InstructGPT), or the policy's body with a zero head."""
+        spec = self.critic_options.model
+        if spec is None:
+            model = self.load_model(self.hparams.policy, "model.critic", model_kwargs=self.hparams.model_kwargs,
+                                    auto_class=AutoModelForSequenceClassification, num_labels=1)
+            head = ValueScorer(model).head
+            torch.nn.init.zeros_(head.weight)
+            if getattr(head, "bias", None) is not None:
+                torch.nn.init.zeros_(head.bias)
+        else:
+            self._check_critic_tokenizer(spec)
+            model = load_causal_lm(spec, field="model.critic.model", dtype=self.parameter_dtype,
+                                   auto_class=AutoModelForSequenceClassification)
+            if getattr(model.config, "num_labels", 1) != 1:
+                raise UserInputError(f"model.critic.model: {spec} has {model.config.num_labels} labels; a critic "
+                                     "starts from a one-label reward model")
+        if self.hparams.gradient_checkpointing:
+            from lightning_pref.models import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
+        return ValueScorer(model).to(self.device)
+
+    def _check_critic_tokenizer(self, spec: str) -> None:
+        """A critic reads the policy's tokens: its tokenizer must encode text as the policy's does."""
+        try:
+            theirs = AutoTokenizer.from_pretrained(spec)
+        except OSError as err:
+            raise UserInputError(f"model.critic.model: cannot load a tokenizer from {spec!r} "
+                                 f"({str(err).splitlines()[0]})") from None
+        probe = "The critic reads the policy's tokens: 123, ok?"
+        if theirs(probe, add_special_tokens=False)["input_ids"] != self.tokenizer(probe, add_special_tokens=False)["input_ids"]:
+            raise UserInputError(f"model.critic.model: {spec} uses another tokenizer than the policy; a critic must "
+                                 "read the policy's tokens (start it from a reward model of the policy's family, or "
+                                 "drop critic.model to start from the policy's body)")
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return super().trainable_parameters() + (list(self.critic.parameters()) if self.critic is not None else [])
+
+    def configure_optimizers(self) -> Any:
+        """One optimizer over the policy and, as a parameter group with its own learning rate, the critic (so one
+        update is one optimizer step, and the scheduler moves both)."""
+        groups: list[dict[str, Any]] = [{"params": super().trainable_parameters()}]
+        if self.critic is not None:
+            group: dict[str, Any] = {"params": list(self.critic.parameters())}
+            if self.critic_options.lr is not None:
+                group["lr"] = self.critic_options.lr
+            groups.append(group)
+        return self.build_optimizers(groups)
+
+    # ---------------------------------------------------------------------------------------------- training
+    def _seed(self, first_prompt: int) -> int:
+        """A seed per update count, batch and rank: all three come back on resume."""
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return self.generation.seed + 1_000_003 * self.global_step + 10_007 * first_prompt + 101 * rank
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        start = time.perf_counter()
+        prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+        rollout = roll_out(self.sampler, self.policy.lm, self.judge, prompts, batch.prompts,
+                           self.hparams.samples_per_prompt, self._seed(int(batch.index[0])), self.hparams.eos_penalty,
+                           logps=True)
+        experience = self.experience(rollout, batch.packing)
+        metrics = self.update(experience)
+        metrics |= rollout.metrics() | experience.metrics
+        seconds = time.perf_counter() - start
+        metrics["generation/share"] = torch.tensor(rollout.seconds / max(seconds, 1e-9))
+        metrics["kl_coef"] = torch.tensor(self.kl_controller.value)
+        self.kl_controller.update(float(experience.metrics["objective/kl"]), len(experience.mask))
+        self.kl_state["coef"] = self.kl_controller.value
+        self.log_metrics("train", metrics, len(prompts), _PROGRESS_BAR)
+        self.flops_per_batch = self.flop_params * experience.tokens * (
+            2 * (1 + self.reference.passes) + 6 * self.hparams.ppo_epochs)
+
+    @torch.no_grad()
+    def experience(self, rollout: Rollout, packing: bool | str) -> Experience:
+        """What the updates need from a rollout, per completion token: the sampling policy's and the reference's
+        log-probs, the critic's values, rewards, advantages and returns."""
+        completions = rollout.completions
+        k = rollout.k
+        sequences = [(rollout.prompts[n // k], completions.ids[n, :length].tolist())
+                     for n, length in enumerate(completions.lengths.tolist())]
+        batch = self.token_batch(sequences, packing)
+        old = completions.logps[:, : batch.width].to(self.device)  # (N, L) at the sampling temperature
+        mask = batch.mask
+        temperature = self.generation.temperature
+        reference = self.reference.token_logps(self.policy, batch.batch, temperature) if self.needs_reference else None
+        scores = rollout.scores.flatten().to(self.device)  # (N,)
+        kl = kl_estimate(old, reference.logps, "k1") * mask if reference is not None else torch.zeros_like(old)
+        beta = self.kl_controller.value
+        rewards = torch.zeros_like(old)
+        if self.kl_options.placement == "reward":
+            rewards = rewards - beta * kl  # -beta k1 on every token
+        last = (completions.lengths.to(self.device) - 1).clamp(min=0)  # (N,) the stop token, not the padding after it
+        rewards[torch.arange(len(last), device=self.device), last] += scores
+        values = self.critic_values(batch) if self.critic is not None else None
+        reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if self._trainer is not None else None
+        advantages, returns = self.estimator(rewards, mask, k, values, reduce)
+        sequence_kl = kl.sum(-1)
+        non_score = -beta * sequence_kl if self.kl_options.placement == "reward" else torch.zeros_like(sequence_kl)
+        metrics = {
+            "objective/scores": scores.mean(), "objective/kl": sequence_kl.mean(),
+            "objective/non_score_reward": non_score.mean(), "objective/rlhf_reward": (scores + non_score).mean(),
+            "returns/mean": _masked_mean(returns, mask), "advantages/mean": _masked_mean(advantages, mask),
+            "advantages/std": _masked_std(advantages, mask),
+        }
+        if reference is not None:
+            for name in ("k1", "k2", "k3"):
+                metrics[f"objective/kl_{name}"] = (kl_estimate(old, reference.logps, name) * mask).sum(-1).mean()
+        if values is not None:
+            residual = _masked_var(returns - values, mask)
+            metrics["value/explained_variance"] = 1 - residual / _masked_var(returns, mask).clamp(min=1e-8)
+        return Experience(batch, old, reference.logps if reference is not None else None, advantages, returns,
+                          values, mask, metrics)
+
+    def token_batch(self, sequences: list[layout.Sequence], packing: bool | str) -> TokenBatch:
+        """The completions as one batch, laid out as ``data.packing`` says (packed rows where the model runs them)."""
+        if packing:
+            batch = layout.TokenBatch.packed(sequences, self.tokenizer.pad_token_id)
+        else:
+            batch = layout.TokenBatch.padded(sequences, self.tokenizer.pad_token_id)
+        return TokenBatch(self.runnable_tokens(batch).to(self.device), max(len(r) for _, r in sequences))
+
+    def critic_values(self, batch: TokenBatch) -> Tensor:
+        values, rows = self.critic.values(*batch.batch.tensors())
+        return layout.by_sequence(values, rows, batch.mask.shape[0])[0][:, : batch.width]
+
+    def update(self, experience: Experience) -> dict[str, Tensor]:
+        """``ppo_epochs`` passes of ``minibatches`` optimizer steps over the rollout; their mean metrics."""
+        hp = self.hparams
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        n = experience.mask.shape[0]
+        generator = torch.Generator().manual_seed(hp.init_seed + self.global_step)
+        sums: dict[str, float] = {}
+        updates = 0
+        for _ in range(hp.ppo_epochs):
+            order = torch.randperm(n, generator=generator)
+            for minibatch in order.chunk(hp.minibatches):
+                for key, value in self.minibatch_step(experience, minibatch.sort().values).items():
+                    sums[key] = sums.get(key, 0.0) + value
+                self.clip_gradients(optimizer, self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if scheduler is not None:
+                    scheduler.step()
+                self.reference.after_optimizer_step(self.policy, self.global_step)
+                updates += 1
+        return {key: torch.tensor(value / updates) for key, value in sums.items()}
+
+    def minibatch_step(self, experience: Experience, rows: Tensor) -> dict[str, float]:
+        """Forward and backward of one minibatch, in ``micro_batches`` parts; returns its metrics."""
+        hp = self.hparams
+        mask = experience.mask[rows]
+        tokens, sequences = float(mask.sum()), float(len(rows))
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:  # the minibatch's global counts, shared by processes whose gradients are averaged
+            counts = self.trainer.strategy.reduce(torch.tensor([tokens, sequences], device=self.device), reduce_op="sum")
+            tokens, sequences = float(counts[0]) / world, float(counts[1]) / world
+        out: dict[str, float] = {}
+        for part in rows.chunk(hp.micro_batches):
+            for key, value in self.micro_step(experience, part, tokens, sequences).items():
+                out[key] = out.get(key, 0.0) + value / min(hp.micro_batches, len(rows))
+        return out
+
+    def micro_step(self, experience: Experience, rows: Tensor, tokens: float, sequences: float) -> dict[str, float]:
+        """One micro-batch's loss (weighted for the whole minibatch) and its backward."""
+        hp = self.hparams
+        batch = experience.batch.select(rows.tolist())
+        mask, old = experience.mask[rows], experience.old_logps[rows]
+        current = self.policy.token_logps(*batch.batch.tensors(), temperature=self.generation.temperature,
+                                          entropy=True)
+        logps = current.logps[:, : old.shape[1]]
+        weights = token_weights(mask, hp.loss_aggregation, self.generation.max_new_tokens, tokens, sequences)
+        surrogate, ratio = clipped_surrogate(logps, old, experience.advantages[rows], hp.clip)
+        loss = (surrogate * weights).sum()
+        log_ratio = (logps - old).detach()
+        metrics = {
+            "loss/policy": float(_masked_mean(surrogate.detach(), mask)),
+            "policy/approxkl": float(_masked_mean(0.5 * log_ratio**2, mask)),
+            "policy/clipfrac": float(_masked_mean(((ratio.detach() - 1).abs() > hp.clip).float(), mask)),
+            "val/ratio": float(_masked_mean(ratio.detach(), mask)),
+            "objective/entropy": float(_masked_mean(current.entropy[:, : old.shape[1]], mask)),
+        }
+        if self.kl_options.placement == "loss" and experience.reference_logps is not None:
+            penalty = kl_estimate(logps, experience.reference_logps[rows], self.kl_options.estimator)
+            loss = loss + self.kl_controller.value * (penalty * weights).sum()
+        if self.critic is not None:
+            values = self.critic_values(batch)[:, : old.shape[1]]
+            value_loss = clipped_value_loss(values, experience.values[rows], experience.returns[rows],
+                                            self.critic_options.value_clip)
+            loss = loss + self.critic_options.vf_coef * (value_loss * weights).sum()
+            metrics["loss/value"] = float(_masked_mean(value_loss.detach(), mask))
+        if self.ptx is not None:
+            nll = self.ptx.loss(self.policy, self.global_step, self.device)
+            loss = loss + self.ptx_options.coef * nll * len(rows) / max(sequences, 1.0)
+            metrics["loss/ptx"] = float(nll.detach())
+        self.manual_backward(self.checked_loss(loss, logps, 0))
+        return metrics
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.kl_controller.value = float(self.kl_state.get("coef", self.kl_controller.value))
+
+
+@dataclass
+class TokenBatch:
+    """A rollout's completions as one batch the models run, and their token mask laid out per completion."""
+
+    batch: layout.TokenBatch
+    width: int  # L, the longest completion
+
+    @property
+    def mask(self) -> Tensor:
+        return self.batch.response_table()[:, : self.width]
+
+    def select(self, rows: list[int]) -> TokenBatch:
+        return TokenBatch(self.batch.select(rows), self.width)
+
+
+@dataclass
+class Experience:
+    """Per completion token, what a rollout left for the updates. # each (N, L)"""
+
+    batch: TokenBatch
+    old_logps: Tensor
+    reference_logps: Tensor | None
+    advantages: Tensor
+    returns: Tensor
+    values: Tensor | None
+    mask: Tensor
+    metrics: dict[str, Tensor]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _masked_var(values: Tensor, mask: Tensor) -> Tensor:
+    mean = _masked_mean(values, mask)
+    return _masked_mean((values - mean) ** 2, mask)
+
+
+def _masked_std(values: Tensor, mask: Tensor) -> Tensor:
+    return _masked_var(values, mask).sqrt()
+
+
+__all__ = ["KLOptions", "PolicyGradientModule", "read_source", "TokenLogps"]
