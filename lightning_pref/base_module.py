@@ -44,24 +44,22 @@ _EVAL_MODE_NOTE = r"Found \d+ module\(s\) in eval mode at the start of training"
 class BaseModule(LightningModule):
     """The shared part of the lightning-pref modules; a subclass names its model and its loss registry.
 
-    A subclass's ``__init__`` calls ``super().__init__(model, loss, tokenizer, model_kwargs, optimizer,
-    scheduler)``; the hyperparameters saved are every constructor argument along the subclass chain (Lightning
-    collects them from each ``__init__``), except the factories and the plugin objects named in
-    :attr:`not_hparams`, which a subclass stores as specs itself.
+    A subclass's ``__init__`` calls ``super().__init__(model, tokenizer, model_kwargs, optimizer, scheduler)``
+    and builds its plugins with :meth:`plugin`; the hyperparameters saved are every constructor argument along
+    the subclass chain (Lightning collects them from each ``__init__``), except the factories and the plugin
+    objects named in :attr:`not_hparams`, which are saved as their specs.
 
     Attributes:
-        loss_registry: where ``model.loss`` names come from.
-        default_loss: the loss when none is given.
         model_field: the option that names the trained model (``model.policy``), in messages.
         plugin_registries: constructor arguments that take a registered plugin name, and their registries.
+        trained_with: the plugin a checkpoint must have been trained with to be resumed (its spec is compared).
         not_hparams: constructor arguments not saved as hyperparameters as they are (objects and factories).
     """
 
-    loss_registry: ClassVar[Registry]
-    default_loss: ClassVar[type]
     model_field: ClassVar[str] = "model.policy"
     plugin_registries: ClassVar[dict[str, Registry]] = {}
-    not_hparams: ClassVar[tuple[str, ...]] = ("model", "loss", "optimizer", "scheduler")
+    trained_with: ClassVar[str] = "loss"
+    not_hparams: ClassVar[tuple[str, ...]] = ("model", "optimizer", "scheduler")
     # What training batches are, linked to the data module by the CLI (``pairs``; on-policy: ``prompts`` or
     # ``rounds``, see ``PreferenceDataModule``).
     train_data: str = "pairs"
@@ -71,23 +69,34 @@ class BaseModule(LightningModule):
     # Dict attributes a subclass keeps in checkpoints under their own names (e.g. reward statistics).
     checkpointed_state: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model: ModelSpec, loss: Any, tokenizer: str | None, model_kwargs: dict[str, Any] | None,
+    def __init__(self, model: ModelSpec, tokenizer: str | None, model_kwargs: dict[str, Any] | None,
                  optimizer: Any, scheduler: Any) -> None:
-        """The loss (an instance or the ``{class_path, init_args}`` spec checkpoints keep, saved as that spec),
-        the optimizer and scheduler factories, and the tokenizer (the model's own, from the same revision, when
-        ``tokenizer`` is ``None``)."""
+        """The optimizer and scheduler factories, and the tokenizer (the model's own, from the same revision,
+        when ``tokenizer`` is ``None``)."""
         super().__init__()
         self.save_hyperparameters(ignore=list(self.not_hparams))
-        if isinstance(loss, dict):
-            try:
-                loss = self.loss_registry.from_spec(loss)
-            except UnknownPluginError as err:
-                raise UserInputError(f"model.loss: {err}") from None
-        self.loss = loss if loss is not None else self.default_loss()
-        self.hparams["loss"] = self.loss.spec
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.tokenizer = model_tokenizer(model, tokenizer, model_kwargs, self.model_field)
         self._finite_batches = 0
+
+    def plugin(self, value: Any, registry: Registry, default: type | None, option: str) -> Any:
+        """A plugin argument as an instance (given as one, or as the ``{class_path, init_args}`` spec checkpoints
+        keep; ``None``: ``default()``), saved in the hyperparameters as its spec under the option's name.
+
+        Raises:
+            UserInputError: the spec names a plugin that cannot be found, or there is no default.
+        """
+        if isinstance(value, dict):
+            try:
+                value = registry.from_spec(value)
+            except UnknownPluginError as err:
+                raise UserInputError(f"{option}: {err}") from None
+        if value is None:
+            if default is None:
+                raise UserInputError(f"{option}: required; one of {', '.join(registry.names())}")
+            value = default()
+        self.hparams[option.removeprefix("model.")] = value.spec
+        return value
 
     # ------------------------------------------------------------------------------------------------- models
     def load_model(self, spec: ModelSpec, field: str, dtype: torch.dtype | None = None,
@@ -153,9 +162,14 @@ class BaseModule(LightningModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> Any:
+        return self.build_optimizers(self.trainable_parameters())
+
+    def build_optimizers(self, parameters: Any) -> Any:
+        """The optimizer over ``parameters`` (tensors or parameter groups) and its scheduler, as Lightning takes
+        them."""
         # The factories run only now: an argument they refuse (a negative lr, say) is one line naming the option.
         try:
-            optimizer = self.optimizer_factory(self.trainable_parameters())
+            optimizer = self.optimizer_factory(parameters)
         except ValueError as err:
             raise UserInputError(f"model.optimizer: {err}") from None
         if self.scheduler_factory is None:
@@ -266,11 +280,12 @@ class BaseModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint trained with another loss, or (where the strategy loaded the weights itself,
         non-strictly) one whose keys do not fit; restore the RNG states when resuming."""
-        trained = checkpoint.get("hyper_parameters", {}).get("loss")
-        if self._trainer is not None and isinstance(trained, dict) and trained != self.loss.spec:
+        name = self.trained_with
+        trained, current = checkpoint.get("hyper_parameters", {}).get(name), getattr(self, name, None)
+        if self._trainer is not None and isinstance(trained, dict) and current is not None and trained != current.spec:
             raise UserInputError(
-                f"--ckpt_path: the checkpoint was trained with {describe_spec(trained)} but model.loss is "
-                f"{describe_spec(self.loss.spec)}; give the loss it was trained with (its run's config.yaml has it), "
+                f"--ckpt_path: the checkpoint was trained with {describe_spec(trained)} but model.{name} is "
+                f"{describe_spec(current.spec)}; give the {name} it was trained with (its run's config.yaml has it), "
                 "or export the model and start a new run from it"
             )
         path = self._trainer.ckpt_path if self._trainer is not None else None

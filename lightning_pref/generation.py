@@ -10,14 +10,18 @@ model, the prompts, the seed and how many samples per prompt.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache
 
 from lightning_pref.errors import UserInputError
 from lightning_pref.layout import left_pad
+from lightning_pref.logps import plain_kv_cache
 
 
 @dataclass
@@ -66,6 +70,9 @@ class Completions:
             generated. # (B * k, L)
         lengths: tokens of each completion, its stop token included. # (B * k,)
         eos: whether each completion stopped on a stop token (rather than at ``max_new_tokens``). # (B * k,)
+        stop_ids: the tokens that ended completions.
+        logps: each generated token's log-probability under the sampling model at the sampling temperature, 0
+            after the stop token (``generate(logps=True)`` only). # (B * k, L)
     """
 
     texts: list[list[str]]
@@ -73,6 +80,7 @@ class Completions:
     lengths: Tensor
     eos: Tensor
     stop_ids: list[int] = field(default_factory=list)
+    logps: Tensor | None = None
 
 
 def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase, end_of_turn: str = "") -> list[int]:
@@ -92,9 +100,14 @@ def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase, end_of_
 @torch.no_grad()
 def generate(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, options: GenerationOptions,
-    tokenizer: PreTrainedTokenizerBase, seed: int, stop_ids: list[int], synced: bool = False,
+    tokenizer: PreTrainedTokenizerBase, seed: int, stop_ids: list[int], synced: bool = False, logps: bool = False,
 ) -> Completions:
     """Sample completions for left-padded prompts.
+
+    With several completions per prompt, the prompts are run once (all but their last token, into a K/V cache
+    expanded ``k`` times) and every sample continues from that shared prefill, instead of ``transformers``
+    running each prompt ``k`` times; the samples are the same either way (the same seeded draws), for models
+    whose cache is a plain full-attention one.
 
     Args:
         model: a ``transformers`` causal LM (the policy's, or the reference's).
@@ -106,6 +119,7 @@ def generate(
         stop_ids: tokens that end a completion (:func:`stop_token_ids`).
         synced: every process keeps stepping until all are done (sharded weights are gathered per forward, so
             ranks must run the same number of forwards whatever their prompts).
+        logps: also return each generated token's log-probability at the sampling temperature.
     """
     base = getattr(model, "generation_config", None)
     config = GenerationConfig(**{**(base.to_dict() if base is not None else {}), **_fields(options)})
@@ -113,17 +127,30 @@ def generate(
     config.bos_token_id = getattr(base, "bos_token_id", None)
     if not options.do_sample:  # a checkpoint's sampling defaults would otherwise warn under greedy decoding
         config.temperature, config.top_p, config.top_k = None, None, None
+    k = options.num_return_sequences
+    prompt_length = input_ids.shape[1]
     was_training = model.training
     model.eval()
     devices = [input_ids.device] if input_ids.device.type == "cuda" else []
     try:
+        extra: dict[str, Any] = {}
+        # Every rank of a sharded run must run the same forwards: its prompts may not all allow a shared prefill.
+        if k > 1 and prompt_length > 1 and not synced:
+            cache = _shared_prefill(model, input_ids, attention_mask, k)
+            if cache is not None:
+                input_ids, attention_mask = input_ids.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
+                config.num_return_sequences = 1
+                extra[_cache_argument(model)] = cache
+        if logps:
+            config.output_logits, config.return_dict_in_generate = True, True
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                 synced_gpus=synced)
+                                 synced_gpus=synced, **extra)
     finally:
         model.train(was_training)
-    new = out[:, input_ids.shape[1] :]  # (B * k, L)
+    sequences = out.sequences if logps else out
+    new = sequences[:, prompt_length:]  # (B * k, L)
     stops = torch.isin(new, torch.tensor(stop_ids, device=new.device))
     first_stop = torch.where(stops.any(-1), stops.int().argmax(-1), torch.full_like(stops[:, 0], new.shape[1], dtype=torch.long))
     eos = stops.any(-1)
@@ -131,9 +158,44 @@ def generate(
     keep = torch.arange(new.shape[1], device=new.device) < lengths[:, None]
     ids = new.masked_fill(~keep, tokenizer.pad_token_id)
     decoded = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(ids, lengths.tolist(), strict=True)]
-    k = options.num_return_sequences
     texts = [decoded[i : i + k] for i in range(0, len(decoded), k)]
-    return Completions(texts, ids, lengths, eos, stop_ids)
+    token_logps = None
+    if logps:
+        temperature = options.temperature if options.do_sample else 1.0
+        token_logps = torch.stack([
+            (step.float() / temperature).log_softmax(-1).gather(-1, new[:, t, None]).squeeze(-1)
+            for t, step in enumerate(out.logits)
+        ], 1).masked_fill(~keep, 0.0) if new.shape[1] else new.new_zeros(new.shape, dtype=torch.float32)  # (B * k, L)
+    return Completions(texts, ids, lengths, eos, stop_ids, token_logps)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The name ``generate`` takes a cache under (``cache`` in transformers 5, ``past_key_values`` before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _shared_prefill(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, k: int) -> Any:
+    """The K/V cache of every prompt but its last token, computed once and repeated ``k`` times per prompt (the
+    last token runs in ``generate``, which needs one new token to start from); ``None`` when the model's cache is
+    not a plain full-attention one, whose rows can be repeated. # (B, P) -> cache of (B * k, P - 1)"""
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # as generate counts them
+    argument = _cache_argument(model)
+    cache = _new_cache(model)
+    out = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
+                use_cache=True, **{argument: cache})
+    cache = getattr(out, argument, None) or getattr(out, "past_key_values", None)
+    if not plain_kv_cache(cache):
+        return None
+    cache.batch_repeat_interleave(k)
+    return cache
+
+
+def _new_cache(model: nn.Module) -> DynamicCache:
+    """An empty dynamic cache for ``model`` (its config tells sliding-window layers apart in transformers 5)."""
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # transformers 4.x takes no config
+        return DynamicCache()
 
 
 class Sampler:
@@ -150,7 +212,8 @@ class Sampler:
                  synced: bool = False) -> None:
         self.tokenizer, self.options, self.stop_ids, self.synced = tokenizer, options, stop_ids, synced
 
-    def __call__(self, model: nn.Module, prompts: list[list[int]], seed: int, k: int | None = None) -> Completions:
+    def __call__(self, model: nn.Module, prompts: list[list[int]], seed: int, k: int | None = None,
+                 logps: bool = False) -> Completions:
         """``k`` completions (default ``options.num_return_sequences``) of each prompt by ``model``, on its device.
 
         Args:
@@ -158,11 +221,12 @@ class Sampler:
             prompts: prompt token ids. # [B]
             seed: seed of this call's private RNG stream.
             k: completions per prompt.
+            logps: also each generated token's log-probability at the sampling temperature.
         """
         device = next(model.parameters()).device
         ids, mask = (t.to(device) for t in left_pad(prompts, self.tokenizer.pad_token_id))
         options = self.options if k is None else replace(self.options, num_return_sequences=k)
-        return generate(model, ids, mask, options, self.tokenizer, seed, self.stop_ids, self.synced)
+        return generate(model, ids, mask, options, self.tokenizer, seed, self.stop_ids, self.synced, logps)
 
 
 def _fields(options: GenerationOptions) -> dict:

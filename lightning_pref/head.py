@@ -2,7 +2,9 @@
 
 ``log p(y) = s[y] - logsumexp(s)`` with ``s = T(z)``, ``z = W h + b`` the head's logits and ``T`` the model's own
 post-processing of them (:class:`LogitTransform`: logit scaling as in Cohere or Granite, final soft-capping as
-in Gemma 2), applied inside the head so that such models keep the response-only head.
+in Gemma 2) and a sampling temperature, applied inside the head so that such models keep the response-only
+head. The entropy of each position's distribution, ``H = logsumexp(s) - sum_j softmax(s)_j s_j``, comes out of the
+same pass on request (a metric: no gradient flows through it).
 
 For a plain ``nn.Linear`` head a chunk of ``C`` rows keeps only its ``logsumexp`` (``C`` values) for backward,
 which recomputes the logits and turns them into the gradient in place. The ``(C, V)`` logits exist once, in the
@@ -15,7 +17,7 @@ rows at an 8k vocabulary, 256 at 128k.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -42,17 +44,20 @@ def default_chunk_size(vocab_size: int) -> int:
 
 @dataclass(frozen=True)
 class LogitTransform:
-    r"""A model's post-processing of its LM-head logits: :math:`s = c \tanh(a z / c)`, or :math:`s = a z`
-    without soft-capping.
+    r"""A model's post-processing of its LM-head logits, and a sampling temperature :math:`\tau` on top:
+    :math:`s = c \tanh(a z / c) / \tau`, or :math:`s = a z / \tau` without soft-capping (``generate`` divides
+    the model's own logits by the temperature, so a training forward that scores sampled tokens must too).
 
     Attributes:
         scale: :math:`a`, the product of the config's multipliers (``logit_scale``, ``output_multiplier``) and
             the inverse of its divisors (``logits_scaling``).
         softcap: :math:`c`, the config's ``final_logit_softcapping`` (``None``: no soft-capping).
+        temperature: :math:`\tau > 0`.
     """
 
     scale: float = 1.0
     softcap: float | None = None
+    temperature: float = 1.0
 
     @classmethod
     def from_config(cls, config: Any) -> LogitTransform:
@@ -74,13 +79,22 @@ class LogitTransform:
 
     @property
     def identity(self) -> bool:
-        return self.scale == 1.0 and self.softcap is None
+        return self.scale == 1.0 and self.softcap is None and self.temperature == 1.0
+
+    def at_temperature(self, temperature: float) -> LogitTransform:
+        """This transform, then divided by ``temperature``."""
+        return replace(self, temperature=temperature)
+
+    @property
+    def factor(self) -> float:
+        """Without soft-capping, ``T(z) = factor * z``."""
+        return self.scale / self.temperature
 
     def apply_(self, z: Tensor) -> Tensor:
         """``T(z)`` in place (``z`` fp32)."""
         if self.softcap is None:
-            return z.mul_(self.scale) if self.scale != 1.0 else z
-        return z.mul_(self.scale / self.softcap).tanh_().mul_(self.softcap)
+            return z.mul_(self.factor) if self.factor != 1.0 else z
+        return z.mul_(self.scale / self.softcap).tanh_().mul_(self.softcap / self.temperature)
 
     def __call__(self, z: Tensor) -> Tensor:
         return self.apply_(z.float().clone()) if not self.identity else z.float()
@@ -90,8 +104,9 @@ IDENTITY = LogitTransform()
 
 
 def token_logps(
-    hidden: Tensor, head: nn.Module, targets: Tensor, chunk_size: int = 1024, transform: LogitTransform = IDENTITY
-) -> Tensor:
+    hidden: Tensor, head: nn.Module, targets: Tensor, chunk_size: int = 1024, transform: LogitTransform = IDENTITY,
+    entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs of ``targets`` under ``T(head(hidden))``, computed ``chunk_size`` rows at a time.
 
     Args:
@@ -99,22 +114,30 @@ def token_logps(
         head: the LM head (``hidden -> logits``).
         targets: token ids to score. # (R,)
         chunk_size: rows per chunk; bounds the transient ``(chunk_size, V)`` logits.
-        transform: the model's post-processing of the head's logits.
+        transform: the model's post-processing of the head's logits (and a temperature).
+        entropy: also return each row's entropy (detached).
 
     Returns:
-        ``log softmax(T(head(hidden)))[targets]``. # (R,)
+        ``log softmax(T(head(hidden)))[targets]``, and the entropies with ``entropy``. # (R,), (R,)
     """
-    out = []
+    out, entropies = [], []
     linear = type(head) is nn.Linear  # quantized or adapter-wrapped heads go through their own forward
     for h, y in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True):
         if linear:
-            out.append(_LinearLogps.apply(h, head.weight, head.bias, y, transform))
+            logp, ent = _LinearLogps.apply(h, head.weight, head.bias, y, transform, entropy)
         elif torch.is_grad_enabled() and h.requires_grad:
             # Recompute each chunk's logits in backward rather than keeping all (R, V) activations alive.
-            out.append(checkpoint(_chunk_logps, head, h, y, transform, use_reentrant=False))
+            logp = checkpoint(_chunk_logps, head, h, y, transform, use_reentrant=False)
+            ent = _chunk_entropy(head, h, transform) if entropy else None
         else:
-            out.append(_chunk_logps(head, h, y, transform))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+            logp = _chunk_logps(head, h, y, transform)
+            ent = _chunk_entropy(head, h, transform) if entropy else None
+        out.append(logp)
+        entropies.append(ent)
+    logps = torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    if not entropy:
+        return logps
+    return logps, torch.cat(entropies) if entropies else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def _chunk_logps(head: nn.Module, h: Tensor, y: Tensor, transform: LogitTransform) -> Tensor:
@@ -122,14 +145,31 @@ def _chunk_logps(head: nn.Module, h: Tensor, y: Tensor, transform: LogitTransfor
     return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def logits_logps(logits: Tensor, targets: Tensor, chunk_size: int = 1024) -> Tensor:
-    """Same as :func:`token_logps` for logits already computed (and post-processed) by the model.
-    # (R, V) -> (R,)"""
-    out = [
-        z.float().gather(-1, y[:, None]).squeeze(-1) - z.float().logsumexp(-1)
-        for z, y in zip(logits.split(chunk_size), targets.split(chunk_size), strict=True)
-    ]
-    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+@torch.no_grad()
+def _chunk_entropy(head: nn.Module, h: Tensor, transform: LogitTransform) -> Tensor:
+    return entropy_of(transform(head(h)))
+
+
+def entropy_of(logits: Tensor) -> Tensor:
+    """Entropy of each row's softmax, ``logsumexp(s) - sum_j softmax(s)_j s_j``. # (R, V) -> (R,)"""
+    s = logits.float()
+    return s.logsumexp(-1) - (s.softmax(-1) * s).sum(-1)
+
+
+def logits_logps(logits: Tensor, targets: Tensor, chunk_size: int = 1024, temperature: float = 1.0,
+                 entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Same as :func:`token_logps` for logits already computed (and post-processed) by the model, divided by
+    ``temperature``. # (R, V) -> (R,)"""
+    out, entropies = [], []
+    for z, y in zip(logits.split(chunk_size), targets.split(chunk_size), strict=True):
+        s = z.float() / temperature if temperature != 1.0 else z.float()
+        out.append(s.gather(-1, y[:, None]).squeeze(-1) - s.logsumexp(-1))
+        if entropy:
+            entropies.append(entropy_of(s.detach()))
+    logps = torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+    if not entropy:
+        return logps
+    return logps, torch.cat(entropies) if entropies else logits.new_zeros(0, dtype=torch.float32)
 
 
 def sum_rows(per_token: Tensor, mask: Tensor) -> Tensor:
@@ -154,23 +194,31 @@ class _LinearLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor,
-                transform: LogitTransform) -> Tensor:
+                transform: LogitTransform, entropy: bool = False) -> tuple[Tensor, Tensor]:
         device = h.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         ctx.transform = transform
         z = F.linear(h, weight, bias)  # (C, V) in the compute dtype; not needed after this pass
         picked = z.new_empty(z.shape[0], dtype=torch.float32)  # (C,)
         lse = torch.empty_like(picked)  # (C,)
+        entropies = torch.empty_like(picked) if entropy else picked.new_zeros(0)  # (C,); empty when not asked for
         for b in _blocks(z):
             s = transform.apply_(z[b].float())  # a view of z under fp32, else a block-sized fp32 copy
             picked[b] = s.gather(-1, y[b, None]).squeeze(-1)
             top = s.amax(-1, keepdim=True)
-            lse[b] = s.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+            if entropy:  # H = log sum e + top - sum(e s) / sum e, with e = exp(s - top): one more block buffer
+                e = (s - top).exp_()
+                total = e.sum(-1)
+                lse[b] = total.log() + top.squeeze(-1)
+                entropies[b] = lse[b] - (e * s).sum(-1) / total
+            else:
+                lse[b] = s.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
         ctx.save_for_backward(h, weight, bias, y, lse)
-        return picked - lse
+        ctx.mark_non_differentiable(entropies)
+        return picked - lse, entropies
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor, _entropy_grad: Tensor | None = None) -> tuple[Tensor | None, ...]:
         h, weight, bias, y, lse = ctx.saved_tensors
         device, dtype, enabled = ctx.autocast
         transform: LogitTransform = ctx.transform
@@ -181,20 +229,20 @@ class _LinearLogps(torch.autograd.Function):
                 g = grad[b, None].float()  # (c, 1)
                 if transform.softcap is None:
                     ds = None
-                    s = block.mul_(transform.scale) if transform.scale != 1.0 else block
-                else:  # s = c tanh(a z / c); ds/dz = a (1 - tanh^2)
+                    s = block.mul_(transform.factor) if transform.factor != 1.0 else block
+                else:  # s = c tanh(a z / c) / tau; ds/dz = a (1 - tanh^2) / tau
                     t = block.mul_(transform.scale / transform.softcap).tanh_()
-                    s = t * transform.softcap  # a second block-sized buffer: t is needed for ds/dz
-                    ds = t.square_().neg_().add_(1).mul_(transform.scale)
+                    s = t * (transform.softcap / transform.temperature)  # a second block-sized buffer: t is kept
+                    ds = t.square_().neg_().add_(1).mul_(transform.factor)
                 dz = s.sub_(lse[b, None]).exp_().mul_(-g)  # -g * softmax
                 dz.scatter_add_(-1, y[b, None], g)  # + g at the target
                 if ds is not None:
                     dz.mul_(ds)
-                elif transform.scale != 1.0:
-                    dz.mul_(transform.scale)
+                elif transform.factor != 1.0:
+                    dz.mul_(transform.factor)
                 if dz.data_ptr() != z[b].data_ptr():
                     z[b] = dz  # back into the compute dtype, in place of the logits
             grad_h = (z @ weight.to(z.dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None  # (C, H)
             grad_w = (z.T @ h.to(z.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None  # (V, H)
             grad_b = z.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None

@@ -19,6 +19,7 @@ a rank with no rows, so every rank of a sharded run issues the same collectives.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from lightning_pref import layout, packing
 from lightning_pref.errors import UserInputError
 from lightning_pref.head import LogitTransform, default_chunk_size, logits_logps, sum_rows, token_logps
-from lightning_pref.types import KLRows, PackedRows
+from lightning_pref.types import KLRows, PackedRows, PreferenceBatch
 
 # Positions compared by the self-check, and its tolerance on |log p| differences: fp32 agrees to rounding; in
 # bf16/fp16 the model's own head post-processes bf16 logits while ours works in fp32. A missing soft-cap or
@@ -36,6 +37,15 @@ from lightning_pref.types import KLRows, PackedRows
 _CHECK_POSITIONS = 16
 _CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
 _CHECK_TOLERANCE_HALF = 0.1
+
+
+@dataclass
+class TokenLogps:
+    """Per-token values of a batch's response tokens, one row per sequence (right-padded), in batch row order."""
+
+    logps: Tensor  # (N, L) log-prob of each response token (at the temperature asked for); 0 on padding
+    mask: Tensor  # (N, L) True on real tokens
+    entropy: Tensor | None = None  # (N, L) entropy of the distribution each token was drawn from (detached)
 
 
 class SequenceScorer(nn.Module):
@@ -168,6 +178,39 @@ class SequenceScorer(nn.Module):
         """Log-probs of ``targets`` from final hidden states, through the response-only head. # (R, H) -> (R,)"""
         return token_logps(hidden, self.lm.get_output_embeddings(), targets, self.chunk_size, self.transform)
 
+    def token_logps(self, batch: PreferenceBatch, temperature: float = 1.0, entropy: bool = False) -> TokenLogps:
+        """Log-prob of every response token of ``batch`` (padded or packed), with the logits divided by
+        ``temperature`` as sampling at that temperature divided them, and optionally each position's entropy.
+
+        Returns:
+            One row per sequence: response token ``t`` of sequence ``n`` at ``[n, t]``. # (N, L) each
+        """
+        packed, masks = (self.runnable(batch.packed) if batch.packed is not None else (None, None))
+        if batch.packed is not None and packed is None:  # a model that cannot take packed rows: padded again
+            batch = PreferenceBatch(*layout.unpack(batch.packed), num_chosen=batch.num_chosen, paired=batch.paired)
+        transform = self.transform.at_temperature(temperature)
+        if packed is not None:
+            cells, predictors, sequences = layout.scored_tokens(packed)  # (S,) each
+            targets = packed.input_ids.flatten()[cells]
+            inputs = packing.body_inputs(packed, masks)
+            flat = lambda hidden: hidden.flatten(0, 1)[predictors]  # noqa: E731 - (R, L, H) -> (S, H)
+            num_sequences = packed.num_sequences
+        else:
+            target_mask = batch.response_mask[:, 1:].bool()  # (N, T-1) token t + 1 is scored from position t
+            targets, sequences = batch.input_ids[:, 1:][target_mask], target_mask.nonzero()[:, 0]
+            inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+            flat = lambda hidden: hidden[:, :-1][target_mask]  # noqa: E731 - (N, T, H) -> (S, H)
+            num_sequences = batch.input_ids.shape[0]
+        if self.response_only_head:
+            hidden = flat(self.body(**inputs).last_hidden_state)
+            out = token_logps(hidden, self.lm.get_output_embeddings(), targets, self.chunk_size, transform, entropy)
+        else:
+            out = logits_logps(flat(self.lm(**inputs).logits), targets, self.chunk_size, temperature, entropy)
+        per_token, per_entropy = out if entropy else (out, None)
+        table, mask = layout.by_sequence(per_token, sequences, num_sequences)
+        entropies = layout.by_sequence(per_entropy, sequences, num_sequences)[0] if entropy else None
+        return TokenLogps(table, mask, entropies)
+
     def _full_logits(self, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor, targets: Tensor) -> Tensor:
         """Log-probs of ``targets`` from the model's own ``(N, T, V)`` logits. # -> (R,)"""
         logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, T, V)
@@ -203,7 +246,7 @@ class SequenceScorer(nn.Module):
             ids, attention, response = (t[:1, :2] for t in kl_rows[:3]) if kl_rows.input_ids.numel() else _dummy(device)
             self.score(ids, attention, response)
             return torch.zeros(0, dtype=torch.float32, device=device)
-        if cache is not None and _plain_kv_cache(cache):
+        if cache is not None and plain_kv_cache(cache):
             return self._score_continuations(hidden, cache, kl_rows)
         if kl_rows.packed is not None:
             usable, masks = self.runnable(kl_rows.packed)
@@ -304,7 +347,7 @@ def _prompt_lengths(kl_rows: KLRows) -> Tensor:
     return (kl_rows.attention_mask.bool() & ~kl_rows.response_mask.bool()).sum(-1)
 
 
-def _plain_kv_cache(cache: Any) -> bool:
+def plain_kv_cache(cache: Any) -> bool:
     """Whether ``cache`` is a ``DynamicCache`` of full-attention layers only, whose positions can be cropped and
     rows selected (sliding-window, linear-attention or quantized layers keep other state)."""
     layers = getattr(cache, "layers", None)

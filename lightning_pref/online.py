@@ -90,10 +90,7 @@ class OnPolicyModule(PreferenceModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(policy, **kwargs)
-        if isinstance(judge, dict):  # as checkpoints keep it
-            judge = JUDGES.from_spec(judge)
-        if judge is None:
-            raise UserInputError("model.judge: required, e.g. no_shouting or {class_path: function, init_args: {fn: ...}}")
+        self.judge = self.plugin(judge, JUDGES, None, "model.judge")
         if samples_per_prompt < 2:
             raise UserInputError(f"model.samples_per_prompt: a pair needs >= 2 samples per prompt, got {samples_per_prompt}")
         if not self.generation.do_sample:
@@ -107,8 +104,6 @@ class OnPolicyModule(PreferenceModule):
                                  "pairwise loss (use dpo, cdpo, ipo, hinge, simpo, ...)")
         if round_prompts < 1:
             raise UserInputError(f"model.round_prompts: must be >= 1, got {round_prompts}")
-        self.judge = judge
-        self.hparams["judge"] = judge.spec
 
     @property
     def train_data(self) -> str:

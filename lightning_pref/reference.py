@@ -27,7 +27,7 @@ from lightning.pytorch import Trainer
 from torch import Tensor, nn
 
 from lightning_pref.errors import TrainingError, UserInputError
-from lightning_pref.logps import SequenceScorer
+from lightning_pref.logps import SequenceScorer, TokenLogps
 from lightning_pref.models import ModelSpec
 from lightning_pref.precompute import load_or_compute, weights_fingerprint
 from lightning_pref.types import KLRows, PreferenceBatch
@@ -35,15 +35,22 @@ from lightning_pref.types import KLRows, PreferenceBatch
 ReferenceMode = Literal["model", "precomputed", "none", "adapter"]
 
 
-def check_reference_mode(mode: str, loss: nn.Module, ref_sync_steps: int | None) -> None:
-    """Refuse combinations that cannot work, with the field to change."""
-    name = type(loss).__name__
-    if mode == "none" and loss.requires_reference:
+def check_reference_mode(mode: str, needed: bool, fresh_rows: bool, name: str, ref_sync_steps: int | None) -> None:
+    """Refuse combinations that cannot work, with the field to change.
+
+    Args:
+        mode: ``model.reference_mode``.
+        needed: the objective reads reference log-probs.
+        fresh_rows: it scores rows made anew in every batch (KTO's mismatched pairs), which no table can hold.
+        name: what needs the reference, in messages (the loss's class name).
+        ref_sync_steps: TR-DPO's ``model.ref_sync_steps``.
+    """
+    if mode == "none" and needed:
         raise UserInputError(
             f"model.reference_mode: 'none' gives no reference log-probs, but {name} requires them; use "
             "reference_mode 'model', 'precomputed' or 'adapter', or a reference-free loss (simpo, orpo, nll)"
         )
-    if mode == "precomputed" and loss.requires_kl_baseline:
+    if mode == "precomputed" and fresh_rows:
         raise UserInputError(
             f"model.reference_mode: 'precomputed' cannot serve {name}: its KL baseline pairs are drawn anew in every "
             "batch, so their reference log-probs cannot be computed ahead; use reference_mode 'model'"
@@ -72,6 +79,11 @@ class Reference(nn.Module):
               kl_rows: KLRows | None = None) -> tuple[Tensor, Tensor | None]:
         """Reference log-probs of the batch's rows and of ``kl_rows`` (``None`` without them). # -> (N,), (M,)"""
         raise TrainingError(f"{type(self).__name__} gives no reference log-probs")
+
+    def per_token(self, policy: SequenceScorer, batch: PreferenceBatch, temperature: float = 1.0) -> TokenLogps | None:
+        """Reference log-probs of each response token at ``temperature`` (``None``: this mode has no model to
+        score new rows with)."""
+        return None
 
     def attach(self, batch: PreferenceBatch) -> None:
         """Attach what the batch needs from this reference before it moves to the device (default: nothing)."""
@@ -126,6 +138,10 @@ class ModelReference(Reference, SequenceScorer):
         logps, _, kl_logps = self(batch.input_ids, batch.attention_mask, batch.response_mask, kl_rows, batch.packed)
         return logps, kl_logps
 
+    @torch.no_grad()
+    def per_token(self, policy: SequenceScorer, batch: PreferenceBatch, temperature: float = 1.0) -> TokenLogps | None:
+        return self.token_logps(batch, temperature)
+
     @contextlib.contextmanager
     def generator(self, policy: SequenceScorer) -> Iterator[nn.Module | None]:
         yield self.lm
@@ -168,6 +184,11 @@ class AdapterReference(Reference):
             logps, _, kl_logps = policy(batch.input_ids, batch.attention_mask, batch.response_mask, kl_rows,
                                         batch.packed)
         return logps, kl_logps
+
+    @torch.no_grad()
+    def per_token(self, policy: SequenceScorer, batch: PreferenceBatch, temperature: float = 1.0) -> TokenLogps | None:
+        with policy.model.disable_adapter():
+            return policy.token_logps(batch, temperature)
 
     @contextlib.contextmanager
     def generator(self, policy: SequenceScorer) -> Iterator[nn.Module | None]:

@@ -1,11 +1,12 @@
-"""Registries of plugins, in the style of timm's ``_registry.py``: preference losses, reward losses, judges.
+"""Registries of plugins, in the style of timm's ``_registry.py``: preference losses, reward losses, judges,
+advantage estimators.
 
 Built-in plugins register themselves with a decorator when their package is imported (``register_loss``,
 ``register_reward_loss``, ``register_judge``). Third-party packages add theirs through an entry-point group:
 
 .. code-block:: toml
 
-    [project.entry-points."lightning_pref.losses"]          # or lightning_pref.reward_losses, lightning_pref.judges
+    [project.entry-points."lightning_pref.losses"]  # or .reward_losses, .judges, .advantages
     my_loss = "my_pkg.losses:MyLoss"
 
 Loading the entry point imports the module; a class that is not registered yet is registered under the entry
@@ -197,6 +198,11 @@ REWARD_LOSSES: Registry = Registry(
 )
 #: Judges of completions (``evaluate --judge``, on-policy training).
 JUDGES: Registry = Registry("judge", "judges", "lightning_pref.judges", "lightning_pref.judges.base.Judge")
+#: Advantage estimators (``model.estimator`` of ``PolicyGradientModule``).
+ADVANTAGES: Registry = Registry(
+    "advantage estimator", "advantage estimators", "lightning_pref.advantages",
+    "lightning_pref.rl.advantages.base.AdvantageEstimator",
+)
 
 register_loss = LOSSES.register
 get_loss_class = LOSSES.get
@@ -204,9 +210,10 @@ get_loss = LOSSES.create
 list_losses = LOSSES.names
 register_reward_loss = REWARD_LOSSES.register
 register_judge = JUDGES.register
+register_advantage = ADVANTAGES.register
 
 
 def load_plugins(force: bool = False) -> None:
-    """Import the plugins of every registry (losses, reward losses, judges)."""
-    for registry in (LOSSES, REWARD_LOSSES, JUDGES):
+    """Import the plugins of every registry (losses, reward losses, judges, advantage estimators)."""
+    for registry in (LOSSES, REWARD_LOSSES, JUDGES, ADVANTAGES):
         registry.load_plugins(force)

@@ -58,7 +58,7 @@ class Rollout:
 
 def roll_out(
     sampler: Sampler, model: nn.Module, judge: Judge, prompts: list[list[int]], values: list[Any], k: int, seed: int,
-    eos_penalty: float | None = None,
+    eos_penalty: float | None = None, logps: bool = False,
 ) -> Rollout:
     """Sample ``k`` completions of each prompt with ``model`` and judge them.
 
@@ -71,9 +71,10 @@ def roll_out(
         k: completions per prompt.
         seed: seed of the sampling.
         eos_penalty: subtracted from the score of a completion that never emitted a stop token (``None``: none).
+        logps: keep each sampled token's log-probability at the sampling temperature (``completions.logps``).
     """
     start = time.perf_counter()
-    completions = sampler(model, prompts, seed, k)
+    completions = sampler(model, prompts, seed, k, logps)
     seconds = time.perf_counter() - start
     texts = [t for per_prompt in completions.texts for t in per_prompt]  # (B * k,) prompt-major
     scores = torch.tensor(judge_scores(judge, [v for v in values for _ in range(k)], texts), dtype=torch.float32)

@@ -96,10 +96,9 @@ class RewardModule(BaseModule):
         init_seed: seed of a config-dict backbone's random initialization.
     """
 
-    loss_registry = REWARD_LOSSES
-    default_loss = BradleyTerryLoss
     model_field = "model.backbone"
     plugin_registries = {"loss": REWARD_LOSSES}
+    not_hparams = (*BaseModule.not_hparams, "loss")
     checkpointed_state = ("reward_stats",)
 
     def __init__(
@@ -116,7 +115,8 @@ class RewardModule(BaseModule):
         on_nonfinite: Literal["error", "skip"] = "error",
         init_seed: int = 0,
     ) -> None:
-        super().__init__(backbone, loss, tokenizer, model_kwargs, optimizer, scheduler)
+        super().__init__(backbone, tokenizer, model_kwargs, optimizer, scheduler)
+        self.loss = self.plugin(loss, REWARD_LOSSES, BradleyTerryLoss, "model.loss")
         self.scorer: RewardScorer | None = None
         # float64 sums: the standard deviations are differences of moments
         self.val_metrics, self.test_metrics = ExactMeans(KEYS, torch.float64), ExactMeans(KEYS, torch.float64)

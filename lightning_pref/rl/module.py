@@ -40,11 +40,9 @@ from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lightning_pref import layout
-from lightning_pref.data.sources import read_source
 from lightning_pref.errors import UserInputError
 from lightning_pref.judges.base import Judge
-from lightning_pref.logps import TokenLogps
-from lightning_pref.models import ModelSpec, load_causal_lm
+from lightning_pref.models import ModelSpec, enable_activation_checkpointing, load_causal_lm
 from lightning_pref.policy import PolicyModule
 from lightning_pref.reference import check_reference_mode
 from lightning_pref.registry import ADVANTAGES, JUDGES
@@ -54,7 +52,7 @@ from lightning_pref.rl.kl_penalty import KLController, KLEstimator, kl_estimate
 from lightning_pref.rl.objective import Aggregation, clipped_surrogate, clipped_value_loss, token_weights
 from lightning_pref.rl.ptx import PtxData, PtxOptions
 from lightning_pref.rollout import Rollout, roll_out
-from lightning_pref.types import PromptBatch
+from lightning_pref.types import PreferenceBatch, PromptBatch
 
 _PROGRESS_BAR = ("train/judge/score", "train/objective/kl")
 
@@ -229,8 +227,6 @@ class PolicyGradientModule(PolicyModule):
                 raise UserInputError(f"model.critic.model: {spec} has {model.config.num_labels} labels; a critic "
                                      "starts from a one-label reward model")
         if self.hparams.gradient_checkpointing:
-            from lightning_pref.models import enable_activation_checkpointing
-
             enable_activation_checkpointing(model)
         return ValueScorer(model).to(self.device)
 
@@ -289,66 +285,56 @@ class PolicyGradientModule(PolicyModule):
     def experience(self, rollout: Rollout, packing: bool | str) -> Experience:
         """What the updates need from a rollout, per completion token: the sampling policy's and the reference's
         log-probs, the critic's values, rewards, advantages and returns."""
-        completions = rollout.completions
-        k = rollout.k
-        sequences = [(rollout.prompts[n // k], completions.ids[n, :length].tolist())
-                     for n, length in enumerate(completions.lengths.tolist())]
-        batch = self.token_batch(sequences, packing)
-        old = completions.logps[:, : batch.width].to(self.device)  # (N, L) at the sampling temperature
-        mask = batch.mask
-        temperature = self.generation.temperature
-        reference = self.reference.token_logps(self.policy, batch.batch, temperature) if self.needs_reference else None
-        scores = rollout.scores.flatten().to(self.device)  # (N,)
-        kl = kl_estimate(old, reference.logps, "k1") * mask if reference is not None else torch.zeros_like(old)
+        completions, k = rollout.completions, rollout.k
+        lengths = completions.lengths.tolist()
+        sequences = [(rollout.prompts[n // k], completions.ids[n, :length].tolist()) for n, length in enumerate(lengths)]
+        width = max(lengths)
+        batch = self.sequence_batch(sequences, packing)
+        old = completions.logps[:, :width].to(self.device)  # (N, L) pi_old, at the sampling temperature
+        mask = torch.arange(width, device=self.device) < completions.lengths.to(self.device)[:, None]  # (N, L)
+        reference = self.reference.per_token(self.policy, batch, self.generation.temperature)
+        reference_logps = reference.logps[:, :width] if reference is not None else None
+        kl = kl_estimate(old, reference_logps, "k1") * mask if reference is not None else torch.zeros_like(old)
         beta = self.kl_controller.value
-        rewards = torch.zeros_like(old)
-        if self.kl_options.placement == "reward":
-            rewards = rewards - beta * kl  # -beta k1 on every token
-        last = (completions.lengths.to(self.device) - 1).clamp(min=0)  # (N,) the stop token, not the padding after it
+        rewards = -beta * kl if self.kl_options.placement == "reward" else torch.zeros_like(old)  # -beta k1 per token
+        scores = rollout.scores.flatten().to(self.device)  # (N,)
+        last = completions.lengths.to(self.device) - 1  # the stop token (or the last token), never padding after it
         rewards[torch.arange(len(last), device=self.device), last] += scores
-        values = self.critic_values(batch) if self.critic is not None else None
-        reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if self._trainer is not None else None
+        values = self.critic_values(batch, width) if self.critic is not None else None
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        reduce = (lambda t: strategy.reduce(t, reduce_op="sum")) if strategy is not None else None
         advantages, returns = self.estimator(rewards, mask, k, values, reduce)
-        sequence_kl = kl.sum(-1)
+        sequence_kl = kl.sum(-1)  # (N,) k1 summed over each completion: its KL estimate
         non_score = -beta * sequence_kl if self.kl_options.placement == "reward" else torch.zeros_like(sequence_kl)
         metrics = {
             "objective/scores": scores.mean(), "objective/kl": sequence_kl.mean(),
             "objective/non_score_reward": non_score.mean(), "objective/rlhf_reward": (scores + non_score).mean(),
             "returns/mean": _masked_mean(returns, mask), "advantages/mean": _masked_mean(advantages, mask),
-            "advantages/std": _masked_std(advantages, mask),
+            "advantages/std": _masked_var(advantages, mask).sqrt(),
         }
         if reference is not None:
             for name in ("k1", "k2", "k3"):
-                metrics[f"objective/kl_{name}"] = (kl_estimate(old, reference.logps, name) * mask).sum(-1).mean()
+                metrics[f"objective/kl_{name}"] = (kl_estimate(old, reference_logps, name) * mask).sum(-1).mean()
         if values is not None:
-            residual = _masked_var(returns - values, mask)
-            metrics["value/explained_variance"] = 1 - residual / _masked_var(returns, mask).clamp(min=1e-8)
-        return Experience(batch, old, reference.logps if reference is not None else None, advantages, returns,
-                          values, mask, metrics)
+            unexplained = _masked_var(returns - values, mask) / _masked_var(returns, mask).clamp(min=1e-8)
+            metrics["value/explained_variance"] = 1 - unexplained
+        return Experience(sequences, packing, old, reference_logps, advantages, returns, values, mask, metrics)
 
-    def token_batch(self, sequences: list[layout.Sequence], packing: bool | str) -> TokenBatch:
-        """The completions as one batch, laid out as ``data.packing`` says (packed rows where the model runs them)."""
-        if packing:
-            batch = layout.TokenBatch.packed(sequences, self.tokenizer.pad_token_id)
-        else:
-            batch = layout.TokenBatch.padded(sequences, self.tokenizer.pad_token_id)
-        return TokenBatch(self.runnable_tokens(batch).to(self.device), max(len(r) for _, r in sequences))
-
-    def critic_values(self, batch: TokenBatch) -> Tensor:
-        values, rows = self.critic.values(*batch.batch.tensors())
-        return layout.by_sequence(values, rows, batch.mask.shape[0])[0][:, : batch.width]
+    def critic_values(self, batch: PreferenceBatch, width: int) -> Tensor:
+        """The critic's :math:`V(s_t)` before each completion token. # -> (N, L)"""
+        values, rows = self.critic.values(batch.input_ids, batch.attention_mask, batch.response_mask, batch.packed)
+        return layout.by_sequence(values, rows, batch.num_sequences)[0][:, :width]
 
     def update(self, experience: Experience) -> dict[str, Tensor]:
         """``ppo_epochs`` passes of ``minibatches`` optimizer steps over the rollout; their mean metrics."""
         hp = self.hparams
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
-        n = experience.mask.shape[0]
         generator = torch.Generator().manual_seed(hp.init_seed + self.global_step)
         sums: dict[str, float] = {}
         updates = 0
         for _ in range(hp.ppo_epochs):
-            order = torch.randperm(n, generator=generator)
+            order = torch.randperm(len(experience.sequences), generator=generator)
             for minibatch in order.chunk(hp.minibatches):
                 for key, value in self.minibatch_step(experience, minibatch.sort().values).items():
                     sums[key] = sums.get(key, 0.0) + value
@@ -362,28 +348,32 @@ class PolicyGradientModule(PolicyModule):
         return {key: torch.tensor(value / updates) for key, value in sums.items()}
 
     def minibatch_step(self, experience: Experience, rows: Tensor) -> dict[str, float]:
-        """Forward and backward of one minibatch, in ``micro_batches`` parts; returns its metrics."""
+        """Forward and backward of one minibatch, in ``micro_batches`` parts, and PPO-ptx's term; its metrics."""
         hp = self.hparams
         mask = experience.mask[rows]
-        tokens, sequences = float(mask.sum()), float(len(rows))
+        counts = torch.tensor([float(mask.sum()), float(len(rows))], device=self.device)
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1:  # the minibatch's global counts, shared by processes whose gradients are averaged
-            counts = self.trainer.strategy.reduce(torch.tensor([tokens, sequences], device=self.device), reduce_op="sum")
-            tokens, sequences = float(counts[0]) / world, float(counts[1]) / world
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum") / world
+        parts = rows.chunk(hp.micro_batches)
         out: dict[str, float] = {}
-        for part in rows.chunk(hp.micro_batches):
-            for key, value in self.micro_step(experience, part, tokens, sequences).items():
-                out[key] = out.get(key, 0.0) + value / min(hp.micro_batches, len(rows))
+        for part in parts:
+            for key, value in self.micro_step(experience, part, float(counts[0]), float(counts[1])).items():
+                out[key] = out.get(key, 0.0) + value / len(parts)
+        if self.ptx is not None:
+            nll = self.ptx.loss(self.policy, self.global_step, self.device)
+            self.manual_backward(self.ptx_options.coef * nll)  # Eq. 2's gamma * E[log pi(x)], as a loss
+            out["loss/ptx"] = float(nll.detach())
         return out
 
     def micro_step(self, experience: Experience, rows: Tensor, tokens: float, sequences: float) -> dict[str, float]:
-        """One micro-batch's loss (weighted for the whole minibatch) and its backward."""
+        """One micro-batch's loss, weighted for the whole minibatch, and its backward."""
         hp = self.hparams
-        batch = experience.batch.select(rows.tolist())
+        batch = self.sequence_batch([experience.sequences[i] for i in rows.tolist()], experience.packing)
         mask, old = experience.mask[rows], experience.old_logps[rows]
-        current = self.policy.token_logps(*batch.batch.tensors(), temperature=self.generation.temperature,
-                                          entropy=True)
-        logps = current.logps[:, : old.shape[1]]
+        width = old.shape[1]
+        current = self.policy.token_logps(batch, self.generation.temperature, entropy=True)
+        logps = _widen(current.logps, width)
         weights = token_weights(mask, hp.loss_aggregation, self.generation.max_new_tokens, tokens, sequences)
         surrogate, ratio = clipped_surrogate(logps, old, experience.advantages[rows], hp.clip)
         loss = (surrogate * weights).sum()
@@ -393,21 +383,17 @@ class PolicyGradientModule(PolicyModule):
             "policy/approxkl": float(_masked_mean(0.5 * log_ratio**2, mask)),
             "policy/clipfrac": float(_masked_mean(((ratio.detach() - 1).abs() > hp.clip).float(), mask)),
             "val/ratio": float(_masked_mean(ratio.detach(), mask)),
-            "objective/entropy": float(_masked_mean(current.entropy[:, : old.shape[1]], mask)),
+            "objective/entropy": float(_masked_mean(_widen(current.entropy, width), mask)),
         }
         if self.kl_options.placement == "loss" and experience.reference_logps is not None:
             penalty = kl_estimate(logps, experience.reference_logps[rows], self.kl_options.estimator)
             loss = loss + self.kl_controller.value * (penalty * weights).sum()
         if self.critic is not None:
-            values = self.critic_values(batch)[:, : old.shape[1]]
+            values = self.critic_values(batch, width)
             value_loss = clipped_value_loss(values, experience.values[rows], experience.returns[rows],
                                             self.critic_options.value_clip)
             loss = loss + self.critic_options.vf_coef * (value_loss * weights).sum()
             metrics["loss/value"] = float(_masked_mean(value_loss.detach(), mask))
-        if self.ptx is not None:
-            nll = self.ptx.loss(self.policy, self.global_step, self.device)
-            loss = loss + self.ptx_options.coef * nll * len(rows) / max(sequences, 1.0)
-            metrics["loss/ptx"] = float(nll.detach())
         self.manual_backward(self.checked_loss(loss, logps, 0))
         return metrics
 
@@ -417,25 +403,12 @@ class PolicyGradientModule(PolicyModule):
 
 
 @dataclass
-class TokenBatch:
-    """A rollout's completions as one batch the models run, and their token mask laid out per completion."""
-
-    batch: layout.TokenBatch
-    width: int  # L, the longest completion
-
-    @property
-    def mask(self) -> Tensor:
-        return self.batch.response_table()[:, : self.width]
-
-    def select(self, rows: list[int]) -> TokenBatch:
-        return TokenBatch(self.batch.select(rows), self.width)
-
-
-@dataclass
 class Experience:
-    """Per completion token, what a rollout left for the updates. # each (N, L)"""
+    """What a rollout left for the updates: its sequences (the batches are laid out anew per micro-batch) and, per
+    completion token, the rest. # each (N, L)"""
 
-    batch: TokenBatch
+    sequences: list[layout.Sequence]
+    packing: bool | str
     old_logps: Tensor
     reference_logps: Tensor | None
     advantages: Tensor
@@ -449,17 +422,17 @@ class Experience:
         return int(self.mask.sum())
 
 
+def _widen(table: Tensor, width: int) -> Tensor:
+    """``table`` cut or right-padded with 0 to ``width`` columns (a micro-batch's longest completion may be shorter
+    than the rollout's). # (n, L') -> (n, L)"""
+    if table.shape[1] >= width:
+        return table[:, :width]
+    return torch.nn.functional.pad(table, (0, width - table.shape[1]))
+
+
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 def _masked_var(values: Tensor, mask: Tensor) -> Tensor:
-    mean = _masked_mean(values, mask)
-    return _masked_mean((values - mean) ** 2, mask)
-
-
-def _masked_std(values: Tensor, mask: Tensor) -> Tensor:
-    return _masked_var(values, mask).sqrt()
-
-
-__all__ = ["KLOptions", "PolicyGradientModule", "read_source", "TokenLogps"]
+    return _masked_mean((values - _masked_mean(values, mask)) ** 2, mask)

@@ -5,7 +5,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from lightning_pref.registry import register_advantage
-from lightning_pref.rl.advantages.base import AdvantageEstimator, Advantages, Reduce, grouped, per_token, sequence_returns
+from lightning_pref.rl.advantages.base import (
+    AdvantageEstimator,
+    Advantages,
+    Reduce,
+    grouped,
+    per_token,
+    sequence_returns,
+)
 
 
 @register_advantage("rloo")

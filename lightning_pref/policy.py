@@ -1,0 +1,254 @@
+"""``PolicyModule``: what every module that trains a causal-LM policy shares: the policy and its reference, their
+batches' layout, sampling completions (``predict``, ``evaluate``, on-policy methods).
+
+Its subclasses add an objective: ``PreferenceModule`` (a preference loss on pairs), ``OnPolicyModule`` (pairs the
+policy writes), ``PolicyGradientModule`` (reinforcement learning from a reward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_pref import layout
+from lightning_pref.base_module import BaseModule
+from lightning_pref.data.chat import ChatTemplate
+from lightning_pref.generation import Completions, GenerationOptions, Sampler, stop_token_ids
+from lightning_pref.logps import SequenceScorer
+from lightning_pref.models import DtypeName, ModelSpec
+from lightning_pref.predict import prediction_records
+from lightning_pref.reference import (
+    AdapterReference,
+    ModelReference,
+    NoReference,
+    Reference,
+    ReferenceMode,
+    ReferenceOptions,
+    build_reference,
+)
+from lightning_pref.sharding import apply_fsdp2, fsdp_mesh
+from lightning_pref.types import PreferenceBatch, PromptBatch
+
+
+class PolicyModule(BaseModule):
+    """A causal-LM policy and its reference (see the module docstring); subclasses add what it is trained on.
+
+    Args:
+        policy: the model to train: a Hugging Face hub id or local directory (``AutoModelForCausalLM``), or a
+            dict of ``transformers`` config fields for a randomly initialized model.
+        reference: the reference model; ``None`` = the policy's initial weights.
+        reference_mode: ``model`` (a frozen reference model), ``precomputed`` (log-probs computed once before
+            training and cached; no reference in memory), ``none`` (no reference is needed) or ``adapter``
+            (LoRA policy; the reference is the same model with adapters disabled). See ``reference.py``.
+        reference_dtype: dtype of a ``model``-mode reference (``bfloat16`` halves its memory); ``None`` = the
+            policy's.
+        dtype: parameter dtype of the policy; ``None`` = from ``trainer.precision``: fp32 master weights under
+            ``32-true`` and ``*-mixed``, bf16/fp16 under ``bf16-true``/``16-true`` (whatever the checkpoint's
+            storage dtype).
+        model_kwargs: more ``from_pretrained`` arguments for the policy (and its tokenizer's files), e.g.
+            ``{attn_implementation: sdpa, revision: main}``; ``trust_remote_code`` is off unless set here.
+        reference_model_kwargs: the same for ``reference``; ``None`` = ``model_kwargs``.
+        disable_dropout: turn off the policy's dropout (as TRL), so policy and reference agree at step 0 and the
+            DPO loss starts at ln 2.
+        lora: ``peft.LoraConfig`` fields for ``adapter`` mode (default r=8, alpha=16, all linear layers).
+        ref_sync_steps: TR-DPO: every this many optimizer steps, move the reference towards the policy.
+        ref_sync_alpha: TR-DPO mixing weight: ref <- (1 - alpha) ref + alpha policy (1.0 = hard copy).
+        reference_cache_dir: where ``precomputed`` reference log-probs are cached; ``None`` =
+            ``~/.cache/lightning_pref/reference_logps``.
+        tokenizer: hub id or local directory of the tokenizer, or ``"byte"`` for a byte-level tokenizer that
+            needs no files; ``None`` = the policy's (requires ``policy`` to be a path or hub id).
+        optimizer: optimizer factory, applied to the trainable policy parameters only.
+        scheduler: optional learning-rate scheduler factory, stepped every optimizer step. One with a
+            ``set_total_steps`` method (:class:`~lightning_pref.schedules.WarmupDecay`) is told the run's total
+            optimizer steps.
+        on_nonfinite: a NaN/inf loss stops training with the step and batch (``error``) or skips that batch on
+            every device (``skip``).
+        init_seed: seed of the random initialization of a config-dict policy.
+        chunk_size: response tokens per LM-head chunk when computing log-probs; ``None`` = as many as keep a
+            chunk's fp32 logits within 32 MB, at least 256 (1048 at an 8k vocabulary, 256 at 128k).
+        response_only_head: apply the LM head only at response positions (same values, less work).
+        gradient_checkpointing: recompute the policy's activations in backward (less memory, ~30% more time).
+        compile: ``torch.compile`` the policy's forward (in place, so checkpoint keys do not change).
+        generation: how completions are sampled (``predict``, ``evaluate``, ``SampleCompletions``).
+    """
+
+    not_hparams = (*BaseModule.not_hparams, "generation")
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        reference: ModelSpec | None = None,
+        reference_mode: ReferenceMode = "model",
+        reference_dtype: DtypeName | None = None,
+        dtype: DtypeName | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        reference_model_kwargs: dict[str, Any] | None = None,
+        disable_dropout: bool = True,
+        lora: dict[str, Any] | None = None,
+        ref_sync_steps: int | None = None,
+        ref_sync_alpha: float = 1.0,
+        reference_cache_dir: str | None = None,
+        tokenizer: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        on_nonfinite: Literal["error", "skip"] = "error",
+        init_seed: int = 0,
+        chunk_size: int | None = None,
+        response_only_head: bool = True,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+        generation: GenerationOptions | None = None,
+    ) -> None:
+        super().__init__(policy, tokenizer, model_kwargs, optimizer, scheduler)
+        if isinstance(generation, dict):  # as checkpoints keep it
+            generation = GenerationOptions(**generation)
+        self.generation = generation if generation is not None else GenerationOptions()
+        self.hparams["generation"] = dataclasses.asdict(self.generation)
+        self.policy: SequenceScorer | None = None
+        self.reference: Reference = NoReference()
+        self._sampler: Sampler | None = None
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the objective reads reference log-probs (a subclass says; ``reference_mode`` says how)."""
+        return True
+
+    # ------------------------------------------------------------------------------------------------- models
+    def scorer(self, model: torch.nn.Module) -> SequenceScorer:
+        """Wrap ``model`` in a :class:`SequenceScorer` with this module's log-prob settings."""
+        return SequenceScorer(model, self.hparams.chunk_size, self.hparams.response_only_head)
+
+    def configure_model(self) -> None:
+        """Build the models here, not in ``__init__``, so sharded strategies can materialize them per rank."""
+        if self.policy is not None:  # called again by load_from_checkpoint and by each trainer entry point
+            return
+        hp = self.hparams
+        policy = self.load_trained_model(hp.policy, hp.model_kwargs)
+        if hp.reference_mode == "adapter":
+            policy = AdapterReference.wrap(policy, hp.lora)
+        self.policy = self.scorer(policy)
+        if hp.compile:
+            self.policy.compile()
+        self.reference = build_reference(
+            ReferenceOptions.from_hparams(hp), policy,
+            lambda spec, kwargs, dtype: self.load_model(spec, "model.reference", dtype, kwargs),
+            parameter_dtype=self.parameter_dtype, pad_token_id=self.tokenizer.pad_token_id,
+            needed=self.needs_reference, predicting=self._trainer is not None and self.trainer.predicting,
+        )
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its device mesh
+            apply_fsdp2([s for s in (self.policy, self.reference) if isinstance(s, SequenceScorer)],
+                        fsdp_mesh(self.device_mesh))
+        if self._trainer is not None:
+            rank_zero_info(self._describe_dtypes())
+
+    def _describe_dtypes(self) -> str:
+        """One line: the policy's parameter dtype and why, and the reference's."""
+        line = self.describe_dtype("policy", self.policy)
+        if isinstance(self.reference, ModelReference):
+            dtype = str(next(self.reference.parameters()).dtype).removeprefix("torch.")
+            line += f", reference {dtype}" + (" (model.reference_dtype)" if self.hparams.reference_dtype else "")
+        return line
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the models are sharded over processes (FSDP, FSDP2): every rank must run every forward."""
+        return self.device_mesh is not None or (self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy))
+
+    # ------------------------------------------------------------------------------------------- stage hooks
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.reference.prepare(self.trainer)
+
+    def on_validation_start(self) -> None:
+        self.reference.prepare(self.trainer)
+
+    def on_test_start(self) -> None:
+        self.reference.prepare(self.trainer)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the CPU, before the batch moves: lay it out as the models can run it (decided once per model), and
+        attach what the reference gives ahead (precomputed log-probs)."""
+        if isinstance(batch, PreferenceBatch):
+            self.runnable_layout(batch)
+            self.reference.attach(batch)
+        return batch
+
+    def sequence_batch(self, sequences: list[layout.Sequence], packing: bool | str) -> PreferenceBatch:
+        """``N`` sequences (e.g. a rollout's prompts and completions) as one unpaired batch on the device, packed
+        when ``packing`` asks for it and the models run it, else padded."""
+        pad_id = self.tokenizer.pad_token_id
+        if packing:
+            batch = PreferenceBatch(None, None, None, num_chosen=len(sequences), paired=False,
+                                    packed=layout.pack(sequences, pad_id))
+        else:
+            batch = PreferenceBatch(*layout.pad(sequences, pad_id), num_chosen=len(sequences), paired=False)
+        self.runnable_layout(batch)
+        return self.transfer_batch_to_device(batch, self.device, 0)
+
+    def runnable_layout(self, batch: PreferenceBatch) -> None:
+        """Replace a packed batch's layout by the one every scorer of this module runs (shared prompts, plain
+        packing, or padding), so no forward has to convert it on the device."""
+        for scorer in (self.policy, self.reference):
+            if batch.packed is None or not isinstance(scorer, SequenceScorer):
+                continue
+            usable, _ = scorer.runnable(batch.packed)
+            if usable is None:
+                batch.input_ids, batch.attention_mask, batch.response_mask = layout.unpack(batch.packed)
+                batch.packed = None
+            else:
+                batch.packed = usable
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the reference's own step (TR-DPO's sync), once per optimizer step."""
+        super().optimizer_step(*args, **kwargs)
+        self.reference.after_optimizer_step(self.policy, self.global_step + 1)  # global_step counts it on return
+
+    # -------------------------------------------------------------------------------------------- generation
+    @property
+    def sampler(self) -> Sampler:
+        """Samples completions with ``model.generation``, stopping at the policy's EOS ids and the chat template's
+        end-of-turn."""
+        if self._sampler is None:
+            end_of_turn = ChatTemplate(self.tokenizer).end_of_turn if getattr(self.tokenizer, "chat_template", None) else ""
+            stops = stop_token_ids(self.policy.lm, self.tokenizer, end_of_turn)
+            self._sampler = Sampler(self.tokenizer, self.generation, stops, synced=self.sharded)
+        return self._sampler
+
+    def complete(
+        self, prompts: list[list[int]], seed: int | None = None, with_reference: bool = True
+    ) -> tuple[Completions, Completions | None]:
+        """Completions of prompt ids by the policy and, where there is one, the reference (the same seed).
+
+        Args:
+            prompts: prompt token ids.
+            seed: seed of the sampling; ``None`` = ``model.generation.seed``.
+            with_reference: also the reference's (``None`` without a reference model).
+        """
+        seed = self.generation.seed if seed is None else seed
+        policy = self.sampler(self.policy.lm, prompts, seed)
+        if not with_reference:
+            return policy, None
+        with self.reference.generator(self.policy) as model:
+            return policy, self.sampler(model, prompts, seed) if model is not None else None
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
+        """Completions of a batch of prompts as records for :class:`~lightning_pref.predict.PredictionWriter`;
+        each batch is seeded by ``model.generation.seed`` plus its first prompt's index."""
+        seed = self.generation.seed + int(batch.index[0])
+        prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+        policy, reference = self.complete(prompts, seed)
+        return {"index": batch.index.tolist(), "weights": batch.weights.tolist(),
+                "records": prediction_records(batch.prompts, policy, reference)}
+
+    def may_be_missing(self, key: str) -> bool:
+        """The reference's keys where it leaves itself out of checkpoints (a frozen model, rebuilt from the
+        config)."""
+        return key.startswith("reference.") and self.reference.may_be_missing(key.removeprefix("reference."))
