@@ -6,9 +6,6 @@ from collections.abc import Sequence
 
 import torch
 
-from lightning_pref.data.chat import ChatTemplate
-from lightning_pref.data.collate import pad
-from lightning_pref.data.prompts import encode_completion
 from lightning_pref.errors import UserInputError
 from lightning_pref.judges.base import Judge, Prompt
 from lightning_pref.registry import register_judge
@@ -32,8 +29,10 @@ class RewardModelJudge(Judge):
     """
 
     def __init__(self, path: str, batch_size: int = 8, normalize: bool = False, device: str = "cpu") -> None:
+        # Imported here, not with the module: registering the judge (``lightning-pref judges``) needs none of it.
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from lightning_pref.data.chat import ChatTemplate
         from lightning_pref.reward.module import RewardScorer
 
         self.path, self.batch_size, self.normalize, self.device = path, batch_size, normalize, device
@@ -51,10 +50,14 @@ class RewardModelJudge(Judge):
 
     def encode(self, prompt: Prompt, completion: str) -> tuple[list[int], list[int]]:
         """The ``(prompt ids, response ids)`` of a pair, as the data pipeline encodes them."""
+        from lightning_pref.data.prompts import encode_completion  # on use, as in __init__
+
         return encode_completion(self.tokenizer, self.chat, prompt, completion)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        from lightning_pref.data.collate import pad  # on use, as in __init__
+
         sequences = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
         scores: list[float] = []
         for start in range(0, len(sequences), self.batch_size):
