@@ -248,3 +248,50 @@ def test_ordinary_mistakes_are_one_line(tmp_path, capsys, run_checkpoint, case, 
     assert re.search(expected, err), err
     if case == "export onto a file":
         assert (tmp_path / "taken").read_text() == "a file of yours"
+
+
+SUBCOMMANDS = ["fit", "validate", "test", "predict", "evaluate", "losses", "judges", "export", "report"]
+
+
+def test_help_lists_every_subcommand_in_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in SUBCOMMANDS:  # the name, then its help on the same line
+        assert any(line.split()[:1] == [name] and len(line.split()) > 1 for line in out.splitlines()), name
+
+
+def test_judges_table(capsys):
+    main(["judges"])
+    out = capsys.readouterr().out
+    for text in ("no_shouting", "NoShoutingJudge", "function", "FunctionJudge", "reward_model", "batch_size=8"):
+        assert text in out, text
+
+
+def test_losses_table_fits_80_columns(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    main(["losses"])
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    for text in ("DPOLoss", "Rafailov et al. 2023", "beta=0.1", "bradley_terry", "BradleyTerryLoss"):
+        assert text in out, text
+
+
+@pytest.mark.parametrize("argv", [["losses"], ["judges"], ["--help"], ["report", "--help"]])
+def test_listings_and_help_start_without_the_training_stack(argv):
+    """What these commands do needs neither Lightning nor transformers nor datasets; importing them would cost
+    seconds of start-up (checked by what is imported, not by a timing)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom lightning_pref.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "loaded = [m for m in ('lightning.pytorch', 'transformers', 'datasets') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
