@@ -70,12 +70,14 @@ def print_registry(registry: Registry) -> None:
             "\n".join(word for flag, word in NEEDS.items() if getattr(cls, flag, False)),
             "\n".join(escape(p.name if p.default is p.empty else f"{p.name}={p.default!r}") for p in params),
         ))
-    columns = {"name": {"no_wrap": True}, "class": {"ratio": 1}, "needs": {}, "parameters": {}}
-    shown = [i for i, column in enumerate(columns) if column != "needs" or any(row[i] for row in rows)]
-    for i in shown:
-        table.add_column(list(columns)[i], **list(columns.values())[i])
+    needs = any(row[2] for row in rows)  # reward losses and judges declare no needs
+    table.add_column("name", no_wrap=True)
+    table.add_column("class", ratio=1)
+    if needs:
+        table.add_column("needs")
+    table.add_column("parameters")
     for row in rows:
-        table.add_row(*(row[i] for i in shown))
+        table.add_row(*(row if needs else row[:2] + row[3:]))
     Console().print(table)
 
 
