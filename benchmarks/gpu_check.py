@@ -349,8 +349,8 @@ def run_subprocess(argv: list[str], log: Path, timeout: float) -> int | None:
 def run_forked(target: Callable[..., Any], args: tuple, log: Path, timeout: float, threads: int) -> int | None:
     """Run ``target(*args)`` in a forked child of this process, output to ``log``; exit status or ``None``.
 
-    The CPU dry run's launcher: the child starts with ``lightning_pref.cli`` already imported, which saves the
-    ~7 s import per process on 2 cores that a subprocess pays. Never used with CUDA (not fork-safe)."""
+    The CPU dry run's launcher: the child starts with ``lightning_pref.trainer_cli`` already imported, which
+    saves the ~7 s import per process on 2 cores that a subprocess pays. Never used with CUDA (not fork-safe)."""
     proc = multiprocessing.get_context("fork").Process(target=_forked_child, args=(target, args, str(log), threads))
     proc.start()
     proc.join(timeout)
@@ -683,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.launcher == "fork":
-        import lightning_pref.cli  # noqa: F401 - imported once, before the forks, for every case
+        import lightning_pref.trainer_cli  # noqa: F401 - the training stack, once, before the forks
     elif not args.dry_run and not torch.cuda.is_available():
         print("error: no CUDA device; run with --dry-run on a machine without one", file=sys.stderr)
         return 2

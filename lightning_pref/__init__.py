@@ -1,26 +1,40 @@
 """lightning-pref: preference optimization of causal LMs (DPO, cDPO, IPO, KTO, ...) on PyTorch Lightning."""
 
-from lightning_pref.losses import PreferenceLoss
-from lightning_pref.registry import get_loss, list_losses, register_loss
-from lightning_pref.types import LossOutput, PreferenceBatch, SequenceLogps
+from __future__ import annotations
 
-__all__ = [
-    "LossOutput",
-    "PreferenceBatch",
-    "PreferenceLoss",
-    "SequenceLogps",
-    "get_loss",
-    "list_losses",
-    "register_loss",
-]
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from lightning_pref.data import PreferenceDataModule  # noqa: E402  (after the loss API, which it uses)
-from lightning_pref.module import PreferenceModule  # noqa: E402
-from lightning_pref.online import OnPolicyModule  # noqa: E402
-from lightning_pref.policy import PolicyModule  # noqa: E402
-from lightning_pref.reward import RewardModule  # noqa: E402
-from lightning_pref.rl import PolicyGradientModule  # noqa: E402
+#: Each public name and the module that defines it. They are imported on first use, not with the package, so
+#: that ``lightning-pref losses``, ``report`` or ``--help`` start without Lightning, transformers and datasets
+#: (every ``import lightning_pref.<anything>`` runs this file first).
+_EXPORTS = {
+    "LossOutput": "lightning_pref.types",
+    "PreferenceBatch": "lightning_pref.types",
+    "PreferenceLoss": "lightning_pref.losses",
+    "SequenceLogps": "lightning_pref.types",
+    "get_loss": "lightning_pref.registry",
+    "list_losses": "lightning_pref.registry",
+    "register_loss": "lightning_pref.registry",
+    "OnPolicyModule": "lightning_pref.online",
+    "PreferenceDataModule": "lightning_pref.data",
+    "PreferenceModule": "lightning_pref.module",
+    "RewardModule": "lightning_pref.reward",
+    "PolicyModule": "lightning_pref.policy",
+    "PolicyGradientModule": "lightning_pref.rl",
+}
+__all__ = list(_EXPORTS)
 
-__all__ += ["OnPolicyModule", "PolicyGradientModule", "PolicyModule", "PreferenceDataModule", "PreferenceModule",
-            "RewardModule"]
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lightning_pref' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

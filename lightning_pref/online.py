@@ -93,9 +93,6 @@ class OnPolicyModule(PreferenceModule):
         self.judge = self.plugin(judge, JUDGES, None, "model.judge")
         if samples_per_prompt < 2:
             raise UserInputError(f"model.samples_per_prompt: a pair needs >= 2 samples per prompt, got {samples_per_prompt}")
-        if not self.generation.do_sample:
-            raise UserInputError("model.generation.do_sample: on-policy pairs need sampling (greedy decoding gives "
-                                 "the same completion every time); set it to true")
         if self.hparams.reference_mode == "precomputed":
             raise UserInputError("model.reference_mode: 'precomputed' cannot serve on-policy pairs (new every step); "
                                  "use reference_mode model or adapter")
@@ -110,6 +107,13 @@ class OnPolicyModule(PreferenceModule):
         """Training batches are prompts (``online``) or a round's pairs (``iterative``); linked to the data
         module."""
         return "prompts" if self.hparams.mode == "online" else "rounds"
+
+    def on_fit_start(self) -> None:
+        # Checked when training starts, not when built: evaluating a trained policy greedily is fine.
+        if not self.generation.do_sample:
+            raise UserInputError("model.generation.do_sample: on-policy pairs need sampling (greedy decoding gives "
+                                 "the same completion every time); set it to true")
+        super().on_fit_start()
 
     def configure_callbacks(self) -> list[Callback]:
         """``iterative`` mode's rounds, as a callback whose state (the round files) is checkpointed."""

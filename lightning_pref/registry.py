@@ -2,7 +2,8 @@
 advantage estimators.
 
 Built-in plugins register themselves with a decorator when their package is imported (``register_loss``,
-``register_reward_loss``, ``register_judge``). Third-party packages add theirs through an entry-point group:
+``register_reward_loss``, ``register_judge``); a registry imports that package itself the first time it is asked
+for names, so nothing else has to. Third-party packages add theirs through an entry-point group:
 
 .. code-block:: toml
 
@@ -43,10 +44,11 @@ class Registry(Generic[T]):
         group: the entry-point group third-party packages advertise theirs under.
         base: import path of the base class every plugin of this registry subclasses (imported when plugins
             load, to check them: the registry module itself is imported by the plugins' packages).
+        package: the package whose import registers the built-in plugins.
     """
 
-    def __init__(self, kind: str, plural: str, group: str, base: str) -> None:
-        self.kind, self.plural, self.group, self.base = kind, plural, group, base
+    def __init__(self, kind: str, plural: str, group: str, base: str, package: str) -> None:
+        self.kind, self.plural, self.group, self.base, self.package = kind, plural, group, base, package
         self.classes: dict[str, type[T]] = {}
         self.plugins_loaded = False
 
@@ -117,8 +119,14 @@ class Registry(Generic[T]):
             raise UnknownPluginError(f"{self.kind} {path!r} cannot be imported; install the package that defines it") from None
         return cls(**init_args)
 
+    def names_subclasses_of(self, cls: object) -> bool:
+        """Whether this registry's plugins are what a parameter typed ``cls`` takes (``cls`` is the base class or
+        one of its subclasses), so a registered name may stand for one."""
+        return any(_qualname(c) == self.base for c in getattr(cls, "__mro__", ()))
+
     def load_plugins(self, force: bool = False) -> None:
-        """Import the classes advertised under this registry's entry-point group.
+        """Import the built-in plugins' package, then the classes advertised under this registry's entry-point
+        group.
 
         A plugin that fails to import produces a warning naming its distribution instead of a crash, so one
         broken package cannot take the CLI down.
@@ -126,6 +134,7 @@ class Registry(Generic[T]):
         if self.plugins_loaded and not force:
             return
         self.plugins_loaded = True
+        importlib.import_module(self.package)
         for ep in importlib.metadata.entry_points(group=self.group):
             dist = ep.dist.name if ep.dist is not None else "unknown distribution"
             try:
@@ -191,18 +200,25 @@ def _qualname(cls: type) -> str:
 
 
 #: Preference losses (``model.loss`` of ``PreferenceModule``).
-LOSSES: Registry = Registry("loss", "losses", "lightning_pref.losses", "lightning_pref.losses.base.PreferenceLoss")
+LOSSES: Registry = Registry(
+    "loss", "losses", "lightning_pref.losses", "lightning_pref.losses.base.PreferenceLoss", "lightning_pref.losses"
+)
 #: Pairwise reward-model losses (``model.loss`` of ``RewardModule``).
 REWARD_LOSSES: Registry = Registry(
-    "reward loss", "reward losses", "lightning_pref.reward_losses", "lightning_pref.reward.losses.RewardLoss"
+    "reward loss", "reward losses", "lightning_pref.reward_losses", "lightning_pref.reward.losses.base.RewardLoss",
+    "lightning_pref.reward.losses",
 )
 #: Judges of completions (``evaluate --judge``, on-policy training).
-JUDGES: Registry = Registry("judge", "judges", "lightning_pref.judges", "lightning_pref.judges.base.Judge")
+JUDGES: Registry = Registry(
+    "judge", "judges", "lightning_pref.judges", "lightning_pref.judges.base.Judge", "lightning_pref.judges"
+)
 #: Advantage estimators (``model.estimator`` of ``PolicyGradientModule``).
 ADVANTAGES: Registry = Registry(
     "advantage estimator", "advantage estimators", "lightning_pref.advantages",
-    "lightning_pref.rl.advantages.base.AdvantageEstimator",
+    "lightning_pref.rl.advantages.base.AdvantageEstimator", "lightning_pref.rl.advantages",
 )
+#: Every registry: what the CLI resolves registered names in and lists.
+REGISTRIES: tuple[Registry, ...] = (LOSSES, REWARD_LOSSES, JUDGES, ADVANTAGES)
 
 register_loss = LOSSES.register
 get_loss_class = LOSSES.get
@@ -215,5 +231,5 @@ register_advantage = ADVANTAGES.register
 
 def load_plugins(force: bool = False) -> None:
     """Import the plugins of every registry (losses, reward losses, judges, advantage estimators)."""
-    for registry in (LOSSES, REWARD_LOSSES, JUDGES, ADVANTAGES):
+    for registry in REGISTRIES:
         registry.load_plugins(force)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import yaml
-from lightning.pytorch import Callback
 
 from lightning_pref.errors import UserInputError
 
@@ -385,32 +384,3 @@ def write_report(run_dir: str, output_dir: str | None = None) -> Report:
         (out / name).write_bytes(content)
     return Report(run, out / "report.html", [out / n for n in pngs], out / OVERVIEW if overview else None)
 
-
-class RunSummary(Callback):
-    """At the end of ``fit`` (rank 0): the final validation metrics, where the checkpoints are, and the commands
-    that come next (export, report). Always on in the CLI; the same lines every run, so scripts can read them."""
-
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        log_dir = trainer.log_dir  # a collective under several processes: every rank asks
-        if not trainer.is_global_zero:
-            return
-        from rich.console import Console
-        from rich.table import Table
-
-        console = Console(highlight=False, soft_wrap=True)
-        metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
-        if metrics:
-            table = Table(title=f"final validation (step {trainer.global_step})", title_justify="left")
-            table.add_column("metric")
-            table.add_column("value", justify="right")
-            for key, value in metrics.items():
-                table.add_row(key, f"{value:.4g}")
-            console.print(table)
-        checkpoint = trainer.checkpoint_callback
-        last = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
-        if last:
-            console.print(f"checkpoints: {Path(last).parent}", markup=False)
-            console.print(f"export:      lightning-pref export --ckpt_path {last} --output_dir "
-                          f"{Path(last).parent.parent / 'exported'}", markup=False)
-        if log_dir and (Path(log_dir) / "metrics.csv").exists():
-            console.print(f"report:      lightning-pref report {log_dir}", markup=False)

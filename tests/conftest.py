@@ -28,7 +28,7 @@ def _only_builtin_plugins(monkeypatch):
 
     from lightning_pref import registry
 
-    registries = (registry.LOSSES, registry.REWARD_LOSSES, registry.JUDGES)
+    registries = registry.REGISTRIES
     groups = {r.group for r in registries}
     real = importlib.metadata.entry_points
     monkeypatch.setattr(

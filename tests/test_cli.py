@@ -12,7 +12,8 @@ import yaml
 from lightning_pref.cli import main
 from tests.support import REPO, TINY
 
-# Every shipped config and the loss it selects; a config added without an entry here fails the count below.
+# Every shipped config and the loss (or advantage estimator) it selects; a config added without an entry here
+# fails the count below.
 CONFIGS = {
     "configs/dpo.yaml": "lightning_pref.losses.dpo.DPOLoss",
     "configs/cdpo.yaml": "lightning_pref.losses.cdpo.CDPOLoss",
@@ -24,6 +25,18 @@ CONFIGS = {
     "configs/recipes/kto.yaml": "lightning_pref.losses.kto.KTOLoss",
     "configs/reward.yaml": "lightning_pref.reward.losses.bradley_terry.BradleyTerryLoss",
     "configs/online_dpo.yaml": "lightning_pref.losses.dpo.DPOLoss",
+    "configs/ppo.yaml": "lightning_pref.rl.advantages.gae.GAE",
+    "configs/grpo.yaml": "lightning_pref.rl.advantages.grpo.GRPO",
+    "configs/rloo.yaml": "lightning_pref.rl.advantages.rloo.RLOO",
+    "configs/recipes/ppo.yaml": "lightning_pref.rl.advantages.gae.GAE",
+    "configs/recipes/grpo.yaml": "lightning_pref.rl.advantages.grpo.GRPO",
+}
+#: What a recipe leaves to you, by recipe.
+RECIPE_ARGS = {
+    "configs/recipes/ppo.yaml": ["--model.init_args.policy", "./my-sft-model", "--model.init_args.judge.init_args.path",
+                                 "./my-rm"],
+    "configs/recipes/grpo.yaml": ["--model.init_args.policy", "./my-sft-model",
+                                  "--model.init_args.judge.init_args.fn", "lightning_pref.judges.rules:no_shouting"],
 }
 
 
@@ -50,12 +63,14 @@ def test_every_shipped_config_parses(capsys):
     # strategy configs are parsed combined with a loss config in tests/test_sharding.py
     assert sorted(set(found) - set(strategies)) == sorted(CONFIGS), "add new configs to CONFIGS with their loss"
     for path, loss in CONFIGS.items():
-        recipe = ["--model.policy", "./my-sft-model"] if "/recipes/" in path else []  # recipes leave it to you
+        # recipes leave the model (and a reinforcement-learning recipe its reward) to you
+        recipe = RECIPE_ARGS.get(path, ["--model.policy", "./my-sft-model"] if "/recipes/" in path else [])
         config = _print_config(capsys, "fit", "--config", str(REPO / path), *recipe)
         model = config["model"].get("init_args", config["model"])  # a RewardModule is given by class_path
-        assert model["loss"]["class_path"] == loss, path
-        if recipe:  # settings for a pretrained model, not the demo's
-            assert model["optimizer"]["init_args"]["lr"] <= 1e-6
+        assert model.get("loss", model.get("estimator"))["class_path"] == loss, path
+        if recipe:  # settings for a pretrained model, not the demo's (reinforcement learning's published lr are
+            # higher: 3e-6 for PPO in the N+ recipe)
+            assert model["optimizer"]["init_args"]["lr"] <= (1e-6 if "loss" in model else 3e-6)
             assert model["scheduler"]["class_path"] == "lightning_pref.schedules.WarmupDecay"
 
 
@@ -248,3 +263,50 @@ def test_ordinary_mistakes_are_one_line(tmp_path, capsys, run_checkpoint, case, 
     assert re.search(expected, err), err
     if case == "export onto a file":
         assert (tmp_path / "taken").read_text() == "a file of yours"
+
+
+SUBCOMMANDS = ["fit", "validate", "test", "predict", "evaluate", "losses", "judges", "export", "report"]
+
+
+def test_help_lists_every_subcommand_in_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in SUBCOMMANDS:  # the name, then its help on the same line
+        assert any(line.split()[:1] == [name] and len(line.split()) > 1 for line in out.splitlines()), name
+
+
+def test_judges_table(capsys):
+    main(["judges"])
+    out = capsys.readouterr().out
+    for text in ("no_shouting", "NoShoutingJudge", "function", "FunctionJudge", "reward_model", "batch_size=8"):
+        assert text in out, text
+
+
+def test_losses_table_fits_80_columns(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    main(["losses"])
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    for text in ("DPOLoss", "Rafailov et al. 2023", "beta=0.1", "bradley_terry", "BradleyTerryLoss"):
+        assert text in out, text
+
+
+@pytest.mark.parametrize("argv", [["losses"], ["judges"], ["--help"], ["report", "--help"]])
+def test_listings_and_help_start_without_the_training_stack(argv):
+    """What these commands do needs neither Lightning nor transformers nor datasets; importing them would cost
+    seconds of start-up (checked by what is imported, not by a timing)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom lightning_pref.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "loaded = [m for m in ('lightning.pytorch', 'transformers', 'datasets') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

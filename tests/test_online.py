@@ -76,8 +76,9 @@ def test_online_needs_sampling_and_a_pairwise_loss():
     from lightning_pref.errors import UserInputError
     from lightning_pref.losses import KTOLoss
 
+    greedy = _module(generation=GenerationOptions(max_new_tokens=4))  # fine to evaluate with, not to train
     with pytest.raises(UserInputError, match="do_sample"):
-        _module(generation=GenerationOptions(max_new_tokens=4))
+        greedy.on_fit_start()
     with pytest.raises(UserInputError, match="pairwise loss"):
         _module(loss=KTOLoss())
     with pytest.raises(UserInputError, match="samples_per_prompt"):

@@ -158,13 +158,15 @@ def test_plugins_load_once_unless_forced(monkeypatch):
         return []
 
     monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
-    load_plugins(force=True)  # every registry: losses, reward losses, judges
+    load_plugins(force=True)  # every registry: losses, reward losses, judges, advantage estimators
     list_losses()
     get_loss_class("dpo")
     groups = [c["group"] for c in calls]
-    assert groups == ["lightning_pref.losses", "lightning_pref.reward_losses", "lightning_pref.judges"]
+    assert groups == [r.group for r in registry.REGISTRIES]
+    assert groups == ["lightning_pref.losses", "lightning_pref.reward_losses", "lightning_pref.judges",
+                      "lightning_pref.advantages"]
     load_plugins(force=True)
-    assert len(calls) == 6
+    assert len(calls) == 2 * len(groups)
 
 
 def test_plugin_whose_name_is_taken_warns_instead_of_crashing(monkeypatch):

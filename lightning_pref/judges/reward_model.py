@@ -6,13 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-from lightning_pref.data.chat import ChatTemplate
-from lightning_pref.data.prompts import encode_completion
 from lightning_pref.errors import UserInputError
 from lightning_pref.judges.base import Judge, Prompt
 from lightning_pref.layout import pad
 from lightning_pref.registry import register_judge
-from lightning_pref.reward.module import RewardScorer
 
 
 @register_judge("reward_model")
@@ -29,13 +26,20 @@ class RewardModelJudge(Judge):
             ``AutoModelForSequenceClassification`` directory with its tokenizer).
         batch_size: pairs per forward.
         normalize: report ``(r - reward_mean) / reward_std`` with the statistics saved at export.
+        center: report ``r - reward_mean``: InstructGPT's normalization, under which the data's own responses (the
+            reference completions the statistics were measured on) score 0 on average.
         device: where the model runs (``cpu``, ``cuda``, ``cuda:1``).
     """
 
-    def __init__(self, path: str, batch_size: int = 8, normalize: bool = False, device: str = "cpu") -> None:
+    def __init__(self, path: str, batch_size: int = 8, normalize: bool = False, center: bool = False,
+                 device: str = "cpu") -> None:
+        # Imported here, not with the module: registering the judge (``lightning-pref judges``) needs none of it.
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.path, self.batch_size, self.normalize, self.device = path, batch_size, normalize, device
+        from lightning_pref.data.chat import ChatTemplate
+        from lightning_pref.reward.module import RewardScorer
+
+        self.path, self.batch_size, self.normalize, self.center, self.device = path, batch_size, normalize, center, device
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForSequenceClassification.from_pretrained(path)
@@ -45,11 +49,15 @@ class RewardModelJudge(Judge):
         self.chat = ChatTemplate(self.tokenizer) if getattr(self.tokenizer, "chat_template", None) else None
         config = model.config
         self.stats = (getattr(config, "reward_mean", None), getattr(config, "reward_std", None))
-        if normalize and None in self.stats:
-            raise UserInputError(f"judge.normalize: {path} has no reward_mean/reward_std in its config.json")
+        if (normalize or center) and None in self.stats:
+            option = "normalize" if normalize else "center"
+            raise UserInputError(f"judge.{option}: {path} has no reward_mean/reward_std in its config.json (a "
+                                 "reward model exported after a validation has them)")
 
     def encode(self, prompt: Prompt, completion: str) -> tuple[list[int], list[int]]:
         """The ``(prompt ids, response ids)`` of a pair, as the data pipeline encodes them."""
+        from lightning_pref.data.prompts import encode_completion  # on use, as in __init__
+
         return encode_completion(self.tokenizer, self.chat, prompt, completion)
 
     @torch.no_grad()
@@ -59,7 +67,9 @@ class RewardModelJudge(Judge):
         for start in range(0, len(sequences), self.batch_size):
             ids, mask, _ = pad(sequences[start : start + self.batch_size], self.tokenizer.pad_token_id)
             scores += self.scorer(ids.to(self.device), mask.to(self.device)).tolist()
+        mean, std = self.stats
         if self.normalize:
-            mean, std = self.stats
             scores = [(s - mean) / max(std, 1e-8) for s in scores]
+        elif self.center:
+            scores = [s - mean for s in scores]
         return scores

@@ -167,9 +167,6 @@ class PolicyGradientModule(PolicyModule):
     def _check(self, k: int, epochs: int, minibatches: int, micro: int, clip: float, aggregation: str,
                kl: KLOptions, critic: CriticOptions | None) -> None:
         """Refuse options outside their meaning or contradicting each other, naming the option."""
-        if not self.generation.do_sample:
-            raise UserInputError("model.generation.do_sample: the policy gradient needs samples from the policy "
-                                 "(greedy decoding is not a sample of it); set it to true")
         if k < 1 or epochs < 1 or minibatches < 1 or micro < 1:
             raise UserInputError("model: samples_per_prompt, ppo_epochs, minibatches and micro_batches must be >= 1, "
                                  f"got {k}, {epochs}, {minibatches}, {micro}")
@@ -190,6 +187,13 @@ class PolicyGradientModule(PolicyModule):
         if self.hparams.reference_mode == "none" and kl.coef > 0:
             raise UserInputError("model.reference_mode: 'none' leaves no reference for the KL penalty; set "
                                  "model.kl.coef: 0 or use reference_mode model or adapter")
+
+    def on_fit_start(self) -> None:
+        # Checked when training starts, not when built: evaluating a trained policy greedily is fine.
+        if not self.generation.do_sample:
+            raise UserInputError("model.generation.do_sample: the policy gradient needs samples from the policy "
+                                 "(greedy decoding is not a sample of it); set it to true")
+        super().on_fit_start()
 
     @property
     def needs_reference(self) -> bool:
@@ -266,9 +270,7 @@ class PolicyGradientModule(PolicyModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         start = time.perf_counter()
         prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
-        rollout = roll_out(self.sampler, self.policy.lm, self.judge, prompts, batch.prompts,
-                           self.hparams.samples_per_prompt, self._seed(int(batch.index[0])), self.hparams.eos_penalty,
-                           logps=True)
+        rollout = self.roll_out(prompts, batch.prompts, self._seed(int(batch.index[0])))
         experience = self.experience(rollout, batch.packing)
         metrics = self.update(experience)
         metrics |= rollout.metrics() | experience.metrics
@@ -280,6 +282,13 @@ class PolicyGradientModule(PolicyModule):
         self.log_metrics("train", metrics, len(prompts), _PROGRESS_BAR)
         self.flops_per_batch = self.flop_params * experience.tokens * (
             2 * (1 + self.reference.passes) + 6 * self.hparams.ppo_epochs)
+
+    def roll_out(self, prompts: list[list[int]], values: list[Any], seed: int) -> Rollout:
+        """``samples_per_prompt`` completions of each prompt by the current policy, judged, with each sampled
+        token's log-probability at the sampling temperature."""
+        hp = self.hparams
+        return roll_out(self.sampler, self.policy.lm, self.judge, prompts, values, hp.samples_per_prompt, seed,
+                        hp.eos_penalty, logps=True)
 
     @torch.no_grad()
     def experience(self, rollout: Rollout, packing: bool | str) -> Experience:
@@ -318,7 +327,7 @@ class PolicyGradientModule(PolicyModule):
         if values is not None:
             unexplained = _masked_var(returns - values, mask) / _masked_var(returns, mask).clamp(min=1e-8)
             metrics["value/explained_variance"] = 1 - unexplained
-        return Experience(sequences, packing, old, reference_logps, advantages, returns, values, mask, metrics)
+        return Experience(sequences, packing, old, reference_logps, rewards, advantages, returns, values, mask, metrics)
 
     def critic_values(self, batch: PreferenceBatch, width: int) -> Tensor:
         """The critic's :math:`V(s_t)` before each completion token. # -> (N, L)"""
@@ -411,6 +420,7 @@ class Experience:
     packing: bool | str
     old_logps: Tensor
     reference_logps: Tensor | None
+    rewards: Tensor
     advantages: Tensor
     returns: Tensor
     values: Tensor | None

@@ -1,0 +1,396 @@
+"""The training subcommands of ``lightning-pref`` (``fit``, ``validate``, ``test``, ``predict``, ``evaluate``):
+LightningCLI over the lightning-pref modules and :class:`PreferenceDataModule`.
+
+The module is a subclass argument whose default class is :class:`PreferenceModule`: jsonargparse reads a default
+class's arguments given flat (``model: {policy: ..., loss: ...}``, ``--model.policy x``) and any other module by
+``model: {class_path: lightning_pref.RewardModule, init_args: ...}``. A plugin argument (``model.loss``,
+``model.judge``, ``evaluate``'s ``judge``) takes a registered name wherever jsonargparse takes a class name: see
+:func:`resolve_class_path`. Imported by :mod:`lightning_pref.cli` only for these subcommands (it loads
+Lightning, transformers and datasets).
+"""
+
+from __future__ import annotations
+
+import logging
+import pydoc
+import re
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import jsonargparse._typehints
+import torch
+import yaml
+from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
+from rich.console import Console
+from rich.table import Table
+
+from lightning_pref.base_module import BaseModule
+from lightning_pref.data import PreferenceDataModule
+from lightning_pref.errors import UserInputError
+from lightning_pref.evaluate import PreferenceTrainer
+from lightning_pref.predict import PredictionWriter
+from lightning_pref.registry import REGISTRIES, UnknownPluginError, load_plugins
+from lightning_pref.throughput import TokenThroughput
+
+#: The module a config gets when it names none; jsonargparse normalizes class paths to this shortest form.
+DEFAULT_MODULE = "lightning_pref.PreferenceModule"
+
+_resolve_class_name = jsonargparse._typehints.resolve_class_path_by_name
+
+
+def resolve_class_path(cls: type | tuple[type, ...], name: str) -> str:
+    """jsonargparse's resolution of a ``class_path`` given as a bare name, which also knows registered names:
+    ``ipo`` where a parameter takes a ``PreferenceLoss``, ``bradley_terry`` where it takes a ``RewardLoss``.
+
+    jsonargparse calls this for every bare class name of a parameter typed ``cls``, wherever the value comes
+    from (``--model.loss ipo``, ``--model.loss.class_path ipo``, ``loss: ipo`` or ``class_path: ipo`` in YAML,
+    ``--judge no_shouting``). It offers no hook for names that are not class names, so this function replaces
+    its resolver (below). The registry is chosen by the parameter's type, so a new module or plugin family needs
+    no change here.
+
+    Raises:
+        UnknownPluginError: a bare name that is neither registered nor a known class name, with the registered
+            names and the closest one.
+    """
+    registry = next((r for r in REGISTRIES if "." not in name and r.names_subclasses_of(cls)), None)
+    if registry is None:
+        return _resolve_class_name(cls, name)
+    found = registry.resolve(name)
+    if found is not None:
+        return f"{found.__module__}.{found.__qualname__}"
+    path = _resolve_class_name(cls, name)  # an imported subclass that is not registered
+    if "." not in path:
+        raise UnknownPluginError(registry.unknown_message(name))
+    return path
+
+
+jsonargparse._typehints.resolve_class_path_by_name = resolve_class_path
+
+
+class PrefParser(LightningArgumentParser):
+    """LightningCLI's parser with one-line user errors and the default module written flat."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """jsonargparse's usage and error text, except for a user error met while parsing (an unknown registered
+        name): one line naming the option, e.g. ``model.loss: Unknown loss 'dpp'. Did you mean 'dpo'? ...``."""
+        cause = _user_error(ex)
+        if cause is None or not self.exit_on_error:  # inner parsers' errors are their callers' to report
+            super().error(message, ex)
+        keys: list[str] = []
+        for err in _chain(ex):  # jsonargparse names each level's key: model, then loss within it
+            match = re.match(r'Parser key "([^"]+)"', str(err))
+            parts = [p for p in match.group(1).split(".") if p != "init_args"] if match else []
+            if parts and keys[-len(parts):] != parts:
+                keys += parts
+        raise UserInputError(f"{'.'.join(keys)}: {cause}" if keys else str(cause)) from None
+
+    def dump(self, cfg: Namespace, format: str = "parser_mode", **kwargs: Any) -> str:
+        """The config as jsonargparse writes it, but the default module flat (``model: {policy: ..., loss:
+        ...}``), as users write it: ``--print_config``, the run's ``config.yaml`` and the checkpoint's
+        hyperparameters (LightningCLI records them from this dump) keep the form they had before the module
+        became a subclass argument."""
+        text = super().dump(cfg, format=format, **kwargs)
+        if format not in ("parser_mode", "yaml") or f"class_path: {DEFAULT_MODULE}\n" not in text:
+            return text  # (parser_mode is omegaconf, written as YAML)
+        data = yaml.safe_load(text)
+        for node in (data, data.get(cfg.get("subcommand"))):  # a subcommand's parser, or the top-level one
+            model = node.get("model") if isinstance(node, dict) else None
+            if isinstance(model, dict) and model.get("class_path") == DEFAULT_MODULE:
+                node["model"] = model.get("init_args") or {}
+        header = "".join(f"# {line}\n" for line in self.dump_header or [])
+        return header + yaml.safe_dump(data, default_flow_style=False, allow_unicode=True, sort_keys=False)
+
+
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
+    """``err`` and the exceptions it was raised from, outermost first."""
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _user_error(err: BaseException | None) -> UserInputError | UnknownPluginError | None:
+    """The user error that jsonargparse's own errors wrap, if any."""
+    return next((e for e in _chain(err) if isinstance(e, (UserInputError, UnknownPluginError))), None)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class LightningPrefCLI(LightningCLI):
+    """LightningCLI with the ``evaluate`` subcommand, the module's data needs linked to the data module,
+    always-on callbacks that yield to Lightning's own flags, and checkpoint checks."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"model": {"class_path": DEFAULT_MODULE}})
+        parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
+        parser.link_arguments("model.train_data", "data.train_data", apply_on="instantiate")
+        # Always-on callbacks, configurable as --checkpoint.*, --progress_bar.*, --predictions.*, --summary.*,
+        # --throughput.*: a last.ckpt to resume or validate from, a progress bar showing loss and reward accuracy,
+        # predict's JSONL, the summary at the end of fit, and real tokens/s (and MFU) in the logs.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_lightning_class_args(ProgressBar, "progress_bar")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_lightning_class_args(TokenThroughput, "throughput")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then settle ``--ckpt_path`` before LightningCLI reads the checkpoint's hyperparameters into the
+        config: ``last`` becomes the newest ``last.ckpt`` of earlier runs, and a checkpoint that is missing,
+        truncated, not ours, or trained with another policy or loss than the command line gives is one line."""
+        self.argv = sys.argv[1:] if args is None else list(args)
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        if config.get("ckpt_path") == "last":
+            config["ckpt_path"] = str(_last_checkpoint(Path(config.trainer.get("default_root_dir") or ".")))
+        path = config.get("ckpt_path")
+        if path is not None and path not in ("best", "hpc", "registry") and not Path(path).is_dir():
+            _check_matches(_read_checkpoint(path), config.model, path, self.argv)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI rebuilds the trained model: it reads the checkpoint's hyperparameters into the model
+        config. Options the command line gives explicitly (``--model.generation.max_new_tokens 32``) still win;
+        a contradicting policy or loss has already been refused (:meth:`parse_arguments`)."""
+        subcommand = self.config.get("subcommand")
+        before = self.config.clone() if subcommand else None
+        super()._parse_ckpt_path()
+        if before is None:
+            return
+        for arg in self.argv:
+            key = arg.removeprefix("--").partition("=")[0]
+            if not key.startswith("model."):
+                continue
+            for name in (key, key.replace("model.", "model.init_args.", 1)):  # as given, or flat for init_args
+                if f"{subcommand}.{name}" in before:
+                    self.config[f"{subcommand}.{name}"] = before[f"{subcommand}.{name}"]
+                    break
+
+    def before_instantiate_classes(self) -> None:
+        # jsonargparse builds every class of the config through its instantiators; this one (for all classes
+        # but the module and data module, which LightningCLI's own build) names the option of an argument that
+        # a constructor refuses.
+        self.parser.add_instantiator(self._instantiate, object)
+
+    def _instantiate(self, cls: type, *args: Any, **kwargs: Any) -> Any:
+        """``cls(*args, **kwargs)``; a refused argument is one line naming the option whose ``class_path`` is
+        ``cls``: ``model.loss: dpo: beta must be > 0, got -1``. A plugin that builds others (a weighted loss's
+        terms) is the one named."""
+        try:
+            return cls(*args, **kwargs)
+        except UserInputError:
+            raise
+        except (ValueError, UnknownPluginError) as err:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            option = _option_of(cls, config.as_dict())
+            raise UserInputError(f"{option}: {_first_line(err)}" if option else _first_line(err)) from err
+
+    def instantiate_classes(self) -> None:
+        """As LightningCLI, but a user error raised while building the classes is its one line, not jsonargparse's
+        wrapping of it."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            cause = _user_error(err) or UserInputError(_first_line(list(_chain(err))[-1]))
+            raise UserInputError(str(cause)) from None
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer with the always-on callbacks, except those a Trainer flag turns off
+        (``--trainer.enable_progress_bar false``, ``--trainer.enable_checkpointing false``), and a CSV logger
+        under ``default_root_dir`` unless the config names a logger: Lightning's own default would switch to
+        TensorBoard whenever it happens to be installed, changing where metrics land."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = {**config.get("trainer", {}), **kwargs}
+        if trainer_config.get("logger") in (None, True):
+            trainer_config["logger"] = CSVLogger(trainer_config.get("default_root_dir") or ".")
+        callbacks = [config[key] for key, flag in ALWAYS_ON.items() if flag is None or trainer_config.get(flag) is not False]
+        return self._instantiate_trainer(trainer_config, callbacks)  # LightningCLI's: adds the config callback
+
+
+def _option_of(cls: type, config: Any, prefix: str = "") -> str | None:
+    """The config key whose ``class_path`` is ``cls``, as users write it (``model.loss``, not
+    ``model.init_args.loss``)."""
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
+    for key, value in items:
+        if key == "class_path" and isinstance(value, str) and pydoc.locate(value) is cls:
+            return prefix.removesuffix(".").replace(".init_args", "")
+        found = _option_of(cls, value, f"{prefix}{key}.")
+        if found:
+            return found
+    return None
+
+
+#: Always-on callbacks (configured as ``--<key>.*``), and the Trainer flag that turns each off.
+ALWAYS_ON = {"checkpoint": "enable_checkpointing", "progress_bar": "enable_progress_bar", "predictions": None,
+             "summary": None, "throughput": None}
+
+
+class ProgressBar(RichProgressBar):
+    """Rich's progress bar without Lightning's run-length artefacts: no ``Epoch 0/-2`` when the run is bounded
+    by ``max_steps`` rather than epochs, and no ``v_num`` (the log directory's version) among the metrics."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+            return f"Epoch {current_epoch}"
+        return super()._get_train_description(current_epoch)
+
+    def get_metrics(self, trainer: Trainer, pl_module: Any) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
+class RunSummary(Callback):
+    """At the end of ``fit`` (rank 0): the final validation metrics, where the checkpoints are, and the commands
+    that come next (export, report). Always on in the CLI; the same lines every run, so scripts can read them."""
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        log_dir = trainer.log_dir  # a collective under several processes: every rank asks
+        if not trainer.is_global_zero:
+            return
+        console = Console(highlight=False, soft_wrap=True)
+        metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
+        if metrics:
+            table = Table(title=f"final validation (step {trainer.global_step})", title_justify="left")
+            table.add_column("metric")
+            table.add_column("value", justify="right")
+            for key, value in metrics.items():
+                table.add_row(key, f"{value:.4g}")
+            console.print(table)
+        checkpoint = trainer.checkpoint_callback
+        last = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
+        if last:
+            console.print(f"checkpoints: {Path(last).parent}", markup=False)
+            console.print(f"export:      lightning-pref export --ckpt_path {last} --output_dir "
+                          f"{Path(last).parent.parent / 'exported'}", markup=False)
+        if log_dir and (Path(log_dir) / "metrics.csv").exists():
+            console.print(f"report:      lightning-pref report {log_dir}", markup=False)
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml`` in the run's log directory; without a logger there is no run directory
+    (``default_root_dir`` is shared by every run), so nothing is written rather than refusing the next run."""
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        super().setup(trainer, pl_module, stage)
+
+
+def _last_checkpoint(root: Path) -> Path:
+    """``--ckpt_path last``: the newest ``last.ckpt`` of earlier runs under ``default_root_dir``.
+
+    Lightning's own ``last`` looks only in this run's new ``version_N`` directory, where there is none yet. The
+    resumed run logs and checkpoints into a new version directory, so nothing earlier is overwritten.
+    """
+    found = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"),
+                   key=lambda p: int(p.parts[-3].removeprefix("version_")))
+    if not found:
+        raise UserInputError(f"--ckpt_path last: no lightning_logs/version_*/checkpoints/last.ckpt under {root}; give a path")
+    return found[-1]
+
+
+def _read_checkpoint(path: str) -> dict[str, Any]:
+    """A lightning-pref checkpoint, read memory-mapped (cheap even for large ones); one line when it is missing,
+    truncated or someone else's (Lightning would fail deep inside ``torch.load``)."""
+    if not Path(path).is_file():
+        raise UserInputError(f"--ckpt_path: no checkpoint file at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - zip, pickle and I/O errors all mean the same to the user
+        raise UserInputError(
+            f"--ckpt_path: {path} is not a readable checkpoint ({_first_line(err)}); it may be truncated by an "
+            "interrupted save or copy: use another one (e.g. an earlier epoch=...ckpt)"
+        ) from None
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    if not {"policy", "backbone"} & set(hparams):
+        raise UserInputError(f"--ckpt_path: {path} was not written by lightning-pref fit (no model in its hparams)")
+    return checkpoint
+
+
+def _check_matches(checkpoint: dict[str, Any], model: Any, path: str, argv: list[str]) -> None:
+    """LightningCLI replaces the config's model options with the checkpoint's (the trained model and loss win).
+    Say so where they differ; and where the command line itself gives another model or loss, that contradicts
+    the checkpoint: one line, exit 2."""
+    hparams = checkpoint["hyper_parameters"]
+    configured = _plain(model)
+    configured = configured.get("init_args", configured) if "class_path" in configured else configured
+    for key in ("policy", "backbone", "loss"):
+        trained, given = hparams.get(key), configured.get(key)
+        if trained is None or given is None or _plain(trained) == _plain(given):
+            continue
+        if any(a == f"--model.{key}" or a.startswith((f"--model.{key}.", f"--model.{key}=")) for a in argv):
+            raise UserInputError(
+                f"--ckpt_path: {path} was trained with model.{key} {_describe(trained)}, but the command line "
+                f"gives {_describe(given)}; a checkpoint restores what it was trained with: drop --model.{key}, "
+                "or export the model and start a new run from it"
+            )
+        rank_zero_info(f"--ckpt_path: model.{key} {_describe(trained)} from the checkpoint (the config has "
+                       f"{_describe(given)})")
+
+
+def _plain(value: Any) -> Any:
+    """Namespaces as dicts, for comparing a config value with a checkpoint's hyperparameter."""
+    return value.as_dict() if isinstance(value, Namespace) else value
+
+
+def _describe(value: Any) -> str:
+    value = _plain(value)
+    if isinstance(value, dict) and "class_path" in value:
+        args = ", ".join(f"{k}={v!r}" for k, v in (value.get("init_args") or {}).items())
+        return f"{value['class_path'].rsplit('.', 1)[-1]}({args})"
+    return repr(value)
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertising tips ("💡 Tip: ... install litlogger"), nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_console() -> None:
+    """Silence, narrowly, the third-party noise a lightning-pref run causes and a user can do nothing about:
+    Lightning's install tips; its pytree deprecation (raised inside Lightning on our batch type); its note
+    that an always-on checkpoint callback restored from an earlier run's directory will not reload that run's
+    top-k state (every run writes a new version directory on purpose); and its warning about the empty
+    validation loader of a run without validation data. Every other warning stays."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+    for message in (
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        r"The dirpath has changed from .* therefore `best_model_score`",
+        r"Total length of `list` across ranks is zero",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def run(args: list[str] | None) -> None:
+    """Run a training subcommand; ``args`` as the command line gives them (``None``: LightningCLI reads
+    ``sys.argv``, which multi-process launchers re-run)."""
+    quiet_console()
+    load_plugins()  # third-party plugins' classes are known by class name too (--model.loss MyLoss)
+    try:
+        LightningPrefCLI(
+            BaseModule, PreferenceDataModule, subclass_mode_model=True, trainer_class=PreferenceTrainer,
+            save_config_callback=SaveRunConfig, parser_class=PrefParser, parser_kwargs={"parser_mode": "omegaconf"},
+            args=args,
+        )
+    except MisconfigurationException as err:  # Lightning's own refusal of a setting: one line too
+        raise UserInputError(str(err)) from None
