@@ -55,7 +55,7 @@ def test_gae_equals_the_sum_of_discounted_td_errors(gamma, lam):
         v = [float(values[n, t]) for t in range(length)] + [0.0]
         delta = [float(rewards[n, t]) + gamma * v[t + 1] - v[t] for t in range(length)]
         for t in range(length):
-            expected = sum((gamma * lam) ** l * delta[t + l] for l in range(length - t))
+            expected = sum((gamma * lam) ** j * delta[t + j] for j in range(length - t))
             assert float(advantages[n, t]) == pytest.approx(expected, abs=1e-5)
         assert advantages[n, length:].abs().sum() == 0
 
