@@ -115,3 +115,25 @@ class NaNAtCall(_nan_at_call_base()):
                 out.losses = out.losses * torch.nan
             self.calls += 1
         return out
+
+
+def _policy_gradient_base():
+    from lightning_pref.rl.module import PolicyGradientModule
+
+    return PolicyGradientModule
+
+
+class GreedyRollouts(_policy_gradient_base()):
+    """A test double: rollouts by greedy decoding, which are the same whatever batch a prompt is sampled in, so a
+    2-process run can be compared update for update with a single process. (Greedy decoding is not a sample of
+    the policy: never train with it for real; the module refuses ``do_sample: false``.)"""
+
+    def roll_out(self, prompts, values, seed):
+        from dataclasses import replace
+
+        from lightning_pref.generation import Sampler
+        from lightning_pref.rollout import roll_out
+
+        greedy = Sampler(self.tokenizer, replace(self.generation, do_sample=False), self.sampler.stop_ids)
+        return roll_out(greedy, self.policy.lm, self.judge, prompts, values, self.hparams.samples_per_prompt, seed,
+                        self.hparams.eos_penalty, logps=True)

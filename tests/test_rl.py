@@ -328,3 +328,25 @@ def test_rl_configs_raise_the_judged_score_and_win_over_the_reference(name, tmp_
         sys.argv = argv
     report = json.loads(checkpoint.with_suffix(".evaluation.json").read_text())
     assert report["win_rate"]["value"] >= 0.8, report["win_rate"]
+
+
+@pytest.mark.slow
+def test_resume_mid_run_is_exact(tmp_path):
+    """PPO (2 epochs x 2 minibatches a rollout) for 4 rollouts with a checkpoint every 2, and a run resumed from
+    the one after rollout 2: the same rollouts (seeded by update count, batch and rank), the same metrics for
+    rollouts 3 and 4, the same policy and critic weights, the same KL coefficient."""
+    base = ["--trainer.max_steps", "16", "--data.batch_size", "4", "--model.init_args.kl.target", "2.0"]
+    _fit_config("ppo", tmp_path / "a", *base, "--checkpoint.every_n_train_steps", "8", "--checkpoint.save_top_k", "-1")
+    checkpoints = tmp_path / "a/lightning_logs/version_0/checkpoints"
+    resumed = _fit_config("ppo", tmp_path / "b", *base, "--ckpt_path", str(checkpoints / "epoch=0-step=8.ckpt"))
+    with open(tmp_path / "a/lightning_logs/version_0/metrics.csv") as f:
+        uninterrupted = [r for r in csv.DictReader(f) if r.get("train/judge/score")]
+    keys = ("train/judge/score", "train/objective/kl", "train/loss/policy", "train/loss/value", "train/kl_coef")
+    assert len(uninterrupted) == 4 and len(resumed) == 2
+    for a, b in zip(uninterrupted[2:], resumed, strict=True):
+        assert all(a[k] == b[k] for k in keys), (a, b)
+    a = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "b/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=False)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["kl_state"] == b["kl_state"] and a["kl_state"]["coef"] != 0.05  # the adaptive coefficient moved
