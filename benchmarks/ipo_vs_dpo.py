@@ -12,17 +12,17 @@ synthetic data, AdamW at lr 1e-3, 16 pairs per step) with DPO and with IPO at tw
 
 - the margin h on the 256 held-out validation pairs, with log-probs **summed** over response tokens: the units
   of DPO's loss and of the paper's IPO. IPO therefore runs with ``length_normalize: false`` here, so its loss
-  targets exactly this h (the library's default, ``true``, targets the per-token mean h' instead; pass
-  ``--length-normalize`` to run that, and the plot then shows h' for every run). h' is recorded for every run
-  either way;
+  targets exactly this h. The library's default, ``true``, targets the per-token mean h' instead: pass
+  ``--length-normalize`` to run that (the plot then shows h' for IPO, h for DPO). h' is recorded either way;
 - the policy's KL to the reference on its own samples: completions of validation prompts sampled from the
-  policy (temperature 1), KL ~ mean over samples of sum_t [log pi(y_t) - log pi_ref(y_t)] (the k1 estimator,
-  unbiased), with the same sampling seed at every evaluation.
+  policy (temperature 1, no top-k or top-p truncation), KL ~ mean over samples of
+  sum_t [log pi(y_t) - log pi_ref(y_t)] (the k1 estimator, unbiased), with the same sampling seed every time.
 
-One command (about 5 minutes on 2 CPU cores), writing ``docs/ipo_vs_dpo.png`` and
+One command, about 2 minutes on 2 idle CPU cores, writes ``docs/ipo_vs_dpo.png`` and
 ``benchmarks/results/ipo_vs_dpo.{md,json}``:
 
     python benchmarks/ipo_vs_dpo.py
+    python benchmarks/ipo_vs_dpo.py --losses ipo --length-normalize --name ipo_length_normalized --plot ''
     python benchmarks/ipo_vs_dpo.py --steps 40 --interval 10 --out-dir /tmp/ipo --plot /tmp/ipo/plot.png  # quick
 """
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -140,7 +141,15 @@ class MarginKL(Callback):
         """k1 estimate of KL(pi || pi_ref) on completions the policy samples for validation prompts."""
         table = trainer.datamodule.datasets["val"].table
         prompts = [table[i]["prompt"] for i in range(min(self.kl_prompts, len(table)))]
-        completions, _ = module.complete(prompts, seed=self.seed, with_reference=False)
+        # Samples must come from pi itself for the k1 estimate to be KL(pi || pi_ref). transformers fills an unset
+        # top_k with 50 (its global default) and GenerationOptions has no top_k, so sampling would be silently
+        # top-50 truncated; top_k = 0 on the model's generation config turns that off.
+        config = module.policy.lm.generation_config
+        saved, config.top_k = config.top_k, 0
+        try:
+            completions, _ = module.complete(prompts, seed=self.seed, with_reference=False)
+        finally:
+            config.top_k = saved
         k = module.generation.num_return_sequences
         sequences = [
             (prompts[row // k], ids[:n].tolist())  # completions are prompt-major: row = prompt * k + sample
@@ -224,7 +233,8 @@ def summarize(runs: list[dict[str, Any]], settings: Settings, wall_s: float) -> 
             "seed": config["seed_everything"], "data": "bundled synthetic set (2048 train / 256 held-out val pairs)",
         },
         "final": rows, "runs": runs, "wall_s": wall_s,
-        "environment": {"torch": torch.__version__, "platform": platform.platform(), "threads": torch.get_num_threads()},
+        "environment": {"torch": torch.__version__, "platform": platform.platform(), "threads": torch.get_num_threads(),
+                        "load_average_1min_end": os.getloadavg()[0]},  # the wall times depend on others' load
     }
 
 
@@ -237,7 +247,8 @@ def markdown(summary: dict[str, Any], command: str) -> str:
     lines = [
         f"# IPO vs DPO on deterministic preferences ({s['steps']} steps, held-out margin in {unit} for IPO)",
         "",
-        f"`{command}` ({summary['wall_s'] / 60:.1f} min on {summary['environment']['threads']} CPU threads, "
+        f"`{command}` ({summary['wall_s'] / 60:.1f} min on {summary['environment']['threads']} CPU threads, 1-min load "
+        f"average {summary['environment']['load_average_1min_end']:.1f} at the end, "
         f"torch {summary['environment']['torch']}). Embedded default of `configs/dpo.yaml`: tiny random Llama "
         f"({s['policy']['num_hidden_layers']} layers x {s['policy']['hidden_size']}), byte tokenizer, "
         f"{s['data']}, AdamW lr {s['optimizer']['init_args']['lr']}, {s['batch_size']} pairs per step, seed "
@@ -247,7 +258,7 @@ def markdown(summary: dict[str, Any], command: str) -> str:
         "log-probs summed over response tokens (h' : per-token means);",
         "- log-ratio: mean log pi(y)/pi_ref(y) of the chosen / rejected replies (summed);",
         f"- KL: k1 estimate on the policy's own samples, mean over {s['kl_prompts']} validation prompts x "
-        f"{s['kl_samples']} samples (temperature 1, at most {s['max_new_tokens']} tokens) of "
+        f"{s['kl_samples']} samples (temperature 1, no top-k/top-p, at most {s['max_new_tokens']} tokens) of "
         "sum_t [log pi(y_t) - log pi_ref(y_t)], nats per completion.",
         "",
         f"Targeted margin: {targeted}. IPO's loss regresses it onto 1/(2 beta); DPO's is the summed h (its loss's "
