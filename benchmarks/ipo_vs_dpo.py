@@ -247,8 +247,8 @@ def markdown(summary: dict[str, Any], command: str) -> str:
     lines = [
         f"# IPO vs DPO on deterministic preferences ({s['steps']} steps, held-out margin in {unit} for IPO)",
         "",
-        f"`{command}` ({summary['wall_s'] / 60:.1f} min on {summary['environment']['threads']} CPU threads, 1-min load "
-        f"average {summary['environment']['load_average_1min_end']:.1f} at the end, "
+        f"`{command}` ({summary['wall_s'] / 60:.1f} min, torch threads: {summary['environment']['threads']}, 1-min load "
+        f"average of the shared CPUs at the end: {summary['environment']['load_average_1min_end']:.1f}, "
         f"torch {summary['environment']['torch']}). Embedded default of `configs/dpo.yaml`: tiny random Llama "
         f"({s['policy']['num_hidden_layers']} layers x {s['policy']['hidden_size']}), byte tokenizer, "
         f"{s['data']}, AdamW lr {s['optimizer']['init_args']['lr']}, {s['batch_size']} pairs per step, seed "
@@ -357,10 +357,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kl-prompts", type=int, default=Settings.kl_prompts, help="0 skips the KL")
     p.add_argument("--kl-samples", type=int, default=Settings.kl_samples)
     p.add_argument("--length-normalize", action="store_true", help="IPO on per-token means (the library default)")
+    # One thread by default: on shared cores two spinning OpenMP threads per process can be several times slower,
+    # and the tiny model gains little from a second one.
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--name", default="ipo_vs_dpo", help="result file name")
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--plot", default=str(REPO / "docs" / "ipo_vs_dpo.png"), help="'' for no plot")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     settings = Settings(args.steps, args.interval, args.kl_prompts, args.kl_samples,
                         length_normalize=args.length_normalize)
     start, runs = time.perf_counter(), []
