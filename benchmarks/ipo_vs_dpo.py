@@ -18,7 +18,7 @@ synthetic data, AdamW at lr 1e-3, 16 pairs per step) with DPO and with IPO at tw
   policy (temperature 1, no top-k or top-p truncation), KL ~ mean over samples of
   sum_t [log pi(y_t) - log pi_ref(y_t)] (the k1 estimator, unbiased), with the same sampling seed every time.
 
-One command, about 2 minutes on 2 idle CPU cores, writes ``docs/ipo_vs_dpo.png`` and
+One command, about 2.5 minutes on one CPU thread, writes ``docs/ipo_vs_dpo.png`` and
 ``benchmarks/results/ipo_vs_dpo.{md,json}``:
 
     python benchmarks/ipo_vs_dpo.py
