@@ -141,15 +141,9 @@ class MarginKL(Callback):
         """k1 estimate of KL(pi || pi_ref) on completions the policy samples for validation prompts."""
         table = trainer.datamodule.datasets["val"].table
         prompts = [table[i]["prompt"] for i in range(min(self.kl_prompts, len(table)))]
-        # Samples must come from pi itself for the k1 estimate to be KL(pi || pi_ref). transformers fills an unset
-        # top_k with 50 (its global default) and GenerationOptions has no top_k, so sampling would be silently
-        # top-50 truncated; top_k = 0 on the model's generation config turns that off.
-        config = module.policy.lm.generation_config
-        saved, config.top_k = config.top_k, 0
-        try:
-            completions, _ = module.complete(prompts, seed=self.seed, with_reference=False)
-        finally:
-            config.top_k = saved
+        # Samples must come from pi itself for the k1 estimate to be KL(pi || pi_ref): no top-k or top-p
+        # truncation (the module's generation options keep every token by default).
+        completions, _ = module.complete(prompts, seed=self.seed, with_reference=False)
         k = module.generation.num_return_sequences
         sequences = [
             (prompts[row // k], ids[:n].tolist())  # completions are prompt-major: row = prompt * k + sample

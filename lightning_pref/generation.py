@@ -30,9 +30,11 @@ class GenerationOptions:
 
     Attributes:
         max_new_tokens: most tokens per completion (a completion that stops earlier ended with EOS).
-        do_sample: sample (with ``temperature`` and ``top_p``) instead of greedy decoding.
+        do_sample: sample (with ``temperature``, ``top_p`` and ``top_k``) instead of greedy decoding.
         temperature: sampling temperature.
         top_p: nucleus sampling mass.
+        top_k: sample among the ``top_k`` most likely tokens only; 0 (the default) keeps them all (transformers
+            would otherwise truncate to 50 whenever the model's generation config does not say).
         num_return_sequences: completions per prompt.
         seed: seed of the sampling; each batch uses ``seed`` plus its first prompt's index.
     """
@@ -41,6 +43,7 @@ class GenerationOptions:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
     num_return_sequences: int = 1
     seed: int = 0
 
@@ -54,9 +57,10 @@ class GenerationOptions:
                 "model.generation.num_return_sequences: several completions per prompt need do_sample: true "
                 "(greedy decoding gives the same one each time)"
             )
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise UserInputError(
-                f"model.generation: temperature must be > 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}"
+                f"model.generation: temperature must be > 0, top_p in (0, 1] and top_k >= 0, got {self.temperature}, "
+                f"{self.top_p}, {self.top_k}"
             )
 
 

@@ -112,8 +112,10 @@ def load_configured(
     **fields: Any,
 ) -> PreTrainedModel:
     """:func:`load_causal_lm` as a lightning-pref module loads its models: a config dict gets the tokenizer's
-    vocabulary size and pad id, and dropout is turned off unless ``dropout``."""
-    fields = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, **fields}
+    vocabulary size and its pad, EOS and BOS ids (so a random model stops, and its export reloads, as its
+    tokenizer says), and dropout is turned off unless ``dropout``."""
+    fields = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id, **fields}
     model = load_causal_lm(spec, field=field, seed=seed, dtype=dtype, model_kwargs=model_kwargs,
                            auto_class=auto_class, **fields)
     if not dropout:

@@ -76,6 +76,39 @@ def test_sampling_is_deterministic_given_the_seed_and_leaves_the_global_rng(toke
     assert len(a.texts) == 2 and all(len(t) == 2 for t in a.texts) and model.training  # mode restored
 
 
+def test_sampling_keeps_every_token_unless_top_k_is_set(tokenizer):
+    """transformers truncates sampling to the top 50 tokens when nothing says otherwise; ``top_k: 0`` (the
+    default) samples from the whole distribution, as the documented temperature/top_p sampling promises."""
+    model = load_causal_lm(TINY, field="test", seed=3, vocab_size=len(tokenizer))
+    ids, mask = left_pad([[5, 6, 7]] * 500, tokenizer.pad_token_id)
+    stops = stop_token_ids(model, tokenizer)
+    first = {}
+    for top_k in (0, 10):
+        options = GenerationOptions(max_new_tokens=1, do_sample=True, top_k=top_k)
+        first[top_k] = set(generate(model, ids, mask, options, tokenizer, seed=1, stop_ids=stops).ids[:, 0].tolist())
+    assert len(first[0]) > 50 and len(first[10]) <= 10
+
+
+def test_shared_prefill_samples_what_separate_prefills_do(tokenizer, monkeypatch):
+    """k samples of a prompt continue one prefill of it (run once, its K/V repeated k times): the same samples and
+    the same sampled-token log-probs as transformers expanding the prompts k times."""
+    import lightning_pref.generation as generation
+
+    model = load_causal_lm(TINY, field="test", seed=3, vocab_size=len(tokenizer))
+    ids, mask = left_pad([[5, 6, 7, 9, 11], [8, 9], [40, 41, 42]], tokenizer.pad_token_id)
+    options = GenerationOptions(max_new_tokens=8, do_sample=True, num_return_sequences=3, temperature=0.8)
+    stops = stop_token_ids(model, tokenizer)
+    calls = []
+    original = generation._shared_prefill
+    monkeypatch.setattr(generation, "_shared_prefill", lambda *a: calls.append(1) or original(*a))
+    shared = generate(model, ids, mask, options, tokenizer, seed=4, stop_ids=stops, logps=True)
+    assert calls == [1]
+    monkeypatch.setattr(generation, "_shared_prefill", lambda *a: None)  # transformers' own expansion
+    separate = generate(model, ids, mask, options, tokenizer, seed=4, stop_ids=stops, logps=True)
+    assert torch.equal(shared.ids, separate.ids) and shared.texts == separate.texts
+    torch.testing.assert_close(shared.logps, separate.logps, rtol=1e-5, atol=1e-5)
+
+
 def test_generation_options_refuse_what_cannot_work():
     from lightning_pref.errors import UserInputError
 
