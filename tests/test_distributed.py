@@ -267,5 +267,7 @@ def test_policy_gradient_under_ddp_makes_the_single_process_updates(tmp_path):
     assert weights[None].keys() == weights["ddp"].keys()
     moved = torch.load(_last(tmp_path / "single"), weights_only=False)  # the policy trained (else the test is void)
     assert moved["global_step"] == 4
+    # Adam divides by the gradients' own scale, so rounding-level gradient differences move a weight by a small
+    # fraction of the learning rate (1e-3 x 4 updates): 1e-5 is 0.25% of the distance the weights travelled.
     for key, value in weights[None].items():
-        torch.testing.assert_close(weights["ddp"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(weights["ddp"][key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -174,28 +174,37 @@ def test_first_update_ratio_is_one(packing, temperature):
 
 
 def test_kl_in_the_reward_and_the_score_on_the_stop_token_with_pad_eos():
-    """Per-token rewards are -beta k1 on every token and the score on each completion's stop token (not on the
-    padding after it, which a pad = EOS tokenizer makes look the same)."""
+    """Per-token rewards are -beta k1 on every token and the score on each completion's stop token, not on the
+    padding after it, which a pad = EOS tokenizer makes look the same (here written out: completions that stop,
+    followed by padding that is the EOS id again)."""
+    from lightning_pref.generation import Completions
+    from lightning_pref.rollout import Rollout
+
     module = _module(estimator={"class_path": "rloo"}, samples_per_prompt=2, kl={"coef": 0.3})
     module.tokenizer.pad_token = module.tokenizer.eos_token  # pad = EOS, as SmolLM2, Qwen, Llama 3
     module.configure_model()
     torch.manual_seed(0)
     for p in module.policy.parameters():  # move the policy off the reference so the KL is not 0
         p.data.add_(0.05 * torch.randn_like(p))
-    rollout = module.roll_out(PROMPTS, ["a", "b", "c"], seed=3)
-    experience = module.experience(rollout, packing=False)
-    lengths = rollout.completions.lengths
+    eos = module.tokenizer.eos_token_id
+    ids = torch.tensor([[40, 41, eos, eos, eos], [50, 51, 52, 53, 54], [60, eos, eos, eos, eos], [70, 71, 72, eos, eos]])
+    lengths = torch.tensor([3, 5, 2, 4])  # rows 0, 2, 3 stopped on EOS; the EOS ids after it are padding
+    prompts = [list(b"Hello there"), list(b"Why")]
+    sequences = [(prompts[n // 2], ids[n, : lengths[n]].tolist()) for n in range(4)]
+    with torch.no_grad():
+        old = module.policy.token_logps(module.sequence_batch(sequences, False)).logps
+    completions = Completions([["a", "b"], ["c", "d"]], ids, lengths, lengths < 5, [eos], old)
+    scores = torch.tensor([[1.0, -1.0], [0.5, 2.0]])
+    experience = module.experience(Rollout(prompts, ["a", "b"], completions, scores, 0.0), packing=False)
     k1 = (experience.old_logps - experience.reference_logps) * experience.mask
+    rows = torch.arange(4)
+    assert torch.equal(experience.mask.sum(-1), lengths)
     non_score = experience.rewards.clone()
-    rows = torch.arange(len(lengths))
-    non_score[rows, lengths - 1] -= rollout.scores.flatten()
+    non_score[rows, lengths - 1] -= scores.flatten()  # the score sits on the last real token, the stop token
     torch.testing.assert_close(non_score.sum(-1), -0.3 * k1.sum(-1))  # sums to -beta sum(log pi - log pi_ref)
+    torch.testing.assert_close(non_score, -0.3 * k1)  # -beta k1 on every token
     assert float(k1.abs().sum()) > 0
-    assert (experience.rewards * ~experience.mask).abs().sum() == 0  # nothing on the padding
-    stopped = rollout.completions.eos
-    assert stopped.any(), "the test needs a completion that stopped"
-    ids = rollout.completions.ids
-    assert torch.isin(ids[rows[stopped], lengths[stopped] - 1], torch.tensor(module.sampler.stop_ids)).all()
+    assert (experience.rewards * ~experience.mask).abs().sum() == 0  # nothing on the padding after a stop
 
 
 def test_option_checks_name_the_option():
