@@ -200,3 +200,29 @@ def test_packed_and_shared_prompt_logps_equal_padded_on_real_model_and_text(smol
     assert tokens[True] == tokens[False] == tokens["shared"] + sum(len(e.prompt) for e in examples)  # prompts once
     for packing in (True, "shared"):
         torch.testing.assert_close(logps[packing], logps[False], rtol=1e-5, atol=1e-4)
+
+
+def test_ppo_recipe_on_real_model_with_a_reward_model_judge_and_critic(smollm2, hh, tmp_path):
+    """A few PPO steps of configs/recipes/ppo.yaml on SmolLM2 (pad = EOS, ChatML) and HH prompts, against a reward
+    model exported from SmolLM2 (its critic starts from it): every logged metric finite, the KL moves off 0."""
+    from lightning_pref.reward import RewardModule
+    from lightning_pref.reward.export import save_reward_model
+
+    reward = RewardModule(str(smollm2))
+    reward.configure_model()
+    torch.manual_seed(0)
+    torch.nn.init.normal_(reward.scorer.head.weight, std=0.02)  # an untrained but non-zero head
+    reward.reward_stats = {"mean": 0.1, "std": 1.0, "step": 0}  # what a validation would have stored
+    save_reward_model(reward, tmp_path / "rm")
+    main(["fit", "--config", str(REPO / "configs/recipes/ppo.yaml"), "--model.init_args.policy", str(smollm2),
+          "--model.init_args.judge.init_args.path", str(tmp_path / "rm"),
+          "--model.init_args.critic.model", str(tmp_path / "rm"), "--data.train", str(hh["train"]),
+          "--data.batch_size", "2", "--model.init_args.generation.max_new_tokens", "6",
+          "--model.init_args.ppo_epochs", "1", "--model.init_args.optimizer.init_args.lr", "1e-5",
+          "--trainer.precision", "32-true", "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path),
+          "--progress_bar.refresh_rate", "0", "--checkpoint.save_top_k", "0", "--checkpoint.save_weights_only", "true"])
+    rows = [r for r in _metrics(tmp_path) if r.get("train/judge/score")]
+    assert len(rows) == 2  # 2 rollouts x 1 update
+    for row in rows:
+        assert all(math.isfinite(float(v)) for k, v in row.items() if v and k.startswith("train/")), row
+    assert float(rows[-1]["train/objective/kl_k1"]) != 0.0

@@ -109,6 +109,9 @@ class PolicyGradientModule(PolicyModule):
         micro_batches: each minibatch is run in this many parts with accumulated gradients (the same gradient as
             undivided: the aggregation's denominators are the minibatch's).
         clip: :math:`\\epsilon` of the clipped surrogate.
+        max_grad_norm: clip the gradients' total norm to this before each update (``None``: no clipping); the
+            module's own option, as Lightning's ``trainer.gradient_clip_val`` does not apply to manual
+            optimization.
         loss_aggregation: ``token_mean``, ``sequence_mean`` or ``constant`` (Dr. GRPO).
         kl: the KL penalty (``coef``, ``estimator``, ``placement``, ``target``, ``horizon``).
         critic: the critic of ``gae`` (``model``, ``lr``, ``vf_coef``, ``value_clip``); refused with a critic-free
@@ -133,6 +136,7 @@ class PolicyGradientModule(PolicyModule):
         minibatches: int = 1,
         micro_batches: int = 1,
         clip: float = 0.2,
+        max_grad_norm: float | None = 1.0,
         loss_aggregation: Aggregation = "token_mean",
         kl: KLOptions | None = None,
         critic: CriticOptions | None = None,
@@ -178,6 +182,8 @@ class PolicyGradientModule(PolicyModule):
                                  "use estimator gae")
         if not 0 < clip < 1:
             raise UserInputError(f"model.clip: must be in (0, 1), got {clip}")
+        if self.hparams.max_grad_norm is not None and not self.hparams.max_grad_norm > 0:
+            raise UserInputError(f"model.max_grad_norm: must be > 0 (or null), got {self.hparams.max_grad_norm}")
         if aggregation not in ("token_mean", "sequence_mean", "constant"):
             raise UserInputError(f"model.loss_aggregation: {aggregation!r} is not one of token_mean, sequence_mean, "
                                  "constant")
@@ -347,7 +353,8 @@ class PolicyGradientModule(PolicyModule):
             for minibatch in order.chunk(hp.minibatches):
                 for key, value in self.minibatch_step(experience, minibatch.sort().values).items():
                     sums[key] = sums.get(key, 0.0) + value
-                self.clip_gradients(optimizer, self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm)
+                if hp.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, hp.max_grad_norm, "norm")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:
