@@ -30,6 +30,42 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+class StepLosses(Callback):
+    """The training loss of every batch, in order."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def tiny_fit(module, data, steps: int = 2, *, batch_size: int = 4, callbacks=(), data_options=None,
+             **trainer_options) -> list[float]:
+    """Fit ``module`` on the preference file ``data`` for ``steps`` optimizer steps, writing nothing (no logger,
+    checkpoint, progress bar or model summary unless ``trainer_options`` ask); returns each batch's training loss.
+
+    Args:
+        module: the module to train.
+        data: a preference file (``data.train``).
+        steps: ``trainer.max_steps``.
+        batch_size: ``data.batch_size``.
+        callbacks: more callbacks.
+        data_options: more ``PreferenceDataModule`` arguments.
+        **trainer_options: more ``Trainer`` arguments (they win over the quiet defaults).
+    """
+    from lightning.pytorch import Trainer
+
+    from lightning_pref.data import PreferenceDataModule
+
+    dm = PreferenceDataModule(train=str(data), tokenizer=module.tokenizer, batch_size=batch_size,
+                              **(data_options or {}))
+    recorder = StepLosses()
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+    Trainer(max_steps=steps, callbacks=[recorder, *callbacks], **{**quiet, **trainer_options}).fit(module, dm)
+    return recorder.losses
+
+
 def with_kl_rows(batch: PreferenceBatch, pad_token_id: int = 0) -> PreferenceBatch:
     """``batch`` with KTO's mismatched rows, as a module whose loss needs a KL baseline builds them."""
     batch.kl_rows = kl.mismatched_rows(layout.sequences(batch), pad_token_id, packed=batch.packed is not None)

@@ -7,7 +7,6 @@ from functools import partial
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -18,14 +17,14 @@ from transformers import (
     Qwen2Config,
 )
 
-from lightning_pref import PreferenceDataModule, PreferenceModule, packing
+from lightning_pref import PreferenceModule, packing
 from lightning_pref.data.collate import PreferenceCollator
 from lightning_pref.data.tokenize import Encoded
 from lightning_pref.layout import best_fit_decreasing, pack, pad, unpacked_sequences
 from lightning_pref.logps import SequenceScorer
 from lightning_pref.losses import KTOLoss
 from lightning_pref.reward import RewardModule
-from tests.support import TINY, with_kl_rows
+from tests.support import TINY, tiny_fit, with_kl_rows
 
 VOCAB = 64
 _SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -165,22 +164,9 @@ def test_one_mask_for_all_layers_shares_prompts_only_within_the_window(window, c
 
 
 # ------------------------------------------------------------------------------------------------ training
-class _Losses(Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
 def _losses(module, data, steps: int, **data_kwargs) -> list[float]:
     data_kwargs.setdefault("packing", False)  # padded unless a test asks for a layout
-    dm = PreferenceDataModule(train=str(data), tokenizer=module.tokenizer, batch_size=4, **data_kwargs)
-    record = _Losses()
-    trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=[record], num_sanity_val_steps=0)
-    trainer.fit(module, dm)
-    return record.losses
+    return tiny_fit(module, data, steps, data_options=data_kwargs, num_sanity_val_steps=0)
 
 
 def _dpo(lr: float = 1e-2, **kwargs) -> PreferenceModule:

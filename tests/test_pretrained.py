@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 
-from lightning_pref import PreferenceDataModule, PreferenceModule
+from lightning_pref import PreferenceModule
 from lightning_pref.models import load_causal_lm, parameter_dtype
 from lightning_pref.schedules import WarmupDecay
-from tests.support import TINY
+from tests.support import TINY, tiny_fit
 
 
 def _checkpoint(tmp_path: Path, tokenizer, config: dict, dtype=torch.bfloat16) -> str:
@@ -47,18 +47,8 @@ class Record(Callback):
 
 def _fit(path: str, pairs_file, steps: int = 1, precision: str = "32-true", callbacks=(), **module_kwargs):
     model = PreferenceModule(policy=path, optimizer=partial(torch.optim.AdamW, lr=1e-3), **module_kwargs)
-    dm = PreferenceDataModule(train=str(pairs_file), tokenizer=model.tokenizer, batch_size=4, max_length=64)
-    losses: list[float] = []
-
-    class Losses(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            losses.append(float(outputs["loss"]))
-
-    trainer = Trainer(
-        max_steps=steps, precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[Losses(), *callbacks],
-    )
-    trainer.fit(model, dm)
+    losses = tiny_fit(model, pairs_file, steps, callbacks=callbacks, data_options={"max_length": 64},
+                      precision=precision)
     return model, losses
 
 

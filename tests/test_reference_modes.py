@@ -7,21 +7,12 @@ from functools import partial
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
 
-from lightning_pref import LossOutput, PreferenceDataModule, PreferenceLoss, PreferenceModule
+from lightning_pref import LossOutput, PreferenceLoss, PreferenceModule
 from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.losses import DPOLoss, SimPOLoss
 from lightning_pref.types import PreferenceBatch
-from tests.support import TINY
-
-
-def _fit(model: PreferenceModule, data, steps: int = 2, **trainer_kwargs) -> Trainer:
-    dm = PreferenceDataModule(train=str(data), tokenizer=model.tokenizer, batch_size=4)
-    trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, **trainer_kwargs)
-    trainer.fit(model, dm)
-    return trainer
+from tests.support import TINY, tiny_fit
 
 
 def _module(**kwargs) -> PreferenceModule:
@@ -41,7 +32,7 @@ def test_ref_sync_needs_model_mode():
 
 def test_none_mode_with_reference_free_loss_builds_no_reference(pairs_file):
     model = _module(loss=SimPOLoss(), reference_mode="none")
-    _fit(model, pairs_file)
+    tiny_fit(model, pairs_file)
     assert not list(model.reference.parameters())
 
 
@@ -50,7 +41,7 @@ def test_reference_dtype(pairs_file):
     model.configure_model()
     assert {p.dtype for p in model.reference.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.policy.parameters()} == {torch.float32}
-    _fit(model, pairs_file)
+    tiny_fit(model, pairs_file)
 
 
 def test_adapter_mode_reference_is_policy_with_adapters_disabled(pairs_file):
@@ -67,7 +58,7 @@ def test_adapter_mode_reference_is_policy_with_adapters_disabled(pairs_file):
     before = model.reference.logps(model.policy, batch)[0]
     # LoRA's B matrices start at zero, so the policy starts equal to its reference: DPO loss ln 2
     torch.testing.assert_close(model.policy(batch_ids, mask, response)[0], before)
-    _fit(model, pairs_file, steps=3)
+    tiny_fit(model, pairs_file, steps=3)
     with torch.no_grad():
         after_policy = model.policy(batch_ids, mask, response)[0]
     torch.testing.assert_close(model.reference.logps(model.policy, batch)[0], before)  # base untouched
@@ -78,7 +69,7 @@ def test_tr_dpo_soft_sync(pairs_file):
     model = _module(ref_sync_steps=2, ref_sync_alpha=0.5)
     model.configure_model()
     initial = {k: v.clone() for k, v in model.reference.state_dict().items()}
-    _fit(model, pairs_file, steps=2)
+    tiny_fit(model, pairs_file, steps=2)
     policy = model.policy.state_dict()
     for key, value in model.reference.state_dict().items():
         torch.testing.assert_close(value, 0.5 * initial[key] + 0.5 * policy[key])
@@ -98,7 +89,7 @@ class _NaNLoss(PreferenceLoss):
 
 def test_nonfinite_loss_stops_with_step_and_batch(pairs_file):
     with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 0 \(epoch 0, batch 0\)"):
-        _fit(_module(loss=_NaNLoss(), reference_mode="none"), pairs_file)
+        tiny_fit(_module(loss=_NaNLoss(), reference_mode="none"), pairs_file)
 
 
 def test_nonfinite_loss_skip(pairs_file):
@@ -106,23 +97,13 @@ def test_nonfinite_loss_skip(pairs_file):
     model.configure_model()
     initial = {k: v.clone() for k, v in model.policy.state_dict().items()}
     with pytest.warns(UserWarning, match="non-finite loss at step 0.*skipped"):
-        _fit(model, pairs_file, steps=2, max_epochs=1, limit_train_batches=2)
+        tiny_fit(model, pairs_file, steps=2, max_epochs=1, limit_train_batches=2)
     assert all(torch.equal(v, initial[k]) for k, v in model.policy.state_dict().items())
-
-
-class _Losses(Callback):
-    def __init__(self) -> None:
-        self.values: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.values.append(float(outputs["loss"]))
 
 
 def _losses(pairs_file, **kwargs) -> list[float]:
     torch.manual_seed(0)
-    recorder = _Losses()
-    _fit(_module(**kwargs), pairs_file, steps=3, callbacks=[recorder])
-    return recorder.values
+    return tiny_fit(_module(**kwargs), pairs_file, steps=3)
 
 
 def test_precomputed_matches_model_mode_and_reuses_its_cache(pairs_file, tmp_path, monkeypatch):
@@ -143,7 +124,7 @@ def test_precomputed_matches_model_mode_and_reuses_its_cache(pairs_file, tmp_pat
 
 def test_precomputed_holds_no_reference_model(pairs_file, tmp_path):
     model = _module(reference_mode="precomputed", reference_cache_dir=str(tmp_path))
-    _fit(model, pairs_file, steps=1)
+    tiny_fit(model, pairs_file, steps=1)
     assert not list(model.reference.parameters())
 
 
@@ -165,7 +146,7 @@ def test_adapter_policy_exports_merged(pairs_file, tmp_path):
     from lightning_pref.export import save_policy
 
     model = _module(reference_mode="adapter", lora={"r": 4, "lora_alpha": 8})
-    _fit(model, pairs_file, steps=2)
+    tiny_fit(model, pairs_file, steps=2)
     save_policy(model, tmp_path / "merged")
     ids = torch.randint(3, 200, (1, 12))
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()

@@ -7,32 +7,15 @@ from functools import partial
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_pref import PreferenceDataModule, PreferenceModule
+from lightning_pref import PreferenceModule
 from lightning_pref.cli import main
 from lightning_pref.errors import UserInputError
 from lightning_pref.losses import KTOLoss
 from lightning_pref.models import load_causal_lm
-from tests.support import REPO, TINY, with_kl_rows
-
-
-class Losses(Callback):
-    def __init__(self) -> None:
-        self.values: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.values.append(float(outputs["loss"]))
-
-
-def _fit(model: PreferenceModule, data, steps: int = 2, batch_size: int = 4, callbacks=(), **trainer_kwargs):
-    dm = PreferenceDataModule(train=str(data), tokenizer=model.tokenizer, batch_size=batch_size)
-    recorder = Losses()
-    trainer = Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=[recorder, *callbacks], **{"enable_checkpointing": False, **trainer_kwargs})
-    trainer.fit(model, dm)
-    return recorder.values
+from tests.support import REPO, TINY, tiny_fit, with_kl_rows
 
 
 def _module(policy=TINY, **kwargs) -> PreferenceModule:
@@ -57,15 +40,15 @@ def test_precomputed_cache_follows_the_weights_not_the_path(tmp_path, tokenizer,
     monkeypatch.setattr(precompute, "score_examples", lambda *a, **k: calls.append(1) or real(*a, **k))
     cache = str(tmp_path / "cache")
     path = _save(tmp_path / "sft", tokenizer, seed=1)
-    _fit(_module(path, reference_mode="precomputed", reference_cache_dir=cache), pairs_file, steps=1)
-    _fit(_module(path, reference_mode="precomputed", reference_cache_dir=cache), pairs_file, steps=1)
+    tiny_fit(_module(path, reference_mode="precomputed", reference_cache_dir=cache), pairs_file, steps=1)
+    tiny_fit(_module(path, reference_mode="precomputed", reference_cache_dir=cache), pairs_file, steps=1)
     assert len(calls) == 1  # same weights: a hit
     _save(tmp_path / "sft", tokenizer, seed=2)  # retrained into the same directory
     torch.manual_seed(0)
-    fresh = _fit(_module(path, reference_mode="precomputed", reference_cache_dir=cache), pairs_file, steps=2)
+    fresh = tiny_fit(_module(path, reference_mode="precomputed", reference_cache_dir=cache), pairs_file, steps=2)
     assert len(calls) == 2  # a miss
     torch.manual_seed(0)
-    expected = _fit(_module(path), pairs_file, steps=2)  # model mode on the new weights
+    expected = tiny_fit(_module(path), pairs_file, steps=2)  # model mode on the new weights
     torch.testing.assert_close(torch.tensor(fresh), torch.tensor(expected), rtol=1e-5, atol=1e-6)
 
 
@@ -76,12 +59,12 @@ def test_precomputed_scored_under_the_trainers_precision(tmp_path, pairs_file):
     steps = {}
     for mode in ("model", "precomputed"):
         torch.manual_seed(0)
-        steps[mode] = _fit(_module(reference_mode=mode, reference_cache_dir=str(cache)), pairs_file, steps=1,
+        steps[mode] = tiny_fit(_module(reference_mode=mode, reference_cache_dir=str(cache)), pairs_file, steps=1,
                            precision="bf16-mixed")
     # autocast rounds both to bf16; fp32 scoring of the table (the old behaviour) was off by ~1e-3 here
     assert steps["precomputed"][0] == pytest.approx(steps["model"][0], abs=2e-4)
     assert steps["model"][0] == pytest.approx(math.log(2), abs=1e-6)
-    _fit(_module(reference_mode="precomputed", reference_cache_dir=str(cache)), pairs_file, steps=1)  # 32-true
+    tiny_fit(_module(reference_mode="precomputed", reference_cache_dir=str(cache)), pairs_file, steps=1)  # 32-true
     assert len(list(cache.glob("*.pt"))) == 2
 
 
@@ -101,7 +84,7 @@ def test_tr_dpo_syncs_once_per_optimizer_step_under_accumulation(tmp_path, pairs
                 at_step_2.update({k: v.clone() for k, v in pl_module.policy.state_dict().items()})
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    _fit(model, pairs_file, steps=3, accumulate_grad_batches=2, callbacks=[Snapshot(), checkpoint],
+    tiny_fit(model, pairs_file, steps=3, accumulate_grad_batches=2, callbacks=[Snapshot(), checkpoint],
          enable_checkpointing=True)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
     for key, value in model.reference.state_dict().items():
@@ -182,7 +165,7 @@ def test_every_rank_runs_a_kl_forward_even_without_kl_rows(tiny_model, monkeypat
 # ---------------------------------------------------------------------------------------------- checkpoints
 def test_load_from_checkpoint_rebuilds_the_trained_loss(tmp_path, pairs_file):
     model = _module(loss=KTOLoss(beta=0.3, desirable_weight=1.2))
-    _fit(model, pairs_file, steps=1, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+    tiny_fit(model, pairs_file, steps=1, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
          enable_checkpointing=True)
     reloaded = PreferenceModule.load_from_checkpoint(tmp_path / "last.ckpt")
     assert isinstance(reloaded.loss, KTOLoss)
@@ -191,7 +174,7 @@ def test_load_from_checkpoint_rebuilds_the_trained_loss(tmp_path, pairs_file):
 
 def test_a_checkpoint_missing_a_policy_key_fails_loudly(tmp_path, pairs_file):
     model = _module()
-    _fit(model, pairs_file, steps=1, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+    tiny_fit(model, pairs_file, steps=1, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
          enable_checkpointing=True)
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert not any(k.startswith("reference.") for k in checkpoint["state_dict"])  # allowed to be missing
@@ -226,11 +209,11 @@ def test_nonfinite_skip_leaves_other_accumulated_batches(pairs_file):
     torch.manual_seed(0)
     skipped = _module(loss=NaNAtCall(at=1), on_nonfinite="skip")
     with pytest.warns(UserWarning, match="batch skipped"):
-        losses = _fit(skipped, pairs_file, steps=1, accumulate_grad_batches=2)
+        losses = tiny_fit(skipped, pairs_file, steps=1, accumulate_grad_batches=2)
     assert losses[1] == 0.0 and math.isfinite(losses[0])
     torch.manual_seed(0)
     alone = _module()
-    _fit(alone, pairs_file, steps=1, accumulate_grad_batches=2, limit_train_batches=1)  # the good batch alone
+    tiny_fit(alone, pairs_file, steps=1, accumulate_grad_batches=2, limit_train_batches=1)  # the good batch alone
     # the same single batch's gradient (halved by the accumulation in the skipped run: AdamW is scale-invariant)
     for (name, a), b in zip(skipped.policy.named_parameters(), alone.policy.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
