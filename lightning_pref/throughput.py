@@ -52,3 +52,8 @@ class TokenThroughput(ThroughputMonitor):
 
     def __init__(self, window_size: int = 10, **kwargs: Any) -> None:
         super().__init__(batch_size_fn=_samples, length_fn=_tokens, window_size=window_size, **kwargs)
+
+    def _compute(self, trainer: Any, iter_num: int | None = None) -> None:
+        # Lightning's monitor labels a step by the steps done (from 1); every other metric in metrics.csv by the
+        # step's index (from 0): the same step, one label.
+        super()._compute(trainer, iter_num - 1 if iter_num is not None else None)

