@@ -100,8 +100,10 @@ class PreferenceModule(PolicyModule):
         loss = out.losses.mean()
         values = per_example(out, policy, batch.paired, batch.weights)
         batch_size = batch.num_chosen if batch.paired else batch.num_sequences
-        if stage == "train":  # per step: this batch's values, logged as plain tensors in one call
-            self.log_metrics("train", batch_means(values) | out.metrics, batch_size, _PROGRESS_BAR)
+        if stage == "train":  # per step: this batch's values, logged as plain tensors in one call; a batch whose
+            # every row weighs 0 (an on-policy step where every prompt tied) has no values to report
+            if batch.weights is None or bool(batch.weights.any()):
+                self.log_metrics("train", batch_means(values) | out.metrics, batch_size, _PROGRESS_BAR)
         else:  # per epoch: exact means over every example on every device
             for key, metric in getattr(self, f"{stage}_metrics").update(values).items():
                 self.log(f"{stage}/{key}", metric, on_step=False, on_epoch=True, batch_size=batch_size)

@@ -151,7 +151,9 @@ class OnPolicyModule(PreferenceModule):
         for b, best, worst in pairs or [(0, int(scores[0].argmax()), int(scores[0].argmin()))]:
             chosen = encode_completion(self.tokenizer, self.chat, values[b], texts[b][best], prompts[b])
             rejected = encode_completion(self.tokenizer, self.chat, values[b], texts[b][worst], prompts[b])
-            examples.append(Encoded(chosen[0], chosen[1], rejected[1], index=b))
+            # the fallback pair of a step where every prompt tied weighs 0: trained on with weight 0, and its loss
+            # and accuracies are not reported as if something had been learnt
+            examples.append(Encoded(chosen[0], chosen[1], rejected[1], index=b, weight=1.0 if kept else 0.0))
         if kept == 0 and examples[0].chosen == examples[0].rejected:  # a tie of identical texts: still a forward
             examples[0].rejected = [*examples[0].rejected, self.tokenizer.pad_token_id]
         metrics = rollout.metrics() | {"judge/ties": torch.tensor(1 - kept / len(prompts)),

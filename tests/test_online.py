@@ -168,3 +168,15 @@ def test_iterative_rounds_write_pairs_and_resume_in_their_round(tmp_path):
     resumed = tmp_path / "lightning_logs/version_1"
     assert not (resumed / "round_2.jsonl").exists()  # round 2's file came from the interrupted run
     assert (resumed / "round_3.jsonl").exists()
+
+
+def test_a_step_where_every_prompt_tied_reports_no_loss_or_accuracy(tmp_path):
+    """Every completion scores the same: no pair is kept, the step still runs (weight 0) and logs its judge
+    metrics, but no loss or reward accuracy that would read as if a pair had been learnt."""
+    main(["fit", "--config", ONLINE, "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1",
+          "--data.batch_size", "4", "--trainer.default_root_dir", str(tmp_path), "--progress_bar.refresh_rate", "0",
+          "--model.init_args.judge.init_args.fn", "tests.support:constant_score"])
+    rows = [r for r in _metrics(tmp_path) if r.get("train/judge/score")]
+    assert len(rows) == 2
+    assert all(float(r["train/judge/ties"]) == 1.0 and float(r["train/pairs"]) == 0.0 for r in rows)
+    assert all(r.get("train/loss", "") == "" and r.get("train/rewards/accuracies", "") == "" for r in rows)
