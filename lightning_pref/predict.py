@@ -143,7 +143,7 @@ class SampleCompletions(Callback):
             return
         decode = pl_module.tokenizer.decode
         records = [
-            {"step": trainer.global_step, "epoch": trainer.current_epoch, "prompt": decode(p),
+            {"step": trainer.global_step - 1, "epoch": trainer.current_epoch, "prompt": decode(p),  # as metrics.csv
              "policy": policy.texts[i][0], "reference": reference.texts[i][0] if reference is not None else None}
             for i, p in enumerate(prompts)
         ]
