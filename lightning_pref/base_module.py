@@ -20,6 +20,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
+from lightning_pref import layout
 from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.models import (
     ModelSpec,
@@ -127,6 +128,32 @@ class BaseModule(LightningModule):
         why = "model.dtype" if hp.dtype else f"trainer.precision {self._trainer.precision}"
         spec = hp[self.model_field.removeprefix("model.")]
         return f"lightning-pref: {what} parameters {dtype} ({why}; checkpoint {storage_dtype(spec, hp.model_kwargs)})"
+
+    @property
+    def layout_scorers(self) -> list[Any]:
+        """The models that run every training batch, each with ``runnable(packed) -> (layout or None, masks)``
+        (a subclass names them)."""
+        return []
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the CPU, before the batch moves: lay it out as the models can run it (:meth:`runnable_layout`)."""
+        if isinstance(batch, PreferenceBatch):
+            self.runnable_layout(batch)
+        return batch
+
+    def runnable_layout(self, batch: PreferenceBatch) -> None:
+        """Replace a packed batch's layout by the one every scorer of this module runs (shared prompts, plain
+        packing, or padding), so no forward converts it on the device and what is logged about the batch
+        (``train/padding_fraction``, the FLOPs) describes the layout that ran, not one a model fell back from."""
+        for scorer in self.layout_scorers:
+            if batch.packed is None:
+                return
+            usable, _ = scorer.runnable(batch.packed)
+            if usable is None:
+                batch.input_ids, batch.attention_mask, batch.response_mask = layout.unpack(batch.packed)
+                batch.packed = None
+            else:
+                batch.packed = usable
 
     def log_batch_cost(self, batch: PreferenceBatch, no_grad_passes: int = 0, extra_no_grad_tokens: int = 0) -> None:
         """Set ``flops_per_batch`` (6N per real token of the trained pass, 2N per token of each pass without

@@ -174,10 +174,10 @@ class PolicyModule(BaseModule):
         self.reference.prepare(self.trainer)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """On the CPU, before the batch moves: lay it out as the models can run it (decided once per model), and
-        attach what the reference gives ahead (precomputed log-probs)."""
+        """On the CPU, before the batch moves: lay it out as the models can run it (decided once per model, see
+        :meth:`BaseModule.runnable_layout`), and attach what the reference gives ahead (precomputed log-probs)."""
+        batch = super().on_before_batch_transfer(batch, dataloader_idx)
         if isinstance(batch, PreferenceBatch):
-            self.runnable_layout(batch)
             self.reference.attach(batch)
         return batch
 
@@ -193,18 +193,10 @@ class PolicyModule(BaseModule):
         self.runnable_layout(batch)
         return self.transfer_batch_to_device(batch, self.device, 0)
 
-    def runnable_layout(self, batch: PreferenceBatch) -> None:
-        """Replace a packed batch's layout by the one every scorer of this module runs (shared prompts, plain
-        packing, or padding), so no forward has to convert it on the device."""
-        for scorer in (self.policy, self.reference):
-            if batch.packed is None or not isinstance(scorer, SequenceScorer):
-                continue
-            usable, _ = scorer.runnable(batch.packed)
-            if usable is None:
-                batch.input_ids, batch.attention_mask, batch.response_mask = layout.unpack(batch.packed)
-                batch.packed = None
-            else:
-                batch.packed = usable
+    @property
+    def layout_scorers(self) -> list[Any]:
+        """The policy and, where it is a model, the reference: both run every batch."""
+        return [s for s in (self.policy, self.reference) if isinstance(s, SequenceScorer)]
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the reference's own step (TR-DPO's sync), once per optimizer step."""

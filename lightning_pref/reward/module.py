@@ -57,6 +57,10 @@ class RewardScorer(nn.Module):
             )
         self.capability = packing.capability(model)  # which packed layouts it runs, decided once
 
+    def runnable(self, packed: PackedRows) -> tuple[PackedRows | None, Any]:
+        """The layout of ``packed`` this model runs and the masks it needs (:func:`packing.runnable`)."""
+        return packing.runnable(self.model, packed, self.capability)
+
     def forward(self, input_ids: Tensor | None, attention_mask: Tensor | None, packed: PackedRows | None = None) -> Tensor:
         """Scores of ``prompt + response`` rows, or of the sequences in ``packed`` (in batch row order; padded
         again for a model that cannot take them). # (N, T) -> (N,)"""
@@ -135,6 +139,10 @@ class RewardModule(BaseModule):
         self.scorer = RewardScorer(model)
         if self._trainer is not None:
             rank_zero_info(self.describe_dtype("reward model", self.scorer))
+
+    @property
+    def layout_scorers(self) -> list[Any]:
+        return [self.scorer] if self.scorer is not None else []
 
     def forward(self, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
         """Scores of the chosen and the rejected responses (one forward over both). # -> (B,), (B,)"""
