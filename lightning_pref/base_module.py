@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import torch
 from lightning.pytorch import LightningModule
@@ -21,8 +21,10 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
 from lightning_pref import layout
+from lightning_pref.checks import check_choice
 from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.models import (
+    DtypeName,
     ModelSpec,
     enable_activation_checkpointing,
     load_configured,
@@ -76,6 +78,14 @@ class BaseModule(LightningModule):
         when ``tokenizer`` is ``None``)."""
         super().__init__()
         self.save_hyperparameters(ignore=list(self.not_hparams))
+        # Literal options are checked by the CLI's parser, not when a module is built from Python: a typo there
+        # would otherwise fall through to a default branch (an unknown on_nonfinite acted as "skip").
+        hp = self.hparams
+        if "on_nonfinite" in hp:
+            check_choice("model.on_nonfinite", hp.on_nonfinite, ("error", "skip"))
+        for name in ("dtype", "reference_dtype"):
+            if hp.get(name) is not None:
+                check_choice(f"model.{name}", hp[name], get_args(DtypeName))
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.tokenizer = model_tokenizer(model, tokenizer, model_kwargs, self.model_field)
         self._finite_batches = 0

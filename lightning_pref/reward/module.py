@@ -120,6 +120,10 @@ class RewardModule(BaseModule):
         init_seed: int = 0,
     ) -> None:
         super().__init__(backbone, tokenizer, model_kwargs, optimizer, scheduler)
+        labels = (model_kwargs or {}).get("num_labels", 1)
+        if labels != 1:  # a reward is one number: the head would be rebuilt with this many outputs, then squeezed
+            raise UserInputError(f"model.model_kwargs: num_labels {labels!r}; a reward model has one label (one score "
+                                 "per sequence), drop num_labels")
         self.loss = self.plugin(loss, REWARD_LOSSES, BradleyTerryLoss, "model.loss")
         self.scorer: RewardScorer | None = None
         # float64 sums: the standard deviations are differences of moments
