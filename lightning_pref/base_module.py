@@ -183,6 +183,15 @@ class BaseModule(LightningModule):
             if part:
                 self.log_dict(part, prog_bar=on_bar, on_step=True, on_epoch=False, batch_size=batch_size)
 
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        """Modules that generate (policies) override this; the others refuse ``predict`` and ``evaluate`` in one
+        line rather than fail inside ``forward`` on a batch of prompts."""
+        raise UserInputError(
+            f"model: {type(self).__name__} does not generate text, so predict and evaluate cannot run it; they need a "
+            "policy module (PreferenceModule, OnPolicyModule or PolicyGradientModule). A reward model judges: export "
+            "it and pass --judge reward_model --judge.path DIR"
+        )
+
     def setup(self, stage: str) -> None:
         # Notes Lightning gives about what these modules do on purpose; registered when a run starts, not at import.
         for note in (_BATCH_HOOK_NOTE, _EVAL_MODE_NOTE):

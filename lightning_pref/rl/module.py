@@ -43,7 +43,7 @@ from lightning_pref import layout
 from lightning_pref.checks import check_range
 from lightning_pref.errors import UserInputError
 from lightning_pref.judges.base import Judge
-from lightning_pref.models import ModelSpec, enable_activation_checkpointing, load_causal_lm
+from lightning_pref.models import ModelSpec, enable_activation_checkpointing, load_reward_model
 from lightning_pref.policy import PolicyModule
 from lightning_pref.reference import check_reference_mode
 from lightning_pref.registry import ADVANTAGES, JUDGES
@@ -228,11 +228,8 @@ class PolicyGradientModule(PolicyModule):
                 torch.nn.init.zeros_(head.bias)
         else:
             self._check_critic_tokenizer(spec)
-            model = load_causal_lm(spec, field="model.critic.model", dtype=self.parameter_dtype,
-                                   auto_class=AutoModelForSequenceClassification)
-            if getattr(model.config, "num_labels", 1) != 1:
-                raise UserInputError(f"model.critic.model: {spec} has {model.config.num_labels} labels; a critic "
-                                     "starts from a one-label reward model")
+            # a trained one-label head, checked (a causal LM would get a random one)
+            model = load_reward_model(spec, "model.critic.model", dtype=self.parameter_dtype)
         if self.hparams.gradient_checkpointing:
             enable_activation_checkpointing(model)
         return ValueScorer(model).to(self.device)
