@@ -218,6 +218,7 @@ class BaseModule(LightningModule):
             optimizer = self.optimizer_factory(parameters)
         except ValueError as err:
             raise UserInputError(f"model.optimizer: {err}") from None
+        _check_eps(optimizer, self._trainer.precision if self._trainer is not None else None)
         if self.scheduler_factory is None:
             return optimizer
         try:
@@ -254,11 +255,26 @@ class BaseModule(LightningModule):
         where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
         if self.hparams.on_nonfinite == "error":
             raise TrainingError(
-                f"non-finite loss ({loss.item()}) at {where}; lower the learning rate or check that batch's data, "
-                "or set model.on_nonfinite: skip to skip such batches"
+                f"non-finite loss ({loss.item()}) at {where}; {self._nonfinite_cause()}, or set model.on_nonfinite: "
+                "skip to skip such batches"
             )
         warnings.warn(f"non-finite loss at {where}: batch skipped (model.on_nonfinite: skip)", stacklevel=3)
         return zero.nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
+
+    def _nonfinite_cause(self) -> str:
+        """What a non-finite loss comes from, where it can be told: weights an earlier update made non-finite (a
+        step too large), or, with no update taken yet, the forward itself (the data, or float16 overflow), which
+        no learning rate changes. Local to this process: it only words the message."""
+        lower_precision = self.parameter_dtype == torch.float16 or "16" in str(
+            self._trainer.precision if self._trainer is not None else "")
+        if any(not torch.isfinite(p).all() for p in self.trainable_parameters()):
+            return ("the weights are already non-finite: an earlier optimizer step diverged; lower the learning rate "
+                    "(or raise the optimizer's eps" + (", or use bf16/fp32 weights" if lower_precision else "") + ")")
+        if self.global_step == 0:
+            return ("no update has been taken yet, so it is not the learning rate: check that batch's data (and loss "
+                    "options)" + ("; float16 activations overflow easily: try bf16 or 32-true" if lower_precision
+                                  else ""))
+        return "lower the learning rate or check that batch's data"
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # A step whose every batch was skipped, or whose gradients are not finite after all (a non-finite
@@ -347,6 +363,31 @@ class BaseModule(LightningModule):
             random.setstate(rng["python"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _check_eps(optimizer: torch.optim.Optimizer, precision: str | None) -> None:
+    """Refuse an optimizer ``eps`` that the parameters' dtype cannot hold: Adam's default 1e-8 is 0 in float16
+    (``16-true``), so its first update divides by zero (a zero second moment) and the loss is NaN at step 1, a
+    failure the learning rate has nothing to do with.
+
+    Raises:
+        UserInputError: naming the eps, the dtype, what it becomes and the fixes.
+    """
+    for group in optimizer.param_groups:
+        eps = group.get("eps")
+        if not isinstance(eps, float) or eps <= 0:
+            continue
+        for dtype in {p.dtype for p in group["params"] if p.is_floating_point()}:
+            tiny = torch.finfo(dtype).tiny  # below the smallest normal number, eps is 0 or loses its precision
+            if eps < tiny:
+                held = float(torch.tensor(eps, dtype=dtype))
+                raise UserInputError(
+                    f"model.optimizer: eps {eps:g} is {held:g} in {str(dtype).removeprefix('torch.')} (the "
+                    f"parameters' dtype{f' under trainer.precision {precision}' if precision else ''}; the smallest "
+                    f"normal number is {tiny:.3g}), so the update divides by about zero and the loss is NaN after "
+                    f"the first step; set model.optimizer.init_args.eps to 1e-4 or more, or train with fp32 master "
+                    "weights (trainer.precision 16-mixed or bf16-mixed)"
+                )
 
 
 def _few(keys: list[str]) -> str:
