@@ -13,15 +13,18 @@ from __future__ import annotations
 import random
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
+from lightning_pref import layout
+from lightning_pref.checks import check_choice
 from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.models import (
+    DtypeName,
     ModelSpec,
     enable_activation_checkpointing,
     load_configured,
@@ -75,6 +78,14 @@ class BaseModule(LightningModule):
         when ``tokenizer`` is ``None``)."""
         super().__init__()
         self.save_hyperparameters(ignore=list(self.not_hparams))
+        # Literal options are checked by the CLI's parser, not when a module is built from Python: a typo there
+        # would otherwise fall through to a default branch (an unknown on_nonfinite acted as "skip").
+        hp = self.hparams
+        if "on_nonfinite" in hp:
+            check_choice("model.on_nonfinite", hp.on_nonfinite, ("error", "skip"))
+        for name in ("dtype", "reference_dtype"):
+            if hp.get(name) is not None:
+                check_choice(f"model.{name}", hp[name], get_args(DtypeName))
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.tokenizer = model_tokenizer(model, tokenizer, model_kwargs, self.model_field)
         self._finite_batches = 0
@@ -128,6 +139,32 @@ class BaseModule(LightningModule):
         spec = hp[self.model_field.removeprefix("model.")]
         return f"lightning-pref: {what} parameters {dtype} ({why}; checkpoint {storage_dtype(spec, hp.model_kwargs)})"
 
+    @property
+    def layout_scorers(self) -> list[Any]:
+        """The models that run every training batch, each with ``runnable(packed) -> (layout or None, masks)``
+        (a subclass names them)."""
+        return []
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the CPU, before the batch moves: lay it out as the models can run it (:meth:`runnable_layout`)."""
+        if isinstance(batch, PreferenceBatch):
+            self.runnable_layout(batch)
+        return batch
+
+    def runnable_layout(self, batch: PreferenceBatch) -> None:
+        """Replace a packed batch's layout by the one every scorer of this module runs (shared prompts, plain
+        packing, or padding), so no forward converts it on the device and what is logged about the batch
+        (``train/padding_fraction``, the FLOPs) describes the layout that ran, not one a model fell back from."""
+        for scorer in self.layout_scorers:
+            if batch.packed is None:
+                return
+            usable, _ = scorer.runnable(batch.packed)
+            if usable is None:
+                batch.input_ids, batch.attention_mask, batch.response_mask = layout.unpack(batch.packed)
+                batch.packed = None
+            else:
+                batch.packed = usable
+
     def log_batch_cost(self, batch: PreferenceBatch, no_grad_passes: int = 0, extra_no_grad_tokens: int = 0) -> None:
         """Set ``flops_per_batch`` (6N per real token of the trained pass, 2N per token of each pass without
         gradient) and log the batch's ``train/padding_fraction``."""
@@ -145,6 +182,15 @@ class BaseModule(LightningModule):
             part = {k: v for k, v in logged.items() if (k in progress_bar) is on_bar}
             if part:
                 self.log_dict(part, prog_bar=on_bar, on_step=True, on_epoch=False, batch_size=batch_size)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        """Modules that generate (policies) override this; the others refuse ``predict`` and ``evaluate`` in one
+        line rather than fail inside ``forward`` on a batch of prompts."""
+        raise UserInputError(
+            f"model: {type(self).__name__} does not generate text, so predict and evaluate cannot run it; they need a "
+            "policy module (PreferenceModule, OnPolicyModule or PolicyGradientModule). A reward model judges: export "
+            "it and pass --judge reward_model --judge.path DIR"
+        )
 
     def setup(self, stage: str) -> None:
         # Notes Lightning gives about what these modules do on purpose; registered when a run starts, not at import.
@@ -172,6 +218,7 @@ class BaseModule(LightningModule):
             optimizer = self.optimizer_factory(parameters)
         except ValueError as err:
             raise UserInputError(f"model.optimizer: {err}") from None
+        _check_eps(optimizer, self._trainer.precision if self._trainer is not None else None)
         if self.scheduler_factory is None:
             return optimizer
         try:
@@ -208,11 +255,26 @@ class BaseModule(LightningModule):
         where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
         if self.hparams.on_nonfinite == "error":
             raise TrainingError(
-                f"non-finite loss ({loss.item()}) at {where}; lower the learning rate or check that batch's data, "
-                "or set model.on_nonfinite: skip to skip such batches"
+                f"non-finite loss ({loss.item()}) at {where}; {self._nonfinite_cause()}, or set model.on_nonfinite: "
+                "skip to skip such batches"
             )
         warnings.warn(f"non-finite loss at {where}: batch skipped (model.on_nonfinite: skip)", stacklevel=3)
         return zero.nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
+
+    def _nonfinite_cause(self) -> str:
+        """What a non-finite loss comes from, where it can be told: weights an earlier update made non-finite (a
+        step too large), or, with no update taken yet, the forward itself (the data, or float16 overflow), which
+        no learning rate changes. Local to this process: it only words the message."""
+        lower_precision = self.parameter_dtype == torch.float16 or "16" in str(
+            self._trainer.precision if self._trainer is not None else "")
+        if any(not torch.isfinite(p).all() for p in self.trainable_parameters()):
+            return ("the weights are already non-finite: an earlier optimizer step diverged; lower the learning rate "
+                    "(or raise the optimizer's eps" + (", or use bf16/fp32 weights" if lower_precision else "") + ")")
+        if self.global_step == 0:
+            return ("no update has been taken yet, so it is not the learning rate: check that batch's data (and loss "
+                    "options)" + ("; float16 activations overflow easily: try bf16 or 32-true" if lower_precision
+                                  else ""))
+        return "lower the learning rate or check that batch's data"
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # A step whose every batch was skipped, or whose gradients are not finite after all (a non-finite
@@ -301,6 +363,31 @@ class BaseModule(LightningModule):
             random.setstate(rng["python"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _check_eps(optimizer: torch.optim.Optimizer, precision: str | None) -> None:
+    """Refuse an optimizer ``eps`` that the parameters' dtype cannot hold: Adam's default 1e-8 is 0 in float16
+    (``16-true``), so its first update divides by zero (a zero second moment) and the loss is NaN at step 1, a
+    failure the learning rate has nothing to do with.
+
+    Raises:
+        UserInputError: naming the eps, the dtype, what it becomes and the fixes.
+    """
+    for group in optimizer.param_groups:
+        eps = group.get("eps")
+        if not isinstance(eps, float) or eps <= 0:
+            continue
+        for dtype in {p.dtype for p in group["params"] if p.is_floating_point()}:
+            tiny = torch.finfo(dtype).tiny  # below the smallest normal number, eps is 0 or loses its precision
+            if eps < tiny:
+                held = float(torch.tensor(eps, dtype=dtype))
+                raise UserInputError(
+                    f"model.optimizer: eps {eps:g} is {held:g} in {str(dtype).removeprefix('torch.')} (the "
+                    f"parameters' dtype{f' under trainer.precision {precision}' if precision else ''}; the smallest "
+                    f"normal number is {tiny:.3g}), so the update divides by about zero and the loss is NaN after "
+                    f"the first step; set model.optimizer.init_args.eps to 1e-4 or more, or train with fp32 master "
+                    "weights (trainer.precision 16-mixed or bf16-mixed)"
+                )
 
 
 def _few(keys: list[str]) -> str:

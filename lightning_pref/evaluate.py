@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lightning_pref.errors import UserInputError
-from lightning_pref.judges.base import Judge
+from lightning_pref.judges.base import Judge, judge_preferences, judge_scores
 from lightning_pref.predict import PredictionWriter
 
 
@@ -38,12 +39,15 @@ def wilson(successes: int, n: int, confidence: float = 0.95) -> tuple[float, flo
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def mean_interval(values: list[float], confidence: float = 0.95) -> dict[str, float]:
-    """Mean and its normal-approximation interval (mean ± z·sd/√n)."""
+def mean_interval(values: list[float], confidence: float = 0.95) -> dict[str, float | None]:
+    """Mean and its normal-approximation interval (mean ± z·sd/√n); ``None`` for all three without values
+    (JSON's null: a NaN would make the report invalid JSON)."""
     n = len(values)
-    mean = statistics.fmean(values) if n else float("nan")
+    if not n:
+        return {"mean": None, "low": None, "high": None}
+    mean = statistics.fmean(values)
     sd = statistics.stdev(values) if n > 1 else 0.0
-    half = statistics.NormalDist().inv_cdf(0.5 + confidence / 2) * sd / math.sqrt(n) if n else float("nan")
+    half = statistics.NormalDist().inv_cdf(0.5 + confidence / 2) * sd / math.sqrt(n)
     return {"mean": mean, "low": mean - half, "high": mean + half}
 
 
@@ -70,22 +74,25 @@ def evaluate_records(records: list[dict[str, Any]], judge: Judge, confidence: fl
         prompts += [r["prompt"]] * len(samples)
         policy += samples
         reference += _flat(r["reference"])
-    verdicts = judge.prefer(prompts, policy, reference)
+    # The judge's output is checked where it enters: a value that is not a verdict (or a NaN score) is one line
+    # naming the judge, not a comparison counted as neither win, loss nor tie, or a crash in statistics.
+    verdicts = judge_preferences(judge, prompts, policy, reference)
     n = len(verdicts)
     counts = {"win": verdicts.count(1), "loss": verdicts.count(-1), "tie": verdicts.count(0)}
     report: dict[str, Any] = {"judge": type(judge).__name__, "prompts": len(records), "comparisons": n,
                               "confidence": confidence}
     for outcome, k in counts.items():
         low, high = wilson(k, n, confidence)
-        report[f"{outcome}_rate"] = {"value": k / n if n else float("nan"), "low": low, "high": high, "count": k}
+        report[f"{outcome}_rate"] = {"value": k / n if n else None, "low": low, "high": high, "count": k}
     decided = counts["win"] + counts["loss"]
     low, high = wilson(counts["win"], decided, confidence)
-    report["win_rate_without_ties"] = {"value": counts["win"] / decided if decided else float("nan"),
+    # every comparison a tie: no win rate to give (null, not NaN)
+    report["win_rate_without_ties"] = {"value": counts["win"] / decided if decided else None,
                                        "low": low, "high": high}
     for side, texts in (("policy", policy), ("reference", reference)):
         stats: dict[str, Any] = {}
         if judge.scores:
-            stats["score"] = mean_interval(judge.score(prompts, texts), confidence)
+            stats["score"] = mean_interval(judge_scores(judge, prompts, texts), confidence)
         tokens = [t for r in records for t in _flat(r.get(f"{side}_tokens", []))]
         eos = [bool(e) for r in records for e in _flat(r.get(f"{side}_eos", []))]
         if tokens:
@@ -101,8 +108,10 @@ def print_report(report: dict[str, Any], path: Path | None) -> None:
     """The report as two tables on stdout: the comparisons' outcomes, then each side's numbers."""
     pct = int(round(report["confidence"] * 100))
 
-    def ci(entry: dict[str, float]) -> str:
+    def ci(entry: dict[str, float | None]) -> str:
         value = entry.get("value", entry.get("mean"))
+        if value is None:
+            return "– (none)"
         return f"{value:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
 
     outcomes = Table(title=f"evaluate: policy vs reference ({report['judge']}, {report['comparisons']} comparisons, "
@@ -123,6 +132,17 @@ def print_report(report: dict[str, Any], path: Path | None) -> None:
     console.print(sides)
     if path is not None:
         console.print(f"written to {path}", highlight=False, soft_wrap=True)
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """``report`` as strict JSON (``allow_nan=False``: a NaN that slipped through is an error here, not an
+    invalid file for whoever reads it), written under a temporary name and moved into place, so an interrupted
+    run leaves no partial report."""
+    text = json.dumps(report, indent=2, allow_nan=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _unique(path: Path) -> Path:
@@ -182,7 +202,6 @@ class PreferenceTrainer(Trainer):
             path = _unique(Path(ckpt_path).with_suffix(".evaluation.json"))
         else:
             path = _unique(log_dir / "evaluation.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2))
+        write_json(path, report)
         print_report(report, path)
         return report

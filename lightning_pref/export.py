@@ -26,6 +26,10 @@ from lightning_pref.reward.export import load_reward_from_checkpoint, save_rewar
 _POLICY_PREFIX = "policy."
 
 
+_NO_ADAPTER = ("--adapter_only: this model has no LoRA adapter (it was not trained with reference_mode adapter, so "
+               "every weight changed); drop adapter_only to export the whole model")
+
+
 def _check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -50,6 +54,8 @@ def write_policy(policy: Policy, output_dir: str | Path, adapter_only: bool = Fa
     (unless ``adapter_only``), in ``dtype`` when given (else the trained parameters' dtype)."""
     out = Path(output_dir)
     model = policy.model
+    if adapter_only and not hasattr(model, "merge_and_unload"):  # else the whole model would be written instead
+        raise UserInputError(_NO_ADAPTER)
     if hasattr(model, "merge_and_unload") and not adapter_only:
         # Merge into a copy: the module keeps training (or validating) with its adapters intact.
         model = copy.deepcopy(model).merge_and_unload()
@@ -156,6 +162,8 @@ def export_checkpoint(
             master weights under ``32-true``/``*-mixed``, which keep updates too small for bf16).
     """
     checkpoint = read_checkpoint(ckpt_path)
+    if adapter_only and checkpoint["hyper_parameters"].get("reference_mode") != "adapter":  # before any writing
+        raise UserInputError(_NO_ADAPTER)
     out = _check_output_dir(output_dir, overwrite)
     if "backbone" in checkpoint["hyper_parameters"]:
         return save_reward_model(load_reward_from_checkpoint(checkpoint), out, dtype)
@@ -183,6 +191,8 @@ class ExportPolicy(Callback):
         self.output_dir, self.overwrite, self.adapter_only, self.dtype = output_dir, overwrite, adapter_only, dtype
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.adapter_only and pl_module.hparams.get("reference_mode") != "adapter":  # not only once trained
+            raise UserInputError(_NO_ADAPTER)
         if trainer.is_global_zero:
             _check_output_dir(self.output_dir, self.overwrite)
 

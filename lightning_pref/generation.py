@@ -57,11 +57,16 @@ class GenerationOptions:
                 "model.generation.num_return_sequences: several completions per prompt need do_sample: true "
                 "(greedy decoding gives the same one each time)"
             )
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+        if not self.temperature > 0 or self.temperature == float("inf") or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise UserInputError(
-                f"model.generation: temperature must be > 0, top_p in (0, 1] and top_k >= 0, got {self.temperature}, "
+                f"model.generation: temperature must be finite and > 0, top_p in (0, 1] and top_k >= 0, got {self.temperature}, "
                 f"{self.top_p}, {self.top_k}"
             )
+        changed = [f"{k} {v}" for k, v in (("temperature", self.temperature), ("top_p", self.top_p),
+                                           ("top_k", self.top_k)) if v != getattr(GenerationOptions, k)]
+        if changed and not self.do_sample:  # greedy decoding reads none of them: it would silently not sample
+            raise UserInputError(f"model.generation: {', '.join(changed)} apply only when sampling; set do_sample: "
+                                 "true, or drop them for greedy decoding")
 
 
 @dataclass

@@ -106,6 +106,50 @@ def load_causal_lm(
     return model.to(dtype) if dtype is not None else model
 
 
+def load_reward_model(path: str, field: str, *, dtype: torch.dtype | None = None,
+                      model_kwargs: dict[str, Any] | None = None) -> PreTrainedModel:
+    """A trained reward model: a one-label ``AutoModelForSequenceClassification`` whose head was in the checkpoint
+    (what ``lightning-pref export`` writes from a ``RewardModule`` checkpoint).
+
+    ``from_pretrained`` would load a causal LM (or a classifier of several labels) here too, with a freshly
+    initialized random head, and the scores would be noise: such a directory is refused instead, naming what it is.
+
+    Args:
+        path: a local directory or hub id.
+        field: the option that gave it (``judge.path``, ``model.critic.model``), in messages.
+        dtype: parameter dtype; ``None`` keeps the checkpoint's.
+        model_kwargs: more ``from_pretrained`` arguments.
+
+    Raises:
+        UserInputError: the path does not load, or is not a one-label sequence-classification model with its head.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = {"trust_remote_code": False, **(model_kwargs or {})}
+    file_kwargs = {k: v for k, v in kwargs.items() if k in _TOKENIZER_KWARGS}
+    expected = ("expected a reward model: a one-label sequence-classification model with a trained head, e.g. a "
+                "directory written by lightning-pref export from a RewardModule checkpoint")
+    try:
+        config = AutoConfig.from_pretrained(path, **file_kwargs)
+    except (OSError, ValueError) as err:
+        raise UserInputError(f"{field}: cannot load a model from {path!r} ({str(err).splitlines()[0]}); "
+                             f"{expected}") from None
+    kind = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+    if not any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
+        raise UserInputError(f"{field}: {path} is a {kind} model, not a reward model (its head would be new and "
+                             f"random); {expected}")
+    if config.num_labels != 1:
+        raise UserInputError(f"{field}: {path} is a {kind} with {config.num_labels} labels; {expected}")
+    model, info = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                                     **kwargs)
+    head = next((n for n in ("score", "classifier") if isinstance(getattr(model, n, None), nn.Module)), None)
+    missing = [k for k in info.get("missing_keys", ()) if head is not None and k.startswith(f"{head}.")]
+    if missing:
+        raise UserInputError(f"{field}: {path} has no trained reward head ({missing[0]} is not in its weights, so it "
+                             f"would be random); {expected}")
+    return model
+
+
 def load_configured(
     spec: ModelSpec, field: str, tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, dtype: torch.dtype | None = None,
     model_kwargs: dict[str, Any] | None = None, dropout: bool = False, auto_class: Any = AutoModelForCausalLM,

@@ -42,6 +42,7 @@ class PreferenceModule(PolicyModule):
         self.loss = self.plugin(loss, LOSSES, DPOLoss, "model.loss")
         check_reference_mode(self.hparams.reference_mode, self.loss.requires_reference,
                              self.loss.requires_kl_baseline, type(self.loss).__name__, self.hparams.ref_sync_steps)
+        self.check_reference_used(type(self.loss).__name__)
         self.train_metrics, self.val_metrics, self.test_metrics = (PreferenceMetrics() for _ in range(3))
 
     @property

@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
+from lightning_pref.checks import check_choice, check_range, refuse_unused
 from lightning_pref.data.chat import ChatTemplate
 from lightning_pref.data.collate import PreferenceCollator
 from lightning_pref.data.prompts import encode_completion
@@ -40,9 +41,11 @@ from lightning_pref.judges.base import Judge
 from lightning_pref.models import ModelSpec
 from lightning_pref.module import PreferenceModule
 from lightning_pref.registry import JUDGES, LOSSES
-from lightning_pref.rollout import Rollout, roll_out
+from lightning_pref.rollout import Rollout, check_sampling_count, roll_out
 from lightning_pref.rounds import IterativeRounds
 from lightning_pref.types import PreferenceBatch, PromptBatch
+
+_DEFAULT_ROUND_PROMPTS = 256
 
 
 def pick_pairs(scores: Tensor, min_gap: float = 0.0) -> list[tuple[int, int, int]]:
@@ -86,7 +89,7 @@ class OnPolicyModule(PreferenceModule):
         min_gap: float = 0.0,
         eos_penalty: float | None = None,
         mode: Literal["online", "iterative"] = "online",
-        round_prompts: int = 256,
+        round_prompts: int = _DEFAULT_ROUND_PROMPTS,
         **kwargs: Any,
     ) -> None:
         super().__init__(policy, **kwargs)
@@ -99,8 +102,15 @@ class OnPolicyModule(PreferenceModule):
         if self.loss.requires_kl_baseline or not self.loss.paired:
             raise UserInputError(f"model.loss: on-policy training makes pairs; {type(self.loss).__name__} is not a "
                                  "pairwise loss (use dpo, cdpo, ipo, hinge, simpo, ...)")
-        if round_prompts < 1:
-            raise UserInputError(f"model.round_prompts: must be >= 1, got {round_prompts}")
+        check_choice("model.mode", mode, ("online", "iterative"))
+        check_range("model.round_prompts", round_prompts, 1, integer=True)
+        if mode == "online" and round_prompts != _DEFAULT_ROUND_PROMPTS:
+            refuse_unused("model.round_prompts", round_prompts, "rounds are sampled only in mode iterative (online "
+                          "mode samples new pairs every step); set model.mode: iterative, or drop round_prompts")
+        # A negative gap kept identical completions as "pairs" (and reported no ties); NaN kept none at all.
+        check_range("model.min_gap", min_gap, 0, hint="0 drops only exact ties")
+        check_range("model.eos_penalty", eos_penalty, 0, hint="it is subtracted from the score of a completion that "
+                    "never stopped (null: no penalty)")
 
     @property
     def train_data(self) -> str:
@@ -113,6 +123,7 @@ class OnPolicyModule(PreferenceModule):
         if not self.generation.do_sample:
             raise UserInputError("model.generation.do_sample: on-policy pairs need sampling (greedy decoding gives "
                                  "the same completion every time); set it to true")
+        check_sampling_count(self.generation)
         super().on_fit_start()
 
     def configure_callbacks(self) -> list[Callback]:

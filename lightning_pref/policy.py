@@ -8,7 +8,7 @@ policy writes), ``PolicyGradientModule`` (reinforcement learning from a reward).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_pref import layout
 from lightning_pref.base_module import BaseModule
+from lightning_pref.checks import check_choice, check_range, refuse_unused
 from lightning_pref.data.chat import ChatTemplate
 from lightning_pref.generation import Completions, GenerationOptions, Sampler, stop_token_ids
 from lightning_pref.logps import SequenceScorer
@@ -109,6 +110,7 @@ class PolicyModule(BaseModule):
             generation = GenerationOptions(**generation)
         self.generation = generation if generation is not None else GenerationOptions()
         self.hparams["generation"] = dataclasses.asdict(self.generation)
+        self._check_options()
         self.policy: SequenceScorer | None = None
         self.reference: Reference = NoReference()
         self._sampler: Sampler | None = None
@@ -117,6 +119,45 @@ class PolicyModule(BaseModule):
     def needs_reference(self) -> bool:
         """Whether the objective reads reference log-probs (a subclass says; ``reference_mode`` says how)."""
         return True
+
+    def _check_options(self) -> None:
+        """Refuse options outside their range, and options that the other options leave unread (each would be
+        silently ignored: ``lora`` without adapter mode trained the whole model), naming the option and the fix."""
+        hp = self.hparams
+        mode = hp.reference_mode
+        check_choice("model.reference_mode", mode, get_args(ReferenceMode))
+        check_range("model.chunk_size", hp.chunk_size, 1, integer=True,
+                    hint="null picks one from the vocabulary size")
+        check_range("model.ref_sync_alpha", hp.ref_sync_alpha, 0, 1, low_open=True,
+                    hint="ref <- (1 - alpha) ref + alpha policy; 1.0 copies the policy")
+        if hp.lora is not None and mode != "adapter":
+            refuse_unused("model.lora", hp.lora, f"LoRA adapters are trained only with reference_mode adapter (got "
+                          f"{mode!r}, which trains every weight); set model.reference_mode: adapter, or drop model.lora")
+        if hp.ref_sync_alpha != 1.0 and hp.ref_sync_steps is None:
+            refuse_unused("model.ref_sync_alpha", hp.ref_sync_alpha, "the reference is moved towards the policy only "
+                          "every model.ref_sync_steps steps (TR-DPO); set ref_sync_steps, or drop ref_sync_alpha")
+        if hp.reference_cache_dir is not None and mode != "precomputed":
+            refuse_unused("model.reference_cache_dir", hp.reference_cache_dir, f"only reference_mode precomputed "
+                          f"caches reference log-probs (got {mode!r}); drop it or use reference_mode precomputed")
+        if mode in ("none", "adapter"):
+            what = "there is no reference" if mode == "none" else "the reference is the policy with its adapters off"
+            for name in ("reference", "reference_dtype", "reference_model_kwargs"):
+                if hp[name] is not None:
+                    refuse_unused(f"model.{name}", hp[name], f"with reference_mode {mode} {what}; drop model.{name}")
+
+    def check_reference_used(self, needed_by: str) -> None:
+        """Once the objective is known: refuse reference options when it reads no reference (the reference is
+        then not built, so they would be ignored).
+
+        Args:
+            needed_by: what would need the reference, in the message (the loss's class name).
+        """
+        if self.needs_reference or self.hparams.reference_mode == "adapter":
+            return
+        for name in ("reference", "reference_dtype", "reference_model_kwargs", "ref_sync_steps", "reference_cache_dir"):
+            if self.hparams[name] is not None:
+                refuse_unused(f"model.{name}", self.hparams[name], f"{needed_by} uses no reference model, so none is "
+                              f"built; drop model.{name}")
 
     # ------------------------------------------------------------------------------------------------- models
     def scorer(self, model: torch.nn.Module) -> SequenceScorer:
@@ -174,10 +215,10 @@ class PolicyModule(BaseModule):
         self.reference.prepare(self.trainer)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """On the CPU, before the batch moves: lay it out as the models can run it (decided once per model), and
-        attach what the reference gives ahead (precomputed log-probs)."""
+        """On the CPU, before the batch moves: lay it out as the models can run it (decided once per model, see
+        :meth:`BaseModule.runnable_layout`), and attach what the reference gives ahead (precomputed log-probs)."""
+        batch = super().on_before_batch_transfer(batch, dataloader_idx)
         if isinstance(batch, PreferenceBatch):
-            self.runnable_layout(batch)
             self.reference.attach(batch)
         return batch
 
@@ -193,18 +234,10 @@ class PolicyModule(BaseModule):
         self.runnable_layout(batch)
         return self.transfer_batch_to_device(batch, self.device, 0)
 
-    def runnable_layout(self, batch: PreferenceBatch) -> None:
-        """Replace a packed batch's layout by the one every scorer of this module runs (shared prompts, plain
-        packing, or padding), so no forward has to convert it on the device."""
-        for scorer in (self.policy, self.reference):
-            if batch.packed is None or not isinstance(scorer, SequenceScorer):
-                continue
-            usable, _ = scorer.runnable(batch.packed)
-            if usable is None:
-                batch.input_ids, batch.attention_mask, batch.response_mask = layout.unpack(batch.packed)
-                batch.packed = None
-            else:
-                batch.packed = usable
+    @property
+    def layout_scorers(self) -> list[Any]:
+        """The policy and, where it is a model, the reference: both run every batch."""
+        return [s for s in (self.policy, self.reference) if isinstance(s, SequenceScorer)]
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the reference's own step (TR-DPO's sync), once per optimizer step."""

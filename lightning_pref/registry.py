@@ -21,6 +21,7 @@ import functools
 import importlib
 import importlib.metadata
 import inspect
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -191,8 +192,27 @@ def _recording_init(init: Any) -> Any:
                 elif kind is not inspect.Parameter.VAR_POSITIONAL:
                     arguments[name] = value
             self.__dict__["_init_args"] = arguments
+            _check_finite(type(self), arguments)
 
     return recording
+
+
+def _check_finite(cls: type, arguments: dict[str, Any]) -> None:
+    """Refuse a NaN or infinite number among a plugin's arguments (also inside a dict or list, e.g. a weighted
+    loss's terms): the range checks plugins make (``beta <= 0``) are false for NaN, which would reach the loss
+    and be reported as a learning-rate problem. A ``ValueError``, as plugins refuse their other arguments (the
+    CLI names the option)."""
+    def bad(value: Any) -> bool:
+        if isinstance(value, dict):
+            return any(bad(v) for v in value.values())
+        if isinstance(value, list | tuple):
+            return any(bad(v) for v in value)
+        return isinstance(value, float) and not math.isfinite(value)
+
+    for name, value in arguments.items():
+        if bad(value):
+            plugin = getattr(cls, "registered_name", "") or cls.__name__
+            raise ValueError(f"{plugin}: {name} must be finite, got {value!r}")
 
 
 def _qualname(cls: type) -> str:

@@ -10,6 +10,7 @@ are ever replaced; ``metrics.csv``, the config and the checkpoints are only read
 from __future__ import annotations
 
 import base64
+import codecs
 import csv
 import html
 import io
@@ -60,6 +61,8 @@ PLOTS = (
     Plot("mfu", "Model FLOPs utilization", ("device/mfu",), ylim=(-0.03, 1.03)),
     Plot("padding", "Padding fraction of the cells the model runs", ("padding_fraction",), ylim=(-0.03, 1.03)),
 )
+#: Titles of a reward model's run, whose ``rewards/*`` are its scores.
+REWARD_MODEL_TITLES = {"rewards": "Reward-model scores"}
 #: What Lightning's ThroughputMonitor logs besides the rates plotted above: running totals and rates in other
 #: units (the same curve rescaled), not plotted.
 UNPLOTTED = frozenset({
@@ -116,24 +119,45 @@ def resolve_run_dir(path: Path) -> Path:
     return max(versions, key=lambda p: int(p.name.removeprefix("version_")))
 
 
+def read_text(path: Path) -> str:
+    """A text file as written by Lightning (UTF-8) or re-saved by a spreadsheet: UTF-8 with a byte-order mark, or
+    UTF-16 with one ("Unicode text"). Anything else is one line naming the file."""
+    raw = path.read_bytes()
+    boms = {codecs.BOM_UTF8: "utf-8-sig", codecs.BOM_UTF16_LE: "utf-16", codecs.BOM_UTF16_BE: "utf-16"}
+    encoding = next((name for bom, name in boms.items() if raw.startswith(bom)), "utf-8")
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise UserInputError(f"{path}: not {encoding.upper()} text (byte {err.start}); save it as UTF-8 (or UTF-16 "
+                             "with a byte-order mark)") from None
+
+
 def read_metrics(path: Path) -> Series:
-    """Every non-empty cell of a CSVLogger ``metrics.csv``, by column (``step`` and ``epoch`` excluded)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if "step" not in (reader.fieldnames or []):
-            raise UserInputError(f"{path}: no 'step' column; expected the metrics.csv of Lightning's CSVLogger")
-        series: Series = {c: [] for c in reader.fieldnames if c not in ("step", "epoch")}
-        for row in reader:
-            try:
-                step = int(row["step"])
-                for column, points in series.items():
-                    if row[column]:
-                        points.append((step, float(row[column])))
-            except (TypeError, ValueError):
-                # TypeError: a short row leaves None cells
-                raise UserInputError(
-                    f"{path}:{reader.line_num}: not a number in this row; metrics.csv must hold only numbers"
-                ) from None
+    """Every non-empty cell of a CSVLogger ``metrics.csv``, by column (``step`` and ``epoch`` excluded).
+
+    The file may also have been opened and saved by a spreadsheet: in UTF-16 (:func:`read_text`), with tabs or
+    semicolons between cells, and steps written as ``5.0``.
+    """
+    text = read_text(path)
+    header = text.split("\n", 1)[0]
+    delimiter = max(",\t;", key=header.count)  # the separator the header line uses most
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    if "step" not in (reader.fieldnames or []):
+        raise UserInputError(f"{path}: no 'step' column; expected the metrics.csv of Lightning's CSVLogger")
+    series: Series = {c: [] for c in reader.fieldnames if c not in ("step", "epoch")}
+    for row in reader:
+        try:
+            step = float(row["step"])
+            if not step.is_integer():
+                raise ValueError(step)
+            for column, points in series.items():
+                if row[column]:
+                    points.append((int(step), float(row[column])))
+        except (TypeError, ValueError):
+            # TypeError: a short row leaves None cells
+            raise UserInputError(
+                f"{path}:{reader.line_num}: not a number in this row; metrics.csv must hold only numbers"
+            ) from None
     series = {column: points for column, points in series.items() if points}
     if not any(column.partition("/")[0] in STAGE_STYLES for column in series):
         stages = "/, ".join(STAGE_STYLES)
@@ -167,21 +191,36 @@ def final_validation(series: Series) -> list[tuple[str, float, int]]:
     return [(c, points[-1][1], points[-1][0]) for c, points in series.items() if c.startswith("val/")]
 
 
+#: The options a run's summary shows: what was trained, and the plugins it was trained with.
+CONFIG_MODELS = ("policy", "backbone")
+CONFIG_PLUGINS = ("loss", "judge", "estimator")
+
+
 def read_config(path: Path) -> list[tuple[str, str]]:
-    """The config summary rows (model.policy, the loss and its init_args) of a run's ``config.yaml``."""
+    """The config summary rows of a run's ``config.yaml``: the module (unless the default policy module), the
+    model (``model.policy`` or, for a reward model, ``model.backbone``) and the plugins (loss, judge, advantage
+    estimator) with their init_args. The module may be written flat (``model: {policy: ...}``) or as a class
+    (``model: {class_path: lightning_pref.RewardModule, init_args: {...}}``), as every module but the default is."""
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = yaml.safe_load(read_text(path))
     except yaml.YAMLError as err:
         raise UserInputError(f"{path}: not valid YAML ({type(err).__name__}); rerun fit to rewrite it") from None
     model = config.get("model") if isinstance(config, dict) else None
     model = model if isinstance(model, dict) else {}
-    rows = [("model.policy", _compact(model["policy"]))] if "policy" in model else []
-    loss = model.get("loss")
-    if isinstance(loss, dict):
-        rows.append(("model.loss", _compact(loss.get("class_path"))))
-        rows += [(f"model.loss.{k}", _compact(v)) for k, v in (loss.get("init_args") or {}).items()]
-    elif loss is not None:
-        rows.append(("model.loss", _compact(loss)))
+    rows = []
+    if isinstance(model.get("class_path"), str):
+        rows.append(("model", model["class_path"].rsplit(".", 1)[-1]))
+        model = model.get("init_args") if isinstance(model.get("init_args"), dict) else {}
+    rows += [(f"model.{key}", _compact(model[key])) for key in CONFIG_MODELS if key in model]
+    for key in CONFIG_PLUGINS:
+        plugin = model.get(key)
+        if isinstance(plugin, dict) and "class_path" in plugin:
+            rows.append((f"model.{key}", _compact(plugin["class_path"])))
+            rows += [(f"model.{key}.{k}", _compact(v)) for k, v in (plugin.get("init_args") or {}).items()]
+        elif plugin is not None:
+            rows.append((f"model.{key}", _compact(plugin)))
+    if not rows:  # a config.yaml, but not one of a lightning-pref run: say so rather than "no config.yaml"
+        rows.append(("model", "(no model options in config.yaml)"))
     return rows
 
 
@@ -370,8 +409,10 @@ def write_report(run_dir: str, output_dir: str | None = None) -> Report:
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--output_dir: {out} is a file; give a directory")
     series = read_metrics(run / "metrics.csv")
-    plots = plan_plots(series)
     config = read_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
+    plots = plan_plots(series)
+    if ("model", "RewardModule") in (config or []):  # its rewards are the model's scores, not DPO's implicit ones
+        plots = [p._replace(title=REWARD_MODEL_TITLES.get(p.name, p.title)) for p in plots]
     completions = read_completions(run / "completions.jsonl") if (run / "completions.jsonl").is_file() else None
     pngs, overview = render_plots(plots, series)
     page = render_html(run, series, pngs, plots, config, completions)

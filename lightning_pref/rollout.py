@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_pref.generation import Completions, Sampler
+from lightning_pref.checks import refuse_unused
+from lightning_pref.generation import Completions, GenerationOptions, Sampler
 from lightning_pref.judges.base import Judge, judge_scores
 
 
@@ -54,6 +55,15 @@ class Rollout:
             "generation/tokens_per_s": torch.tensor(float(lengths.sum()) / max(self.seconds, 1e-9)),
             "generation/seconds": torch.tensor(self.seconds),
         }
+
+
+def check_sampling_count(generation: GenerationOptions) -> None:
+    """Training rollouts sample ``model.samples_per_prompt`` completions per prompt, so a
+    ``generation.num_return_sequences`` other than 1 would be ignored while training (``predict`` and
+    ``evaluate`` of the same module honour it): refused when training starts."""
+    if generation.num_return_sequences != 1:
+        refuse_unused("model.generation.num_return_sequences", generation.num_return_sequences, "training samples "
+                      "model.samples_per_prompt completions per prompt; set samples_per_prompt instead")
 
 
 def roll_out(

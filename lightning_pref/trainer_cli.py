@@ -166,7 +166,9 @@ class LightningPrefCLI(LightningCLI):
             config["ckpt_path"] = str(_last_checkpoint(Path(config.trainer.get("default_root_dir") or ".")))
         path = config.get("ckpt_path")
         if path is not None and path not in ("best", "hpc", "registry") and not Path(path).is_dir():
-            _check_matches(_read_checkpoint(path), config.model, path, self.argv)
+            checkpoint = _read_checkpoint(path)
+            _check_kind(checkpoint, config.model, path, subcommand)
+            _check_matches(checkpoint, config.model, path, self.argv)
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI rebuilds the trained model: it reads the checkpoint's hyperparameters into the model
@@ -404,6 +406,39 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
     if not {"policy", "backbone"} & set(hparams):
         raise UserInputError(f"--ckpt_path: {path} was not written by lightning-pref fit (no model in its hparams)")
     return checkpoint
+
+
+#: Modules that write text: what ``predict`` and ``evaluate`` need.
+_POLICY_MODULES = "PreferenceModule, OnPolicyModule or PolicyGradientModule"
+
+
+def _module_of(class_path: str | None) -> tuple[str, str]:
+    """``(class name, the option naming its model)`` of a module class path: ``model.policy`` for a policy,
+    ``model.backbone`` for a reward model."""
+    cls = pydoc.locate(class_path or DEFAULT_MODULE)
+    name = (class_path or DEFAULT_MODULE).rsplit(".", 1)[-1]
+    return name, getattr(cls, "model_field", "model.policy")
+
+
+def _check_kind(checkpoint: dict[str, Any], model: Any, path: str, subcommand: str) -> None:
+    """Refuse a checkpoint of another kind of model than the subcommand or the config needs, saying what the
+    file is and what was expected: a reward model (which scores text) given to ``predict``/``evaluate``, or a
+    reward-model checkpoint with a policy config (and the reverse), whose options do not even parse together."""
+    hparams = checkpoint["hyper_parameters"]
+    trained, trained_field = _module_of(hparams.get("_class_path"))
+    trained_field = "model.backbone" if "backbone" in hparams else trained_field
+    if subcommand in ("predict", "evaluate") and trained_field == "model.backbone":
+        raise UserInputError(
+            f"--ckpt_path: {path} is a reward-model checkpoint ({trained}): it scores texts and does not generate; "
+            f"{subcommand} needs a policy checkpoint ({_POLICY_MODULES}). To judge with it: lightning-pref export "
+            f"--ckpt_path {path} --output_dir rm, then --judge reward_model --judge.path rm"
+        )
+    configured, configured_field = _module_of(_plain(model).get("class_path"))
+    if configured_field != trained_field:
+        raise UserInputError(
+            f"--ckpt_path: {path} is a {trained} checkpoint ({trained_field}), but the config is for a {configured} "
+            f"({configured_field}); give the config it was trained with (its run directory's config.yaml)"
+        )
 
 
 def _check_matches(checkpoint: dict[str, Any], model: Any, path: str, argv: list[str]) -> None:

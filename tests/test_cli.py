@@ -168,17 +168,19 @@ def test_fit_then_validate_from_local_model_directory(tmp_path, pairs_file, toke
 
 
 def test_missing_model_directory_is_one_line(tmp_path, capsys):
+    # a run directory under tmp_path: the error comes after the run's config.yaml is written
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--model.policy", str(tmp_path / "nope"),
-              "--model.tokenizer", "byte", "--trainer.max_steps", "1"])
+              "--model.tokenizer", "byte", "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "model.policy: cannot load" in err and "Traceback" not in err
 
 
-def test_lightning_misconfiguration_is_one_line(capsys):
+def test_lightning_misconfiguration_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--trainer.val_check_interval", "0.5"])
+        main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--trainer.val_check_interval", "0.5",
+              "--trainer.default_root_dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "val_check_interval" in err and "Traceback" not in err
 

@@ -79,6 +79,20 @@ def test_loss_trajectory_and_weights_match_single_process(runs, strategy):
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_report_of_a_distributed_run(runs, tmp_path, strategy):
+    """rank 0 wrote the run's metrics.csv and config.yaml: the report has every logged step and the config."""
+    pytest.importorskip("matplotlib")
+    from lightning_pref.cli import main
+
+    main(["report", str(runs[strategy]), "--output_dir", str(tmp_path)])
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "No config.yaml" not in page and "<td>model.loss</td>" in page
+    rows = list(csv.DictReader(open(runs[strategy] / "lightning_logs/version_0/metrics.csv")))
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == [0, 1, 2]  # one row per step, not one per rank
+    assert (tmp_path / "report_loss.png").is_file()
+
+
 def test_precomputed_reference_under_ddp_matches_model_mode(runs, data, tmp_path):
     """Each rank looks up the cached reference log-probs of its own (shuffled) examples."""
     root = tmp_path / "precomputed"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import datasets
 from lightning.pytorch import LightningDataModule
@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
+from lightning_pref.checks import check_choice, check_range, refuse_unused
 from lightning_pref.data import cache as tokenized_cache
 from lightning_pref.data.collate import PreferenceCollator
 from lightning_pref.data.formats import Format, Transcript
@@ -144,8 +145,23 @@ class PreferenceDataModule(LightningDataModule):
             )
         if packing not in (True, False, "auto", "shared"):
             raise UserInputError(f"data.packing: {packing!r} is not one of true, false, auto, shared")
-        if not 0.0 <= val_fraction < 1.0:
-            raise UserInputError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
+        check_range("data.val_fraction", val_fraction, 0, 1, high_open=True)
+        check_range("data.batch_size", batch_size, 1, integer=True)
+        check_range("data.max_length", max_length, 1, integer=True)
+        check_range("data.max_prompt_length", max_prompt_length, 1, max_length, integer=True,
+                    hint="it is part of data.max_length (prompt + response)")
+        check_range("data.num_workers", num_workers, 0, integer=True)
+        # Checked here, not where they are read (a typo in on_identical used to keep identical pairs quietly).
+        check_choice("data.format", format, get_args(Format))
+        check_choice("data.transcript", transcript, get_args(Transcript))
+        check_choice("data.on_identical", on_identical, ("warn", "error", "keep"))
+        check_choice("data.on_invalid", on_invalid, ("error", "drop"))
+        check_choice("data.train_data", train_data, ("pairs", "prompts", "rounds"))
+        if cache_dir is not None and not cache:
+            refuse_unused("data.cache_dir", cache_dir, "data.cache is false, so nothing is cached; drop cache_dir")
+        if group_by_length and train_data == "prompts":
+            refuse_unused("data.group_by_length", group_by_length, "on-policy training batches prompts in a seeded "
+                          "random order, not by length; drop group_by_length")
         if val_fraction and val is not None:
             raise UserInputError("data.val_fraction: give data.val or data.val_fraction, not both")
         self.save_hyperparameters(ignore=["tokenizer"])

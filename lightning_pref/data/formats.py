@@ -23,6 +23,7 @@ counts it); problems of a whole source raise a plain :class:`~lightning_pref.err
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,6 +44,8 @@ CANONICAL = ("prompt", "chosen", "rejected", "completion", "label", "messages", 
 #: Optional fields: read where the source has the column (``margin``: a pair's preference strength, as in Llama 2's
 #: reward model; used by reward losses that take one).
 OPTIONAL = ("margin",)
+#: Fields holding numbers: checked to be finite when read.
+NUMERIC = ("margin",)
 EXPECTED = (
     "prompt/chosen/rejected (standard or conversational), chosen/rejected (implicit prompt) or "
     "prompt/completion/label or messages/label (unpaired)"
@@ -164,6 +167,9 @@ def extract(row: dict[str, Any], layout: Layout, where: str) -> dict[str, Any]:
     """
     out = {}
     for key, column in layout.columns.items():
+        if column not in row and key in OPTIONAL:  # a JSON row without it: none for this row
+            out[key] = None
+            continue
         if column not in row:
             raise RowError(
                 f"{where}: missing field {column!r}{_alias(key, column)}; found {sorted(row)}, expected fields "
@@ -171,9 +177,8 @@ def extract(row: dict[str, Any], layout: Layout, where: str) -> dict[str, Any]:
             )
         value = row[column]
         name = f"field {column!r}{_alias(key, column)}"
-        if key == "margin":
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-                raise RowError(f"{where}: {name} must be a number (or null), got {_kind(value)}", "wrong type")
+        if key in NUMERIC:
+            _number(value, where, name)
         elif key == "label":
             if not isinstance(value, bool):
                 raise RowError(
@@ -190,6 +195,19 @@ def extract(row: dict[str, Any], layout: Layout, where: str) -> dict[str, Any]:
     if "messages" in out and layout.format == "unpaired":
         out["prompt"], out["completion"] = _split_completion(out.pop("messages"), where, layout.columns["messages"])
     return out
+
+
+def _number(value: Any, where: str, name: str) -> float | None:
+    """A numeric field's value: a finite number, or null for none. JSON readers accept ``NaN`` and
+    ``Infinity``, and Parquet holds them: such a value would reach the loss as NaN and be reported as a
+    training problem far from its row."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RowError(f"{where}: {name} must be a number (or null), got {_kind(value)}", "wrong type")
+    if not math.isfinite(value):
+        raise RowError(f"{where}: {name} must be a finite number (or null for none), got {value}", "not finite")
+    return value
 
 
 def _text(value: Any, where: str, name: str) -> str:

@@ -87,6 +87,11 @@ def prepare_prompts(
                 messages, text = _prompt_only(chat, values, where)
             else:
                 messages, text, _ = prompt_and_texts(tokenizer, chat, layout, values, where, with_responses=False)
+            if messages and all(m["role"] == "system" for m in messages):
+                # The template renders it and the model writes *something*, but nobody asked anything: most
+                # likely the user turns were lost on the way (an export that kept only the system prompt).
+                raise RowError(f"{where}: the prompt has only system messages, no user turn to answer; add the "
+                               "user's message", "no user turn")
         except RowError as err:
             if options.on_invalid != "drop":
                 raise RowError(f"{err} (or set data.on_invalid: drop to skip such rows)", err.reason) from None

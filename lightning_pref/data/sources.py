@@ -39,7 +39,7 @@ class Source:
     Attributes:
         name: the path or dataset id, as the user gave it.
         rows: row dicts (a list, or a memory-mapped ``datasets.Dataset``).
-        columns: column names (for JSON, the keys of the first row).
+        columns: column names (for JSON, the keys of every row, the first row's first).
         fingerprint: changes whenever the content may have changed; keys the tokenization cache.
         locate: row index -> ``"file:line"`` text for error messages.
     """
@@ -137,7 +137,9 @@ def _read_json(file: Path, path: str, field: str) -> Source:
         raise UserInputError(f"{field}: {path} contains no records")
     wheres = [w for w, _ in numbered]
     rows = [r for _, r in numbered]
-    return Source(path, rows, list(rows[0]), _file_fingerprint(file), wheres.__getitem__)
+    # Every row's keys, the first row's first: a column only later rows have (say a margin) is read, not dropped.
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return Source(path, rows, columns, _file_fingerprint(file), wheres.__getitem__)
 
 
 def _read_arrow_file(file: Path, path: str, field: str) -> Source:

@@ -3,8 +3,10 @@ output passes where it enters training or evaluation (:func:`judge_scores`, :fun
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence, Sized
+import traceback
+from collections.abc import Callable, Sequence, Sized
 from typing import Any, ClassVar
 
 from lightning_pref.errors import UserInputError
@@ -33,7 +35,8 @@ class Judge(Recorded):
 
     def prefer(self, prompts: Sequence[Prompt], first: Sequence[str], second: Sequence[str]) -> list[int]:
         """Per prompt: ``1`` when ``first`` is better, ``-1`` when ``second`` is, ``0`` for a tie."""
-        a, b = self.score(prompts, first), self.score(prompts, second)
+        # checked scores: a NaN compares as neither greater nor smaller, so it would pass as a tie
+        a, b = judge_scores(self, prompts, first), judge_scores(self, prompts, second)
         return [(x > y) - (x < y) for x, y in zip(a, b, strict=True)]
 
     @property
@@ -47,10 +50,11 @@ def judge_scores(judge: Judge, prompts: Sequence[Prompt], completions: Sequence[
 
     Raises:
         UserInputError: naming the judge, the offending value and what ``score`` must return (a NaN, ``None``, a
-            string or a tensor would otherwise turn into ties, skipped steps or invalid JSON downstream).
+            string or a tensor would otherwise turn into ties, skipped steps or invalid JSON downstream); or
+            naming the judge and the error it raised, and where.
     """
-    values = judge.score(prompts, completions)
     name = _name(judge)
+    values = _call(name, "score", judge.score, prompts, completions)
     _check_length(name, "score", values, len(completions))
     out = []
     for i, value in enumerate(values):
@@ -68,10 +72,11 @@ def judge_preferences(judge: Judge, prompts: Sequence[Prompt], first: Sequence[s
     """``judge.prefer``, checked where its output enters: one of 1, 0, -1 per comparison.
 
     Raises:
-        UserInputError: naming the judge, the offending value and what ``prefer`` must return.
+        UserInputError: naming the judge, the offending value and what ``prefer`` must return; or naming the
+            judge and the error it raised, and where.
     """
-    values = judge.prefer(prompts, first, second)
     name = _name(judge)
+    values = _call(name, "prefer", judge.prefer, prompts, first, second)
     _check_length(name, "prefer", values, len(first))
     out = []
     for i, value in enumerate(values):
@@ -85,8 +90,30 @@ def judge_preferences(judge: Judge, prompts: Sequence[Prompt], first: Sequence[s
     return out
 
 
+def _call(name: str, method: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``; an exception raised inside a judge (a user's code, most often) is one line naming the judge,
+    the error and the line of the judge's code it came from, rather than a traceback through the training loop."""
+    try:
+        return fn(*args)
+    except UserInputError:
+        raise  # already one line (e.g. a scoring judge's own checked output)
+    except Exception as err:  # noqa: BLE001 - whatever a judge raises, the user needs its name and where
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        raise UserInputError(f"judge {name}: {method} raised {type(err).__name__}: {str(err).strip() or '(no message)'} "
+                             f"(at {frame.filename}:{frame.lineno} in {frame.name}); fix the judge") from err
+
+
 def _name(judge: Judge) -> str:
-    return judge.registered_name or type(judge).__name__
+    """The judge as users gave it: its registered name (or class) and the arguments that differ from the
+    defaults, e.g. ``function(fn='my_pkg.rules:score')``."""
+    name = judge.registered_name or type(judge).__name__
+    given = judge.spec["init_args"] if hasattr(judge, "spec") else {}
+    try:
+        defaults = {k: p.default for k, p in inspect.signature(type(judge).__init__).parameters.items()}
+    except (TypeError, ValueError):
+        defaults = {}
+    args = ", ".join(f"{k}={v!r}" for k, v in given.items() if defaults.get(k, inspect.Parameter.empty) != v)
+    return f"{name}({args})" if args else name
 
 
 def _check_length(name: str, method: str, values: Any, expected: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from lightning_pref.errors import UserInputError
 from lightning_pref.judges.base import Judge, Prompt
@@ -26,15 +27,16 @@ class FunctionJudge(Judge):
         self.fn_path, self.pairwise = fn, pairwise
         self.fn = _import(fn)
 
-    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[Any]:
         if self.pairwise:
             return super().score(prompts, completions)
-        return [float(self.fn(p, c)) for p, c in zip(prompts, completions, strict=True)]
+        # as returned: judge_scores checks them (float() would turn "0.5" into a number, None into a TypeError)
+        return [self.fn(p, c) for p, c in zip(prompts, completions, strict=True)]
 
-    def prefer(self, prompts: Sequence[Prompt], first: Sequence[str], second: Sequence[str]) -> list[int]:
+    def prefer(self, prompts: Sequence[Prompt], first: Sequence[str], second: Sequence[str]) -> list[Any]:
         if not self.pairwise:
             return super().prefer(prompts, first, second)
-        return [int(self.fn(p, a, b)) for p, a, b in zip(prompts, first, second, strict=True)]
+        return [self.fn(p, a, b) for p, a, b in zip(prompts, first, second, strict=True)]  # checked by the caller
 
     @property
     def scores(self) -> bool:

@@ -57,6 +57,10 @@ class RewardScorer(nn.Module):
             )
         self.capability = packing.capability(model)  # which packed layouts it runs, decided once
 
+    def runnable(self, packed: PackedRows) -> tuple[PackedRows | None, Any]:
+        """The layout of ``packed`` this model runs and the masks it needs (:func:`packing.runnable`)."""
+        return packing.runnable(self.model, packed, self.capability)
+
     def forward(self, input_ids: Tensor | None, attention_mask: Tensor | None, packed: PackedRows | None = None) -> Tensor:
         """Scores of ``prompt + response`` rows, or of the sequences in ``packed`` (in batch row order; padded
         again for a model that cannot take them). # (N, T) -> (N,)"""
@@ -116,6 +120,10 @@ class RewardModule(BaseModule):
         init_seed: int = 0,
     ) -> None:
         super().__init__(backbone, tokenizer, model_kwargs, optimizer, scheduler)
+        labels = (model_kwargs or {}).get("num_labels", 1)
+        if labels != 1:  # a reward is one number: the head would be rebuilt with this many outputs, then squeezed
+            raise UserInputError(f"model.model_kwargs: num_labels {labels!r}; a reward model has one label (one score "
+                                 "per sequence), drop num_labels")
         self.loss = self.plugin(loss, REWARD_LOSSES, BradleyTerryLoss, "model.loss")
         self.scorer: RewardScorer | None = None
         # float64 sums: the standard deviations are differences of moments
@@ -135,6 +143,10 @@ class RewardModule(BaseModule):
         self.scorer = RewardScorer(model)
         if self._trainer is not None:
             rank_zero_info(self.describe_dtype("reward model", self.scorer))
+
+    @property
+    def layout_scorers(self) -> list[Any]:
+        return [self.scorer] if self.scorer is not None else []
 
     def forward(self, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
         """Scores of the chosen and the rejected responses (one forward over both). # -> (B,), (B,)"""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from lightning_pref import layout, packing
-from lightning_pref.errors import UserInputError
+from lightning_pref.checks import check_range
 from lightning_pref.reward.module import RewardScorer
 from lightning_pref.types import PackedRows
 
@@ -41,10 +41,9 @@ class CriticOptions:
     value_clip: float | None = 0.2
 
     def __post_init__(self) -> None:
-        if self.vf_coef < 0 or (self.lr is not None and self.lr <= 0):
-            raise UserInputError(f"model.critic: vf_coef must be >= 0 and lr > 0, got {self.vf_coef}, {self.lr}")
-        if self.value_clip is not None and self.value_clip <= 0:
-            raise UserInputError(f"model.critic.value_clip: must be > 0 (or null), got {self.value_clip}")
+        check_range("model.critic.vf_coef", self.vf_coef, 0)  # NaN-safe range checks
+        check_range("model.critic.lr", self.lr, 0, low_open=True, hint="null: the policy's learning rate")
+        check_range("model.critic.value_clip", self.value_clip, 0, low_open=True, hint="null: no clipping")
 
 
 class ValueScorer(RewardScorer):

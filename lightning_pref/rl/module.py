@@ -40,9 +40,10 @@ from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lightning_pref import layout
+from lightning_pref.checks import check_range
 from lightning_pref.errors import UserInputError
 from lightning_pref.judges.base import Judge
-from lightning_pref.models import ModelSpec, enable_activation_checkpointing, load_causal_lm
+from lightning_pref.models import ModelSpec, enable_activation_checkpointing, load_reward_model
 from lightning_pref.policy import PolicyModule
 from lightning_pref.reference import check_reference_mode
 from lightning_pref.registry import ADVANTAGES, JUDGES
@@ -51,7 +52,7 @@ from lightning_pref.rl.critic import CriticOptions, ValueScorer
 from lightning_pref.rl.kl_penalty import KLController, KLEstimator, kl_estimate
 from lightning_pref.rl.objective import Aggregation, clipped_surrogate, clipped_value_loss, token_weights
 from lightning_pref.rl.ptx import PtxData, PtxOptions
-from lightning_pref.rollout import Rollout, roll_out
+from lightning_pref.rollout import Rollout, check_sampling_count, roll_out
 from lightning_pref.types import PreferenceBatch, PromptBatch
 
 _PROGRESS_BAR = ("train/judge/score", "train/objective/kl")
@@ -77,13 +78,12 @@ class KLOptions:
     horizon: int = 10_000
 
     def __post_init__(self) -> None:
-        if self.coef < 0:
-            raise UserInputError(f"model.kl.coef: must be >= 0, got {self.coef}")
+        check_range("model.kl.coef", self.coef, 0)  # NaN-safe: a NaN coefficient passed "< 0"
         if self.estimator not in ("k1", "k2", "k3"):
             raise UserInputError(f"model.kl.estimator: {self.estimator!r} is not one of k1, k2, k3")
         if self.placement not in ("reward", "loss"):
             raise UserInputError(f"model.kl.placement: {self.placement!r} is not one of reward, loss")
-        if self.target is not None and (self.target <= 0 or self.coef == 0):
+        if self.target is not None and (not 0 < self.target < float("inf") or self.coef == 0):
             raise UserInputError("model.kl.target: an adaptive KL coefficient needs target > 0 and kl.coef > 0 to "
                                  f"start from, got target {self.target}, coef {self.coef}")
         if self.horizon < 1:
@@ -193,12 +193,15 @@ class PolicyGradientModule(PolicyModule):
         if self.hparams.reference_mode == "none" and kl.coef > 0:
             raise UserInputError("model.reference_mode: 'none' leaves no reference for the KL penalty; set "
                                  "model.kl.coef: 0 or use reference_mode model or adapter")
+        check_range("model.eos_penalty", self.hparams.eos_penalty, 0, hint="it is subtracted from the score of a "
+                    "completion that never stopped (null: no penalty)")
 
     def on_fit_start(self) -> None:
         # Checked when training starts, not when built: evaluating a trained policy greedily is fine.
         if not self.generation.do_sample:
             raise UserInputError("model.generation.do_sample: the policy gradient needs samples from the policy "
                                  "(greedy decoding is not a sample of it); set it to true")
+        check_sampling_count(self.generation)
         super().on_fit_start()
 
     @property
@@ -231,11 +234,8 @@ class PolicyGradientModule(PolicyModule):
                 torch.nn.init.zeros_(head.bias)
         else:
             self._check_critic_tokenizer(spec)
-            model = load_causal_lm(spec, field="model.critic.model", dtype=self.parameter_dtype,
-                                   auto_class=AutoModelForSequenceClassification)
-            if getattr(model.config, "num_labels", 1) != 1:
-                raise UserInputError(f"model.critic.model: {spec} has {model.config.num_labels} labels; a critic "
-                                     "starts from a one-label reward model")
+            # a trained one-label head, checked (a causal LM would get a random one)
+            model = load_reward_model(spec, "model.critic.model", dtype=self.parameter_dtype)
         if self.hparams.gradient_checkpointing:
             enable_activation_checkpointing(model)
         return ValueScorer(model).to(self.device)

@@ -46,7 +46,7 @@ class PtxOptions:
     max_length: int = 512
 
     def __post_init__(self) -> None:
-        if self.coef <= 0 or self.batch_size < 1 or self.max_length < 2:
+        if not 0 < self.coef < float("inf") or self.batch_size < 1 or self.max_length < 2:
             raise UserInputError(f"model.ptx: coef must be > 0, batch_size >= 1 and max_length >= 2, got {self.coef}, "
                                  f"{self.batch_size}, {self.max_length}")
 

@@ -1,0 +1,624 @@
+"""Bad input to the newer half (judges, on-policy and RL training, ``evaluate``, reward models, ``report``,
+precision, packing fallbacks), tried as a new user would: each gets one line naming the file, row, field or option
+and the fix (exit 2 from the CLI), or works correctly. Every test here failed on the code before its fix.
+
+What was tried, and what happens now (input -> outcome):
+
+Judges (``evaluate``, on-policy pairs, RL rollouts: checked where their output enters, ``judges/base.py``)
+    score returns NaN, inf, None, a string, a list, a 1-element tensor -> ``judge function(fn='...'): score
+        returned nan for completion 0; a judge's score must be one finite number ...`` (was: ties in evaluate and
+        the default ``prefer``; a crash inside ``statistics``; ``float()`` turned "0.5" into a number)
+    pairwise ``prefer`` returns 2, "1", None -> ``judge ...: prefer returned 2 for comparison 0; it must return 1,
+        -1 or 0`` (was: counted as neither win, loss nor tie)
+    a judge that raises -> ``judge ...: score raised RuntimeError: ... (at file:line in fn); fix the judge``
+        (was: a traceback through the training loop or evaluate)
+    a judge returning one score too few -> ``judge ...: score returned 3 values for 4 completions``
+    every comparison a tie (nothing decided) -> ``win_rate_without_ties.value`` is null; the report is strict JSON
+        (was: ``NaN`` in the file, which is not JSON)
+    ``evaluate --confidence nan`` -> ``--confidence: must be in (0, 1)`` (already)
+    interrupted ``evaluate`` -> during generation Lightning stops (exit 1) before any file; the report is written
+        under a temporary name and moved, so no half-written JSON is left
+Options (``lightning_pref/checks.py``, checked when a module, data module or plugin is built)
+    ``model.min_gap`` -1 or NaN, ``model.eos_penalty`` NaN or -1 (on-policy and RL), ``model.ref_sync_alpha`` 1.5,
+        0 or NaN, ``model.chunk_size`` 0 (was: silently the default), ``model.mode`` offline, ``model.round_prompts``
+        0, ``model.reference_mode`` adapters, ``model.on_nonfinite`` skipp (was: acted as skip), ``model.dtype``
+        fp16, ``model.kl.coef`` NaN, ``model.critic.vf_coef`` NaN, a loss's ``beta`` NaN (``beta <= 0`` is false
+        for NaN), ``data.batch_size`` 0 and ``data.num_workers`` -1 (were: tracebacks), ``data.max_prompt_length``
+        above ``data.max_length``, ``data.on_identical`` drop (was: identical pairs kept), ``data.val_fraction``
+        1.0 or NaN, ``model.generation.temperature`` NaN or inf, ``judge.batch_size`` 0 -> one line each
+    options that would be ignored -> refused, naming why: ``model.lora`` without ``reference_mode: adapter`` (was:
+        full fine-tuning), ``ref_sync_alpha`` without ``ref_sync_steps``, ``reference_cache_dir`` outside precomputed
+        mode, ``model.reference``/``reference_dtype`` with reference modes none or adapter or a reference-free loss,
+        ``round_prompts`` in online mode, ``generation.num_return_sequences`` when training on-policy or RL (the
+        rollouts take ``samples_per_prompt``), ``temperature``/``top_p``/``top_k`` with greedy decoding,
+        ``data.cache_dir`` with ``data.cache: false``, ``data.group_by_length`` for prompt batches, ``judge.center``
+        with ``judge.normalize``, ``export --adapter_only`` of a model without LoRA (was: the whole model written),
+        ``model.model_kwargs.num_labels`` 2 for a reward model
+A checkpoint or model of the wrong kind
+    a reward-model checkpoint to ``predict`` or ``evaluate`` -> ``--ckpt_path: ... is a reward-model checkpoint
+        (RewardModule): it scores texts and does not generate ...`` with the export + judge commands (was: a
+        traceback, or usage text naming an option never given)
+    a reward-model checkpoint with a policy config to ``fit``/``validate`` (and the reverse) -> one line naming both
+        (was: the reward model resumed training under a DPO config, exit 0)
+    ``predict --config configs/reward.yaml`` -> ``model: RewardModule does not generate text ...``
+    a causal-LM directory (or a 2-label classifier, or one whose head was not saved) as ``judge reward_model`` or
+        ``model.critic.model`` -> ``judge.path: ... is a LlamaForCausalLM model, not a reward model (its head would
+        be new and random) ...`` (was: a random head, then a traceback)
+    a checkpoint from an older version (``generation``, ``chunk_size``, ``compile``, RNG states missing) -> works
+        (validate, resume, export): the defaults fill in
+Data
+    ``margin`` NaN, Infinity or -Infinity in JSONL, NaN in Parquet -> ``pairs.jsonl:2: field 'margin' must be a
+        finite number (or null for none), got nan`` (``data.on_invalid: drop`` counts them as "not finite"; was:
+        NaN loss blamed on the learning rate)
+    a prompts file with only system messages -> ``prompts.jsonl:1: the prompt has only system messages, no user
+        turn to answer`` (was: generated from nothing)
+    an empty rounds file (iterative mode) -> ``data.train: round_0.jsonl contains no records`` (already)
+Precision and non-finite losses
+    ``16-true`` with AdamW's default eps 1e-8 (0 in float16) -> ``model.optimizer: eps 1e-08 is 0 in float16 ...;
+        set model.optimizer.init_args.eps to 1e-4 or more, or train with fp32 master weights`` (was: NaN at step 1
+        blamed on the learning rate); with eps 1e-4 pure fp16 trains
+    a NaN loss before any update -> the message says it is not the learning rate; with weights an earlier update
+        made non-finite -> it says so
+``report``
+    a ``metrics.csv`` re-saved by a spreadsheet as UTF-16 (tab- or comma-separated), or UTF-8 with a BOM, steps as
+        ``5.0`` -> the same report (was: ``UnicodeDecodeError``)
+    a reward-model, on-policy or RL run (``model: {class_path, init_args}`` in config.yaml) -> the module, model and
+        plugins in the summary (was: "No config.yaml in the run directory"); a reward run's scores are titled as
+        such; a DDP run -> its report (``tests/test_distributed.py``)
+Layout metrics
+    ``train/padding_fraction`` of a model that cannot pack (policy or reward model) -> the padded layout that ran
+        (a reward model logged the packed rows it never ran)
+Test hygiene
+    the suite leaves the checkout as it found it (``tests/conftest.py`` compares ``git status`` before and after)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+
+from lightning_pref import OnPolicyModule, PreferenceDataModule, PreferenceModule, packing
+from lightning_pref.cli import main
+from lightning_pref.data.synthetic import generate as synthetic
+from lightning_pref.errors import TrainingError, UserInputError
+from lightning_pref.evaluate import evaluate_records
+from lightning_pref.generation import GenerationOptions
+from lightning_pref.judges import FunctionJudge, Judge, RewardModelJudge
+from lightning_pref.judges.base import judge_preferences, judge_scores
+from lightning_pref.losses import DPOLoss, SimPOLoss
+from lightning_pref.models import load_causal_lm
+from lightning_pref.reward import RewardModule
+from lightning_pref.rl.module import PolicyGradientModule
+from tests.support import REPO, TINY, NaNAtCall, write_jsonl
+
+THIS = "tests.test_bad_inputs"
+
+
+@pytest.fixture(autouse=True)
+def _argv(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["lightning-pref"])
+
+
+def _one_line_exit_2(capsys, argv: list[str]) -> str:
+    """Run the CLI, expect exit 2 with one ``error:`` line and no traceback; the line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err[-2000:]
+    last = err.splitlines()[-1]
+    assert last.startswith("error:") and "Traceback" not in err, err[-2000:]
+    return last
+
+
+# ------------------------------------------------------------------------------------------------------- judges
+def nan_score(prompt, completion):
+    return float("nan")
+
+
+def inf_score(prompt, completion):
+    return math.inf
+
+
+def none_score(prompt, completion):
+    return None
+
+
+def text_score(prompt, completion):
+    return "0.5"
+
+
+def list_score(prompt, completion):
+    return [1.0]
+
+
+def tensor_score(prompt, completion):
+    return torch.tensor([1.0])
+
+
+def zero_score(prompt, completion):
+    return 0
+
+
+def raising_score(prompt, completion):
+    raise RuntimeError("my judge broke")
+
+
+def two_verdict(prompt, a, b):
+    return 2
+
+
+def text_verdict(prompt, a, b):
+    return "1"
+
+
+def none_verdict(prompt, a, b):
+    return None
+
+
+class ShortJudge(Judge):
+    def score(self, prompts, completions):
+        return [0.0] * (len(completions) - 1)
+
+
+RECORDS = [{"prompt": f"p{i}", "policy": "quiet words", "reference": "LOUD WORDS", "policy_tokens": 3,
+            "reference_tokens": 3, "policy_eos": True, "reference_eos": False} for i in range(4)]
+
+
+@pytest.mark.parametrize(("fn", "shown"), [("nan_score", "nan"), ("inf_score", "inf"), ("none_score", "None"),
+                                           ("text_score", "'0.5'"), ("list_score", "[1.0]"),
+                                           ("tensor_score", "tensor([1.])")])
+def test_a_judge_score_that_is_not_a_finite_number_is_one_line(fn, shown):
+    """evaluate's comparisons (the default prefer compares scores: a NaN was a tie) and its mean scores."""
+    judge = FunctionJudge(f"{THIS}:{fn}")
+    expected = re.escape(f"judge function(fn='{THIS}:{fn}'): score returned {shown} for completion 0")
+    with pytest.raises(UserInputError, match=expected):
+        evaluate_records(RECORDS, judge)
+
+
+@pytest.mark.parametrize(("fn", "shown"), [("two_verdict", "2"), ("text_verdict", "'1'"), ("none_verdict", "None")])
+def test_a_pairwise_verdict_outside_1_0_minus_1_is_one_line(fn, shown):
+    judge = FunctionJudge(f"{THIS}:{fn}", pairwise=True)
+    with pytest.raises(UserInputError, match=re.escape(f"prefer returned {shown} for comparison 0; it must return 1")):
+        evaluate_records(RECORDS, judge)
+
+
+def test_a_judge_that_raises_is_one_line_naming_it_and_where():
+    judge = FunctionJudge(f"{THIS}:raising_score")
+    with pytest.raises(UserInputError) as info:
+        judge_scores(judge, ["p"], ["c"])
+    message = str(info.value)
+    assert message.startswith(f"judge function(fn='{THIS}:raising_score'): score raised RuntimeError: my judge broke")
+    assert f"{Path(__file__).name}:" in message and "in raising_score" in message
+    with pytest.raises(UserInputError, match="prefer raised|score raised"):
+        judge_preferences(judge, ["p"], ["a"], ["b"])
+
+
+def test_a_judge_returning_the_wrong_number_of_scores_is_one_line():
+    with pytest.raises(UserInputError, match="judge ShortJudge: score returned 3 values for 4 completions"):
+        judge_scores(ShortJudge(), ["p"] * 4, ["a", "b", "c", "d"])
+
+
+def test_on_policy_pairs_from_a_raising_judge_are_one_line():
+    module = OnPolicyModule(policy=TINY, tokenizer="byte", judge=FunctionJudge(f"{THIS}:raising_score"),
+                            generation=GenerationOptions(max_new_tokens=2, do_sample=True))
+    module.configure_model()
+    ids = [module.tokenizer("hi", add_special_tokens=False)["input_ids"]]
+    with pytest.raises(UserInputError, match="score raised RuntimeError: my judge broke"):
+        module.sample_pairs(ids, ["hi"], seed=0)
+
+
+def test_all_ties_give_a_null_win_rate_and_strict_json(tmp_path):
+    report = evaluate_records(RECORDS, FunctionJudge(f"{THIS}:zero_score"))
+    assert report["tie_rate"]["count"] == 4 and report["win_rate_without_ties"]["value"] is None
+    json.dumps(report, allow_nan=False)  # raised on the NaN before
+    # the CLI end to end: the file it writes is JSON (json.loads would accept NaN; refuse it as JSON does)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic(3, seed=1)[0])
+    main(["evaluate", "--config", str(REPO / "configs/dpo.yaml"), "--data.val", str(pairs), "--data.train",
+          str(pairs), "--trainer.default_root_dir", str(tmp_path), "--model.generation.max_new_tokens", "2",
+          "--progress_bar.refresh_rate", "0", "--judge", "function", f"--judge.fn={THIS}:zero_score"])
+    text = (tmp_path / "lightning_logs/version_0/evaluation.json").read_text()
+    written = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in evaluation.json"))
+    assert written["win_rate_without_ties"]["value"] is None and written["tie_rate"]["count"] == 3
+    assert not list(tmp_path.rglob(".evaluation.json.tmp*"))
+
+
+# ------------------------------------------------------------------------------------------------------ options
+def _policy(**kwargs) -> PreferenceModule:
+    return PreferenceModule(policy=TINY, tokenizer="byte", **kwargs)
+
+
+def _online(**kwargs) -> OnPolicyModule:
+    kwargs.setdefault("judge", FunctionJudge("lightning_pref.judges.rules:quiet_letters"))
+    kwargs.setdefault("generation", GenerationOptions(max_new_tokens=4, do_sample=True))
+    return OnPolicyModule(policy=TINY, tokenizer="byte", **kwargs)
+
+
+def _rl(**kwargs) -> PolicyGradientModule:
+    kwargs.setdefault("judge", FunctionJudge("lightning_pref.judges.rules:quiet_letters"))
+    kwargs.setdefault("generation", GenerationOptions(max_new_tokens=4, do_sample=True))
+    return PolicyGradientModule(policy=TINY, tokenizer="byte", **kwargs)
+
+
+def _data(tokenizer, **kwargs) -> PreferenceDataModule:
+    return PreferenceDataModule(tokenizer=tokenizer, **kwargs)
+
+
+OPTIONS = {
+    # option outside its range
+    "min_gap negative": (partial(_online, min_gap=-1.0), r"model\.min_gap: must be a finite number >= 0, got -1"),
+    "min_gap nan": (partial(_online, min_gap=math.nan), r"model\.min_gap: must be a finite number >= 0, got nan"),
+    "eos_penalty nan": (partial(_online, eos_penalty=math.nan), r"model\.eos_penalty: must be a finite number"),
+    "eos_penalty negative": (partial(_online, eos_penalty=-1.0), r"model\.eos_penalty: must be a finite number >= 0"),
+    "rl eos_penalty nan": (partial(_rl, eos_penalty=math.nan), r"model\.eos_penalty: must be a finite number"),
+    "rl kl coef nan": (partial(_rl, kl={"coef": math.nan}), r"model\.kl\.coef: must be a finite number >= 0"),
+    "rl critic vf_coef nan": (partial(_rl, critic={"vf_coef": math.nan}), r"model\.critic\.vf_coef: must be"),
+    "mode typo": (partial(_online, mode="offline"), r"model\.mode: 'offline' is not one of online, iterative"),
+    "round_prompts 0": (partial(_online, mode="iterative", round_prompts=0), r"model\.round_prompts: must be an"),
+    "ref_sync_alpha 1.5": (partial(_policy, ref_sync_steps=4, ref_sync_alpha=1.5),
+                           r"model\.ref_sync_alpha: must be a finite number in \(0, 1\], got 1\.5"),
+    "ref_sync_alpha 0": (partial(_policy, ref_sync_steps=4, ref_sync_alpha=0.0), r"model\.ref_sync_alpha: must be"),
+    "ref_sync_alpha nan": (partial(_policy, ref_sync_steps=4, ref_sync_alpha=math.nan), r"ref_sync_alpha: must be"),
+    "chunk_size 0": (partial(_policy, chunk_size=0), r"model\.chunk_size: must be an integer >= 1, got 0"),
+    "reference_mode typo": (partial(_policy, reference_mode="adapters"), r"model\.reference_mode: 'adapters' is not"),
+    "on_nonfinite typo": (partial(_policy, on_nonfinite="skipp"), r"model\.on_nonfinite: 'skipp' is not one of"),
+    "dtype typo": (partial(_policy, dtype="fp16"), r"model\.dtype: 'fp16' is not one of float32, bfloat16, float16"),
+    "loss beta nan": (partial(DPOLoss, beta=math.nan), r"dpo: beta must be finite, got nan"),
+    "temperature nan": (partial(GenerationOptions, do_sample=True, temperature=math.nan),
+                        r"temperature must be finite and > 0"),
+    "temperature inf": (partial(GenerationOptions, do_sample=True, temperature=math.inf),
+                        r"temperature must be finite and > 0"),
+    "judge batch_size 0": (partial(RewardModelJudge, "unused", batch_size=0), r"judge\.batch_size: must be an"),
+    "reward num_labels 2": (partial(RewardModule, backbone=TINY, tokenizer="byte", model_kwargs={"num_labels": 2}),
+                            r"model\.model_kwargs: num_labels 2; a reward model has one label"),
+    # an option that would be ignored
+    "lora without adapter mode": (partial(_policy, lora={"r": 4}),
+                                  r"model\.lora: \{'r': 4\} would be ignored: LoRA adapters are trained only with "
+                                  r"reference_mode adapter .*set model\.reference_mode: adapter"),
+    "ref_sync_alpha without steps": (partial(_policy, ref_sync_alpha=0.5),
+                                     r"model\.ref_sync_alpha: 0\.5 would be ignored: .*set ref_sync_steps"),
+    "reference_cache_dir in model mode": (partial(_policy, reference_cache_dir="cache"),
+                                          r"model\.reference_cache_dir: 'cache' would be ignored"),
+    "reference with mode none": (partial(_policy, loss=SimPOLoss(), reference_mode="none", reference=TINY),
+                                 r"model\.reference: .* would be ignored: with reference_mode none there is no"),
+    "reference_dtype with adapter mode": (partial(_policy, reference_mode="adapter", reference_dtype="bfloat16"),
+                                          r"model\.reference_dtype: 'bfloat16' would be ignored"),
+    "reference with a reference-free loss": (partial(_policy, loss=SimPOLoss(), reference=TINY),
+                                             r"model\.reference: .* would be ignored: SimPOLoss uses no reference"),
+    "round_prompts in online mode": (partial(_online, round_prompts=64),
+                                     r"model\.round_prompts: 64 would be ignored: rounds are sampled only in mode "
+                                     r"iterative"),
+    "temperature with greedy decoding": (partial(GenerationOptions, temperature=0.7),
+                                         r"model\.generation: temperature 0\.7 apply only when sampling"),
+    "normalize and center": (partial(RewardModelJudge, "unused", normalize=True, center=True), r"judge\.center:"),
+}
+
+
+@pytest.mark.parametrize("case", OPTIONS)
+def test_an_option_outside_its_meaning_is_refused(case):
+    build, message = OPTIONS[case]
+    with pytest.raises((UserInputError, ValueError), match=message):
+        build()
+
+
+DATA_OPTIONS = {
+    "batch_size 0": ({"batch_size": 0}, r"data\.batch_size: must be an integer >= 1, got 0"),
+    "num_workers -1": ({"num_workers": -1}, r"data\.num_workers: must be an integer >= 0"),
+    "max_length 0": ({"max_length": 0}, r"data\.max_length: must be an integer >= 1"),
+    "max_prompt_length above max_length": ({"max_prompt_length": 600}, r"data\.max_prompt_length: must be an integer "
+                                           r"in \[1, 512\], got 600; it is part of data\.max_length"),
+    "val_fraction 1": ({"val_fraction": 1.0}, r"data\.val_fraction: must be a finite number in \[0, 1\)"),
+    "val_fraction nan": ({"val_fraction": math.nan}, r"data\.val_fraction: must be"),
+    "on_identical typo": ({"on_identical": "drop"}, r"data\.on_identical: 'drop' is not one of warn, error, keep"),
+    "cache_dir without cache": ({"cache": False, "cache_dir": "x"}, r"data\.cache_dir: 'x' would be ignored"),
+    "group_by_length for prompts": ({"group_by_length": True, "train_data": "prompts"},
+                                    r"data\.group_by_length: True would be ignored"),
+}
+
+
+@pytest.mark.parametrize("case", DATA_OPTIONS)
+def test_a_data_option_outside_its_meaning_is_refused(case, tokenizer):
+    kwargs, message = DATA_OPTIONS[case]
+    with pytest.raises(UserInputError, match=message):
+        _data(tokenizer, **kwargs)
+
+
+def test_rollout_options_ignored_while_training_are_refused_when_training_starts():
+    """``predict``/``evaluate`` of an on-policy checkpoint honour num_return_sequences; training would not."""
+    for module in (_online(generation=GenerationOptions(max_new_tokens=4, do_sample=True, num_return_sequences=2)),
+                   _rl(generation=GenerationOptions(max_new_tokens=4, do_sample=True, num_return_sequences=2))):
+        with pytest.raises(UserInputError, match=r"model\.generation\.num_return_sequences: 2 would be ignored"):
+            module.on_fit_start()
+
+
+def test_an_option_error_from_the_cli_is_one_line(tmp_path, capsys):
+    line = _one_line_exit_2(capsys, ["fit", "--config", str(REPO / "configs/online_dpo.yaml"), "--model.init_args.min_gap",
+                                     "-1", "--trainer.default_root_dir", str(tmp_path)])
+    assert "model.min_gap: must be a finite number >= 0, got -1" in line
+    # NaN from YAML (jsonargparse itself refuses "nan" on the command line)
+    (tmp_path / "nan.yaml").write_text("model:\n  loss:\n    class_path: dpo\n    init_args: {beta: .nan}\n")
+    line = _one_line_exit_2(capsys, ["fit", "--config", str(REPO / "configs/dpo.yaml"), "--config",
+                                     str(tmp_path / "nan.yaml"), "--trainer.default_root_dir", str(tmp_path)])
+    assert "model.loss: dpo: beta must be finite, got nan" in line
+
+
+# ------------------------------------------------------------------------------------- the wrong kind of model
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """1-step runs of configs/dpo.yaml and configs/reward.yaml: their run directories."""
+    tmp = tmp_path_factory.mktemp("bad_inputs_runs")
+    pairs = write_jsonl(tmp / "pairs.jsonl", synthetic(8, seed=2)[0])
+    out = {"pairs": pairs}
+    with pytest.MonkeyPatch.context() as mp:  # conftest's function-scoped cache fixture does not reach here
+        mp.setenv("LIGHTNING_PREF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        mp.setattr("sys.argv", ["lightning-pref"])
+        for name in ("dpo", "reward"):
+            main(["fit", "--config", str(REPO / f"configs/{name}.yaml"), "--data.train", str(pairs), "--data.val",
+                  str(pairs), "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--data.batch_size",
+                  "4", "--trainer.default_root_dir", str(tmp / name), "--progress_bar.refresh_rate", "0"])
+            out[name] = tmp / name / "lightning_logs/version_0"
+    return out
+
+
+@pytest.mark.parametrize("subcommand", ["predict", "evaluate"])
+def test_a_reward_checkpoint_to_predict_or_evaluate_is_one_line(runs, tmp_path, capsys, subcommand):
+    ckpt = runs["reward"] / "checkpoints/last.ckpt"
+    judge = ["--judge", "no_shouting"] if subcommand == "evaluate" else []
+    line = _one_line_exit_2(capsys, [subcommand, "--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path", str(ckpt),
+                                     "--data.val", str(runs["pairs"]), "--trainer.default_root_dir", str(tmp_path),
+                                     *judge])
+    assert f"is a reward-model checkpoint (RewardModule): it scores texts and does not generate; {subcommand}" in line
+    assert "--judge reward_model --judge.path" in line
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.parametrize(("config", "run"), [("dpo", "reward"), ("reward", "dpo")])
+def test_a_checkpoint_of_another_kind_than_the_config_is_one_line(runs, tmp_path, capsys, config, run):
+    line = _one_line_exit_2(capsys, ["fit", "--config", str(REPO / f"configs/{config}.yaml"), "--ckpt_path",
+                                     str(runs[run] / "checkpoints/last.ckpt"), "--trainer.default_root_dir",
+                                     str(tmp_path)])
+    trained, configured = ("RewardModule", "PreferenceModule") if run == "reward" else ("PreferenceModule", "RewardModule")
+    assert f"is a {trained} checkpoint" in line and f"the config is for a {configured}" in line
+
+
+def test_predict_with_a_reward_module_is_one_line(runs, tmp_path, capsys):
+    line = _one_line_exit_2(capsys, ["predict", "--config", str(REPO / "configs/reward.yaml"), "--data.val",
+                                     str(runs["pairs"]), "--trainer.default_root_dir", str(tmp_path),
+                                     "--progress_bar.refresh_rate", "0"])
+    assert "model: RewardModule does not generate text" in line
+
+
+def _save_lm(path: Path, tokenizer, **fields) -> Path:
+    load_causal_lm(TINY, field="test", vocab_size=len(tokenizer), **fields).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_causal_lm_as_a_reward_model_is_one_line(tmp_path, tokenizer):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification
+
+    lm = _save_lm(tmp_path / "lm", tokenizer)
+    with pytest.raises(UserInputError, match=r"judge\.path: .*lm is a LlamaForCausalLM model, not a reward model "
+                       r"\(its head would be new and random\)"):
+        RewardModelJudge(str(lm))
+    two = _save_lm(tmp_path / "two", tokenizer, auto_class=AutoModelForSequenceClassification, num_labels=2)
+    with pytest.raises(UserInputError, match=r"is a LlamaForSequenceClassification with 2 labels"):
+        RewardModelJudge(str(two))
+    headless = _save_lm(tmp_path / "headless", tokenizer, auto_class=AutoModelForSequenceClassification, num_labels=1)
+    weights = headless / "model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("score.")}, weights,
+              metadata={"format": "pt"})
+    with pytest.raises(UserInputError, match=r"has no trained reward head \(score\.weight is not in its weights"):
+        RewardModelJudge(str(headless))
+    critic = _rl(critic={"model": str(lm)})
+    with pytest.raises(UserInputError, match=r"model\.critic\.model: .* is a LlamaForCausalLM model, not a reward"):
+        critic.configure_model()
+
+
+def test_export_adapter_only_of_a_full_model_is_one_line(runs, tmp_path, capsys):
+    for run in ("dpo", "reward"):
+        line = _one_line_exit_2(capsys, ["export", "--ckpt_path", str(runs[run] / "checkpoints/last.ckpt"),
+                                         "--output_dir", str(tmp_path / run), "--adapter_only", "true"])
+        assert "--adapter_only: this model has no LoRA adapter" in line
+        assert not (tmp_path / run).exists()
+
+
+def test_a_checkpoint_from_an_older_version_still_loads(runs, tmp_path):
+    """Hyperparameters added since (generation, chunk_size, compile) and the RNG states are absent: defaults."""
+    checkpoint = torch.load(runs["dpo"] / "checkpoints/last.ckpt", weights_only=False)
+    for key in ("generation", "chunk_size", "compile", "response_only_head"):
+        checkpoint["hyper_parameters"].pop(key)
+    checkpoint.pop("rng_states")
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    main(["validate", "--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path", str(old), "--data.val",
+          str(runs["pairs"]), "--data.train", str(runs["pairs"]), "--trainer.default_root_dir", str(tmp_path), "--progress_bar.refresh_rate", "0"])
+    (row,) = [r for r in csv.DictReader(open(tmp_path / "lightning_logs/version_0/metrics.csv")) if r["val/loss"]]
+    assert math.isfinite(float(row["val/loss"]))
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_a_non_finite_margin_is_one_line_with_file_line_and_field(tmp_path, tokenizer, value):
+    rows = [json.dumps(r) for r in synthetic(3, seed=1)[0]]
+    rows[1] = rows[1][:-1] + f', "margin": {value}}}'
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(UserInputError, match=rf"pairs\.jsonl:2: field 'margin' must be a finite number \(or null for "
+                       rf"none\), got {value.lower().replace('infinity', 'inf')}"):
+        _data(tokenizer, train=str(path), val=None, cache=False).setup("fit")
+    dropped = _data(tokenizer, train=str(path), val=None, cache=False, on_invalid="drop")
+    dropped.setup("fit")
+    assert dropped.stats["train"].dropped.get("not finite") == 1
+
+
+def test_a_nan_margin_in_parquet_is_one_line(tmp_path, tokenizer):
+    import datasets
+
+    records = synthetic(3, seed=1)[0]
+    margins = [1.0, math.nan, 2.0]
+    datasets.Dataset.from_list([r | {"margin": m} for r, m in zip(records, margins, strict=True)]).to_parquet(
+        tmp_path / "pairs.parquet")
+    with pytest.raises(UserInputError, match=r"pairs\.parquet:row 2: field 'margin' must be a finite number"):
+        _data(tokenizer, train=str(tmp_path / "pairs.parquet"), val=None, cache=False).setup("fit")
+
+
+def test_a_prompt_of_only_system_messages_is_one_line(tmp_path):
+    from lightning_pref.models import load_tokenizer
+    from tests.real import smollm2_dir
+
+    chat = load_tokenizer(str(smollm2_dir()))  # a tokenizer with a chat template
+    for record in ({"prompt": [{"role": "system", "content": "You are helpful."}]},
+                   {"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hi"}]}):
+        prompts = write_jsonl(tmp_path / "prompts.jsonl", [record])
+        dm = _data(chat, val=str(prompts))
+        with pytest.raises(UserInputError, match=r"prompts\.jsonl:1: the prompt has only system messages, no user turn"):
+            dm.setup("predict")
+
+
+def test_an_empty_rounds_file_is_one_line(tmp_path, tokenizer):
+    (tmp_path / "round_0.jsonl").write_text("")
+    dm = _data(tokenizer, train_data="rounds")
+    with pytest.raises(UserInputError, match=r"data\.train: .*round_0\.jsonl contains no records"):
+        dm.train_from(str(tmp_path / "round_0.jsonl"))
+
+
+# ----------------------------------------------------------------------------------- precision, non-finite losses
+def _fit(module, pairs: Path, steps: int = 2, callbacks=(), **trainer) -> None:
+    dm = PreferenceDataModule(train=str(pairs), tokenizer=module.tokenizer, batch_size=4)
+    Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=list(callbacks), **trainer).fit(module, dm)
+
+
+def test_pure_fp16_with_an_eps_fp16_cannot_hold_is_refused_with_the_reason(pairs_file):
+    with pytest.raises(UserInputError, match=r"model\.optimizer: eps 1e-08 is 0 in float16 \(the parameters' dtype "
+                       r"under trainer\.precision 16-true.*set model\.optimizer\.init_args\.eps to 1e-4 or more"):
+        _fit(_policy(), pairs_file, precision="16-true")
+    # the fix the message gives trains: finite losses, fp16 weights
+    module = _policy(optimizer=partial(torch.optim.AdamW, lr=1e-3, eps=1e-4))
+    _fit(module, pairs_file, steps=3, precision="16-true")
+    assert next(module.policy.parameters()).dtype == torch.float16
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+
+
+class _PoisonWeights(Callback):
+    """After the first optimizer step, a NaN in the weights (as a diverged update leaves them)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():
+            next(pl_module.policy.parameters()).fill_(math.nan)
+
+
+def test_a_non_finite_loss_names_its_cause(pairs_file):
+    with pytest.raises(TrainingError, match=r"at step 0 .*no update has been taken yet, so it is not the learning rate"):
+        _fit(_policy(loss=NaNAtCall(at=0)), pairs_file)
+    with pytest.raises(TrainingError, match=r"at step 1 .*the weights are already non-finite: an earlier optimizer step"):
+        _fit(_policy(), pairs_file, callbacks=[_PoisonWeights()])
+
+
+# -------------------------------------------------------------------------------------------------------- report
+def _report_page(run: Path) -> str:
+    main(["report", str(run)])
+    return (run / "report.html").read_text(encoding="utf-8")
+
+
+def _config_rows(page: str) -> dict[str, str]:
+    import html
+
+    section = page[page.index("<h2>Configuration"): page.index("<h2>Final")]
+    return {html.unescape(k): html.unescape(v) for k, v in re.findall(r"<tr><td>(.*?)</td><td><code>(.*?)</code>",
+                                                                        section)}
+
+
+@pytest.mark.parametrize("form", ["utf-16 tabs", "utf-16 commas", "utf-8 bom"])
+def test_report_reads_a_metrics_csv_a_spreadsheet_saved(runs, tmp_path, form):
+    pytest.importorskip("matplotlib")
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["dpo"], run, ignore=shutil.ignore_patterns("checkpoints", "report*"))
+    expected = _report_page(run)
+    rows = list(csv.reader(open(run / "metrics.csv", newline="")))
+    rows = [rows[0]] + [[f"{float(c):.1f}" if i == rows[0].index("step") and c else c for i, c in enumerate(r)]
+                        for r in rows[1:]]  # steps as a spreadsheet writes them: 1.0
+    delimiter = "\t" if "tabs" in form else ","
+    text = "\r\n".join(delimiter.join(r) for r in rows) + "\r\n"
+    (run / "metrics.csv").write_bytes(text.encode("utf-16") if "16" in form else text.encode("utf-8-sig"))
+    page = _report_page(run)
+    assert re.findall(r'alt="([^"]*)"', page) == re.findall(r'alt="([^"]*)"', expected)
+    assert page.count("<tr><td>val/") == expected.count("<tr><td>val/") > 0
+
+
+def test_report_of_a_reward_run_finds_its_config(runs):
+    pytest.importorskip("matplotlib")
+    page = _report_page(runs["reward"])
+    rows = _config_rows(page)
+    assert "No config.yaml" not in page
+    assert rows["model"] == "RewardModule" and rows["model.backbone"].startswith("{model_type: llama")
+    assert rows["model.loss"].endswith("BradleyTerryLoss") and rows["model.loss.use_margin"] == "true"
+    assert 'alt="Reward-model scores"' in page and 'alt="Implicit rewards"' not in page
+
+
+def test_report_of_a_policy_run(runs):
+    pytest.importorskip("matplotlib")
+    rows = _config_rows(_report_page(runs["dpo"]))
+    assert "model" not in rows and rows["model.loss"].endswith("DPOLoss") and rows["model.loss.beta"] == "0.1"
+
+
+@pytest.mark.parametrize("config", ["online_dpo", "ppo"])
+def test_report_of_on_policy_and_rl_runs(runs, tmp_path, config):
+    """A 1-step run of each shipped config: the summary names the module, its model and its plugins, and the
+    judge's score (their signal) is plotted."""
+    pytest.importorskip("matplotlib")
+    rl = ["--model.init_args.ppo_epochs", "1", "--model.init_args.minibatches", "1"] if config == "ppo" else []
+    main(["fit", "--config", str(REPO / f"configs/{config}.yaml"), "--data.train", str(runs["pairs"]), *rl,
+          "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1", "--data.batch_size", "2",
+          "--model.init_args.generation.max_new_tokens", "2", "--trainer.default_root_dir", str(tmp_path),
+          "--progress_bar.refresh_rate", "0"])
+    page = _report_page(tmp_path / "lightning_logs/version_0")
+    rows = _config_rows(page)
+    module, plugin = {"online_dpo": ("OnPolicyModule", "model.loss"), "ppo": ("PolicyGradientModule",
+                                                                              "model.estimator")}[config]
+    assert rows["model"] == module and rows["model.policy"].startswith("{model_type: llama")
+    assert rows["model.judge.fn"] == "lightning_pref.judges.rules:quiet_letters" and plugin in rows
+    assert "report_metric_judge.png" in page and "No config.yaml" not in page
+
+
+# ----------------------------------------------------------------------------------------------- layout metrics
+class _PaddingFractions(Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.values.append(float(trainer.callback_metrics["train/padding_fraction"]))
+
+
+@pytest.mark.parametrize("kind", ["policy", "reward"])
+def test_padding_fraction_describes_the_layout_that_ran(kind, pairs_file, monkeypatch):
+    """A model that cannot pack runs padded batches: the logged fraction is the padded one, not that of the
+    packed rows it fell back from."""
+    def build():
+        if kind == "policy":
+            return _policy()
+        return RewardModule(backbone=TINY, tokenizer="byte")
+
+    fractions = {}
+    monkeypatch.setattr(packing, "supports_packing", lambda model: (False, "test: no packing"))
+    packing._tell.cache_clear()
+    for layout in (False, "shared"):
+        record = _PaddingFractions()
+        module = build()
+        dm = PreferenceDataModule(train=str(pairs_file), tokenizer=module.tokenizer, batch_size=4, packing=layout)
+        Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, callbacks=[record]).fit(module, dm)
+        fractions[layout] = record.values
+    packing._tell.cache_clear()
+    assert len(fractions[False]) == 2 and fractions["shared"] == fractions[False]
