@@ -4,9 +4,9 @@ reward model (issue 26).
 One command runs the whole experiment on the CPU, each stage in its own process, and writes
 ``benchmarks/results/alignment_hh.{md,json}``:
 
-    python benchmarks/alignment_hh.py                  # the full run (see Settings.full for its budget)
-    python benchmarks/alignment_hh.py --smoke          # every stage on a tiny budget, a few minutes
-    python benchmarks/alignment_hh.py --jobs 2         # two stages at a time, one thread each
+    python benchmarks/alignment_hh.py --jobs 2                  # about an hour of two cores alone (Settings.hour)
+    python benchmarks/alignment_hh.py --budget small --jobs 2   # a third of it (the committed results)
+    python benchmarks/alignment_hh.py --smoke --jobs 2          # every stage on a tiny budget, a few minutes
 
 What it does:
 
@@ -66,7 +66,7 @@ RECIPES = REPO / "configs" / "recipes"
 
 @dataclass(frozen=True)
 class Settings:
-    """Sizes, lengths, steps and learning rates of one run (``full`` or ``smoke``).
+    """Sizes, lengths, steps and learning rates of one run (a preset: ``hour``, ``small``, ``smoke``).
 
     Attributes:
         max_prompt_tokens: pairs whose chat-rendered prompt is longer are left out of every part (short,
@@ -88,38 +88,46 @@ class Settings:
         eval_batch: prompts per generation batch at evaluation.
     """
 
-    max_prompt_tokens: int = 64
-    max_length: int = 112
-    fractions: tuple[float, float, float] = (0.45, 0.30, 0.25)
+    max_prompt_tokens: int = 48
+    max_length: int = 96
+    fractions: tuple[float, float, float] = (0.40, 0.30, 0.30)
     cap_a: int | None = None
     cap_b: int | None = None
     cap_c: int | None = None
-    eval_prompts: int = 96
+    eval_prompts: int = 128
     max_new_tokens: int = 32
     rm_lr: float = 1e-5
     rm_batch: int = 8
-    offline_lr: float = 5e-6
-    kto_lr: float = 1e-5
+    offline_lr: float = 1e-5
+    kto_lr: float = 2e-5
     offline_batch: int = 4
     offline_accumulate: int = 2
     online_steps: int = 16
     online_prompts: int = 4
-    online_lr: float = 5e-6
+    online_lr: float = 1e-5
     ppo_rollouts: int = 8
     ppo_prompts: int = 8
-    ppo_lr: float = 1e-5
+    ppo_lr: float = 2e-5
     grpo_steps: int = 8
     grpo_prompts: int = 4
     grpo_samples: int = 8
-    grpo_lr: float = 1e-5
+    grpo_lr: float = 2e-5
     eval_batch: int = 32
 
     @classmethod
-    def full(cls) -> Settings:
+    def hour(cls) -> Settings:
+        """About an hour of this machine's two cores alone (``--jobs 2``): every pair of A, B and C."""
         return cls()
 
     @classmethod
+    def small(cls) -> Settings:
+        """A third of ``hour``, for a CPU shared with others (what the committed results ran)."""
+        return cls(cap_a=128, cap_b=96, cap_c=96, eval_prompts=48, max_new_tokens=24, online_steps=6,
+                   ppo_rollouts=3, grpo_steps=4, grpo_prompts=2)
+
+    @classmethod
     def smoke(cls) -> Settings:
+        """Every stage, a few steps: minutes, for development."""
         return cls(cap_a=16, cap_b=16, cap_c=8, eval_prompts=8, max_new_tokens=8, rm_batch=4, offline_accumulate=1,
                    online_steps=1, online_prompts=2, ppo_rollouts=1, ppo_prompts=2, grpo_steps=1, grpo_prompts=1,
                    grpo_samples=4, eval_batch=8)
@@ -446,8 +454,10 @@ def stage_eval(s: Settings, work: Path, name: str) -> dict[str, Any]:
         prompts, [r["reference"] for r in merged])
     report["gold_difference"] = mean_interval([a - b for a, b in zip(gold_policy, gold_reference, strict=True)])
     proxy = RewardModelJudge(str(work / "proxy_rm" / "rm"), batch_size=16, center=True)
-    report["proxy"] = {side: mean_interval(proxy.score(prompts, [r[side] for r in merged]))
-                       for side in ("policy", "reference")}
+    proxy_scores = {side: proxy.score(prompts, [r[side] for r in merged]) for side in ("policy", "reference")}
+    report["proxy"] = {side: mean_interval(scores) for side, scores in proxy_scores.items()}
+    report["proxy_difference"] = mean_interval(
+        [a - b for a, b in zip(proxy_scores["policy"], proxy_scores["reference"], strict=True)])
     report["kl"] = mean_interval(kls)
     return report
 
@@ -505,7 +515,7 @@ def estimate(s: Settings, counts: dict[str, Any], name: str) -> float:
     return startup + 0.03 * n_prompts * new + 0.5 * n_prompts
 
 
-def orchestrate(s: Settings, work: Path, jobs: int, threads: int, smoke: bool) -> dict[str, dict[str, Any]]:
+def orchestrate(s: Settings, work: Path, jobs: int, threads: int, budget: str) -> dict[str, dict[str, Any]]:
     """Run every stage not already done, up to ``jobs`` at a time (each in its own process, ``threads`` torch
     threads), in dependency order; one line as each starts (with its estimated end) and ends."""
     results: dict[str, dict[str, Any]] = {}
@@ -536,7 +546,7 @@ def orchestrate(s: Settings, work: Path, jobs: int, threads: int, smoke: bool) -
             (work / "logs").mkdir(exist_ok=True)
             log = (work / "logs" / f"{name}.log").open("w")
             command = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--work", str(work),
-                       "--threads", str(threads)] + (["--smoke"] if smoke else [])
+                       "--threads", str(threads), "--budget", budget]
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
             guess = estimate(s, results["data"], name)
             scale = ratio[0] / ratio[1] if ratio[1] else 1.0
@@ -618,15 +628,28 @@ def summarize(s: Settings, results: dict[str, dict[str, Any]], wall_s: float, co
         "reward_models": reward_models, "policies": policies,
         "reference_eval_wall_s": results["eval_reference"]["wall_s"], "data_wall_s": data["wall_s"],
         "wall_s": wall_s,
-        "environment": {"torch": torch.__version__, "platform": platform.platform(),
+        "environment": {"torch": torch.__version__, "platform": platform.platform(), "niceness": os.nice(0),
                         "load_average_1min_end": os.getloadavg()[0]},
     }
 
 
 def ci(entry: dict[str, float], digits: int = 3, signed: bool = False) -> str:
     value = entry.get("value", entry.get("mean"))
+    if value is None or (isinstance(value, float) and math.isnan(value)):  # e.g. no decided comparison: no rate
+        return "-"
     sign = "+" if signed else ""
     return f"{value:{sign}.{digits}f} [{entry['low']:{sign}.{digits}f}, {entry['high']:{sign}.{digits}f}]"
+
+
+def verdict(evaluation: dict[str, Any]) -> str:
+    """Whether the policy beats the reference under the gold judge: the paired gold-score difference's 95% interval
+    above 0 (better), below 0 (worse), or containing 0 (no detectable difference at this sample size)."""
+    difference = evaluation["gold_difference"]
+    if difference["low"] > 0:
+        return "better"
+    if difference["high"] < 0:
+        return "worse"
+    return "no detectable difference"
 
 
 LABELS = {"dpo": "DPO", "ipo": "IPO", "kto": "KTO (B unpaired)", "online_dpo": "on-policy DPO (proxy judge)",
@@ -639,8 +662,10 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [
         "# Real alignment, measured: SmolLM2-135M-Instruct on HH harmless-base, judged by a held-out reward model",
         "",
-        f"`{summary['command']}` ({summary['wall_s'] / 60:.0f} min wall on 2 shared CPU cores; 1-min load average "
-        f"at the end {summary['environment']['load_average_1min_end']:.1f}; torch {summary['environment']['torch']}).",
+        f"`{summary['command']}`: budget `{summary.get('budget', '?')}`, {summary['wall_s'] / 60:.0f} min wall on 2 "
+        f"CPU cores shared with other work (niceness {summary['environment'].get('niceness', 0)}, one thread per "
+        f"stage; 1-min load average at the end {summary['environment']['load_average_1min_end']:.1f}; torch "
+        f"{summary['environment']['torch']}); {summary['stage_wall_s_total'] / 60:.0f} min of stage wall time in all.",
         "",
         "## Split (by prompt, seed 0)",
         "",
@@ -673,24 +698,27 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{split['eval_prompts']} prompts of C, one completion each, sampled at temperature 1 from the full "
         f"distribution, at most {s['max_new_tokens']} new tokens, the same seeds for policy and reference. Win rate: "
         "policy better / all comparisons (ties: identical completions); gold diff: mean paired difference of the "
-        "gold scores (policy - reference, 95% normal interval); scores are centred on the reward model's mean over "
-        "C's human replies; KL: mean over the policy's samples of sum_t log pi - log pi_ref (k1, nats per "
-        "completion). 95% intervals throughout.",
+        "gold scores (policy - reference, 95% normal interval), the test of 'vs reference'; proxy diff: the same "
+        "with the proxy reward model (what on-policy methods optimized); scores are centred on each reward model's "
+        "mean over C's human replies; KL: mean over the policy's samples of sum_t log pi - log pi_ref (k1, nats "
+        "per completion). 95% intervals throughout.",
         "",
-        "| method | held-out implicit-reward accuracy (C) | win rate vs reference (gold) | win rate without ties "
-        "| gold diff | gold score | proxy score | KL(pi, ref) | tokens | EOS rate | train | eval |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | vs reference (gold diff) | held-out implicit-reward accuracy (C) | win rate vs reference (gold) "
+        "| win rate without ties | gold diff | gold score | proxy diff | proxy score | KL(pi, ref) | tokens | EOS rate "
+        "| train | eval |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     first = next(iter(summary["policies"].values()))["evaluation"]
-    lines.append(f"| reference | - | - | - | - | {ci(first['reference']['score'])} | "
+    lines.append(f"| reference | - | - | - | - | - | {ci(first['reference']['score'])} | - | "
                  f"{ci(first['proxy']['reference'])} | 0 | {ci(first['reference']['tokens'], 1)} | "
                  f"{ci(first['reference']['eos_rate'])} | - | {summary['reference_eval_wall_s'] / 60:.1f} min |")
     for name, row in summary["policies"].items():
         e = row["evaluation"]
         acc = ci(row["accuracy"]) if "accuracy" in row else "-"
         lines.append(
-            f"| {LABELS[name]} | {acc} | {ci(e['win_rate'])} | {ci(e['win_rate_without_ties'])} "
-            f"| {ci(e['gold_difference'], signed=True)} | {ci(e['policy']['score'])} | {ci(e['proxy']['policy'])} "
+            f"| {LABELS[name]} | {verdict(e)} | {acc} | {ci(e['win_rate'])} | {ci(e['win_rate_without_ties'])} "
+            f"| {ci(e['gold_difference'], signed=True)} | {ci(e['policy']['score'])} "
+            f"| {ci(e['proxy_difference'], signed=True)} | {ci(e['proxy']['policy'])} "
             f"| {ci(e['kl'], 2)} | {ci(e['policy']['tokens'], 1)} | {ci(e['policy']['eos_rate'])} "
             f"| {row['train_wall_s'] / 60:.1f} min | {row['eval_wall_s'] / 60:.1f} min |")
     lines += [
@@ -736,7 +764,9 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="every stage on a tiny budget (a few minutes)")
+    p.add_argument("--budget", choices=("hour", "small", "smoke"), default="hour",
+                   help="hour: about an hour of the two cores alone; small: a third of it; smoke: minutes")
+    p.add_argument("--smoke", action="store_true", help="--budget smoke")
     p.add_argument("--work", default=None, help="artefacts (default outputs/alignment_hh[_smoke])")
     p.add_argument("--jobs", type=int, default=1, help="stages run at once (each its own process)")
     # One thread per process: on shared cores two spinning OpenMP threads can be several times slower than one.
@@ -745,8 +775,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", default=None, help="default benchmarks/results (--smoke: the work directory)")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # a worker process: run this stage only
     args = p.parse_args(argv)
-    s = Settings.smoke() if args.smoke else Settings.full()
-    suffix = "_smoke" if args.smoke else ""
+    budget = "smoke" if args.smoke else args.budget
+    s = getattr(Settings, budget)()
+    suffix = "_smoke" if budget == "smoke" else ""
     work = Path(args.work or REPO / "outputs" / f"alignment_hh{suffix}").resolve()
     if args.stage:
         import torch
@@ -758,12 +789,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{HH} not found: this benchmark needs the shared HH-RLHF file")
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = orchestrate(s, work, args.jobs, args.threads, args.smoke)
+    results = orchestrate(s, work, args.jobs, args.threads, budget)
     command = "python benchmarks/alignment_hh.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     summary = summarize(s, results, time.perf_counter() - start, command)
+    summary["budget"] = budget
     summary["stage_wall_s_total"] = sum(r["wall_s"] for r in results.values())
     name = args.name or f"alignment_hh{suffix}"
-    out = Path(args.out_dir or (work if args.smoke else HERE / "results"))
+    out = Path(args.out_dir or (work if budget == "smoke" else HERE / "results"))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / f"{name}.md").write_text(markdown(summary))

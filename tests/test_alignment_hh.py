@@ -19,7 +19,7 @@ def test_split_is_disjoint_by_prompt_seeded_and_complete():
     from tests.real import smollm2_dir
 
     tokenizer = load_tokenizer(str(smollm2_dir()))
-    settings = Settings.full()
+    settings = Settings.hour()
     parts, counts = split_hh(settings, tokenizer)
     again, _ = split_hh(settings, tokenizer)
     assert parts == again  # seeded: a rerun trains and judges on the same pairs
