@@ -5,10 +5,11 @@ KTO (Ethayarajh et al. 2024, §4.1) compares each reward with a reference point
 prompt :math:`x` with the completion :math:`y'` of another example, never its own.
 
 - :func:`mismatched_rows`: each row's prompt with the completion of the nearest following row with another
-  prompt, right-padded like a batch (:class:`~lightning_pref.types.KLRows`); built on the CPU by the module that
-  trains a loss needing them, before the batch moves to the device.
-- Scoring them is the scorer's work (:meth:`lightning_pref.logps.SequenceScorer.score_kl_rows`, which reuses the
-  batch's own prompt K/V where it can).
+  prompt, right-padded like a batch (:class:`~lightning_pref.types.KLRows`), and for packed batches also packed,
+  alone and in their prompts' segments; built on the CPU by the module that trains a loss needing them, before
+  the batch moves to the device.
+- Scoring them is the scorer's work (:class:`lightning_pref.logps.SequenceScorer`: only their completions run, on
+  the batch's own prompts, where the model allows it).
 - :func:`kl_baseline`: the mean over all ranks of the rows' policy-minus-reference log-probs, clamped at 0 and
   detached (a baseline, not a path for gradients).
 """
@@ -40,13 +41,20 @@ def mismatched(groups: list[object]) -> list[tuple[int, int]]:
 
 
 def mismatched_rows(rows: list[Sequence], pad_token_id: int, packed: bool = False) -> KLRows:
-    """The mismatched rows of a batch whose rows are ``rows`` (``(prompt, response)`` token ids, in order); of a
-    packed batch, also packed (a packed pass keeps no K/V cache to share prompts from, so its KL rows run in
-    full, and without their padding)."""
+    """The mismatched rows of a batch whose rows are ``rows`` (``(prompt, response)`` token ids, in order).
+
+    For a packed batch they are also packed two ways (a packed pass keeps no K/V cache to take the prompts from):
+    on their own, scored in full, and together with the batch, each mismatched completion in the segment of the
+    batch row whose prompt it continues (rows ``N, N + 1, ...`` of that layout), so only the completions run. The
+    scorer picks (:meth:`lightning_pref.logps.SequenceScorer.kl_layout`). The second layout is built even without
+    mismatched rows (then it is the batch packed again), so that every rank of a sharded run takes it alike.
+    """
     pairs = mismatched([tuple(prompt) for prompt, _ in rows])
     sequences = [(rows[i][0], rows[k][1]) for i, k in pairs]
-    return KLRows(*pad(sequences, pad_token_id), torch.tensor([i for i, _ in pairs], dtype=torch.long),
-                  pack(sequences, pad_token_id) if packed and sequences else None)
+    prompt_rows = [i for i, _ in pairs]
+    alone = pack(sequences, pad_token_id) if packed and sequences else None
+    shared = pack(rows + sequences, pad_token_id, prompt_owners=list(range(len(rows))) + prompt_rows) if packed else None
+    return KLRows(*pad(sequences, pad_token_id), torch.tensor(prompt_rows, dtype=torch.long), alone, shared)
 
 
 def kl_baseline(logratios: Tensor, strategy: Any = None) -> Tensor:

@@ -8,7 +8,8 @@ A batch of ``N`` sequences ``prompt + response`` reaches a model in one of three
   decreasing), positions restarting at 0 for each, no compute on padding (:class:`~lightning_pref.types.PackedRows`);
 - **packed with shared prompts** (:func:`pack` with ``share_prompts``): each pair one segment ``[prompt, chosen,
   rejected]``, its prompt run once, an explicit mask (:func:`shared_prompt_mask`) keeping the rejected response
-  blind to the chosen one.
+  blind to the chosen one; more generally (``prompt_owners``) any rows that continue another row's prompt, such as
+  KTO's mismatched completions.
 
 The readers give the per-sequence view back: which cells are scored and from which hidden state
 (:func:`scored_tokens`), each sequence's last cell (:func:`last_cells`), per-sequence sums
@@ -86,21 +87,30 @@ def shares_prompts(packing: Packing, paired: bool) -> bool:
     return paired and packing in ("shared", "auto")
 
 
-def pack(sequences: list[Sequence], pad_token_id: int, share_prompts: bool = False) -> PackedRows:
+def pack(sequences: list[Sequence], pad_token_id: int, share_prompts: bool = False,
+         prompt_owners: list[int] | None = None) -> PackedRows:
     """Lay ``sequences`` (``(prompt, response)`` ids in batch row order) end to end in rows.
 
     Args:
         sequences: the batch's ``N`` sequences; with ``share_prompts`` a paired batch ``[chosen; rejected]``
             whose row ``i`` and ``N/2 + i`` have the same prompt.
         pad_token_id: id of the filler cells.
-        share_prompts: one segment ``[prompt, chosen, rejected]`` per pair (see :class:`PackedRows`).
+        share_prompts: one segment ``[prompt, chosen, rejected]`` per pair (see :class:`PackedRows`); the same as
+            ``prompt_owners = [0, ..., N/2 - 1] * 2``.
+        prompt_owners: for each row, the row whose prompt it continues (its own index where it holds its prompt;
+            a continuing row's prompt must equal its owner's). Each owner's segment is ``[prompt, its response,
+            the responses of the rows continuing it]``, e.g. KTO's mismatched completions in their prompts'
+            segments (:func:`lightning_pref.kl.mismatched_rows`).
     """
-    half = len(sequences) // 2
+    n = len(sequences)
     if share_prompts:
-        segments = [[(i, 0), (i, len(sequences[i][0])), (half + i, len(sequences[i][0]))] for i in range(half)]
-    else:  # (sequence, token offset) parts: the prompt and response of each sequence
-        segments = [[(n, 0)] for n in range(len(sequences))]
-    parts = [_parts(sequences, segment, share_prompts) for segment in segments]
+        prompt_owners = list(range(n // 2)) * 2
+    owners = list(range(n)) if prompt_owners is None else list(prompt_owners)
+    shared = any(o != i for i, o in enumerate(owners))
+    members: dict[int, list[int]] = {}  # owner -> its rows in segment order: the owner first, then continuations
+    for i in sorted(range(n), key=lambda i: (owners[i], owners[i] != i, i)):
+        members.setdefault(owners[i], []).append(i)
+    parts = [_parts(sequences, rows) for rows in members.values()]
     lengths = [sum(len(ids) for ids, *_ in segment) for segment in parts]
     bins = best_fit_decreasing(lengths, max(lengths, default=0))
     shape = (len(bins), max(lengths, default=0))
@@ -108,55 +118,51 @@ def pack(sequences: list[Sequence], pad_token_id: int, share_prompts: bool = Fal
     position_ids = torch.zeros(shape, dtype=torch.long)
     response_mask = torch.zeros(shape, dtype=torch.bool)
     sequence_index = torch.full(shape, -1, dtype=torch.long)
-    segment_index = torch.full(shape, -1, dtype=torch.long)  # for the shared-prompt mask only
-    for row, members in enumerate(bins):
+    for row, segments in enumerate(bins):
         column = 0
-        for s in members:
-            for ids, n, start, response in parts[s]:
+        for s in segments:
+            for ids, i, start, response in parts[s]:
                 cells = slice(column, column + len(ids))
                 input_ids[row, cells] = torch.tensor(ids, dtype=torch.long)
                 position_ids[row, cells] = torch.arange(start, start + len(ids))
                 response_mask[row, cells] = response
-                sequence_index[row, cells] = n
-                segment_index[row, cells] = s
+                sequence_index[row, cells] = i
                 column += len(ids)
-    packed = PackedRows(input_ids, position_ids, response_mask, sequence_index, len(sequences), pad_token_id,
-                        shared_prompts=share_prompts)
-    if share_prompts:
-        packed.attention_mask = shared_prompt_mask(segment_index, sequence_index, response_mask, half)
+    packed = PackedRows(input_ids, position_ids, response_mask, sequence_index, n, pad_token_id, shared_prompts=shared)
+    if shared:
+        packed.prompt_owner = torch.tensor(owners, dtype=torch.long)
+        packed.attention_mask = shared_prompt_mask(sequence_index, response_mask, packed.prompt_owner)
     return packed
 
 
-def _parts(sequences: list[Sequence], segment: list[tuple[int, int]], share_prompts: bool) -> list[tuple]:
-    """``(ids, sequence, first position, is response)`` of each part of a segment, in order."""
-    if not share_prompts:
-        (n, _), = segment
-        prompt, response = sequences[n]
-        return [(prompt, n, 0, False), (response, n, len(prompt), True)]
-    (chosen, _), _, (rejected, offset) = segment
-    prompt = sequences[chosen][0]
-    return [(prompt, chosen, 0, False), (sequences[chosen][1], chosen, offset, True),
-            (sequences[rejected][1], rejected, offset, True)]
+def _parts(sequences: list[Sequence], rows: list[int]) -> list[tuple]:
+    """``(ids, row, first position, is response)`` of each part of a segment: the owner's prompt and response,
+    then each continuing row's response at the prompt's positions."""
+    owner, *continuing = rows
+    prompt, response = sequences[owner]
+    return [(prompt, owner, 0, False), (response, owner, len(prompt), True),
+            *((sequences[i][1], i, len(prompt), True) for i in continuing)]
 
 
-def shared_prompt_mask(segment: Tensor, sequence: Tensor, response: Tensor, half: int) -> Tensor:
-    """Causal within each segment, except that rejected tokens do not see the chosen response. # -> (R, 1, L, L)
+def shared_prompt_mask(sequence: Tensor, response: Tensor, owner: Tensor) -> Tensor:
+    """Causal within each sequence, a continuing row's response also seeing its owner's prompt and nothing else of
+    the segment (e.g. a rejected response blind to the chosen one). # -> (R, 1, L, L)
 
     Args:
-        segment: each cell's segment (pair), -1 on filler. # (R, L)
         sequence: each cell's batch row, -1 on filler. # (R, L)
         response: True on response cells. # (R, L)
-        half: the number of pairs; rows ``>= half`` are rejected.
+        owner: the row whose prompt each row continues (its own index where it holds its prompt). # (N,)
     """
-    length = segment.shape[1]
+    length = sequence.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool).tril()  # (L, L) query i sees key j <= i
-    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)  # (R, L, L)
-    rejected = sequence >= half  # (R, L)
-    chosen_response = response & (sequence >= 0) & ~rejected
-    blind = rejected[:, :, None] & chosen_response[:, None, :]  # (R, L, L)
-    allowed = same & causal & ~blind
+    real = sequence >= 0  # (R, L)
+    own = (sequence[:, :, None] == sequence[:, None, :]) & real[:, :, None]  # (R, L, L) same row
+    prompt_key = ~response & real  # (R, L) a cell of some row's prompt
+    query_owner = owner[sequence.clamp(min=0)]  # (R, L) whose prompt each query cell continues
+    owners_prompt = prompt_key[:, None, :] & (sequence[:, None, :] == query_owner[:, :, None]) & real[:, :, None]
+    allowed = causal & (own | owners_prompt)  # (R, L, L)
     # A filler cell attends to itself: a query row that sees nothing would softmax to NaN.
-    allowed |= torch.eye(length, dtype=torch.bool) & (segment < 0)[:, :, None]
+    allowed |= torch.eye(length, dtype=torch.bool) & ~real[:, :, None]
     return allowed[:, None]
 
 
@@ -165,8 +171,8 @@ def scored_tokens(packed: PackedRows) -> tuple[Tensor, Tensor, Tensor]:
 
     A response token is scored from the token before it in its own sequence, never from the end of the previous
     sequence in the row: a sequence's first token (position 0, an empty prompt's first response token) is not
-    scored, as in a padded row. With shared prompts the rejected response's first token is predicted from the
-    prompt's last token, not from the chosen response before it.
+    scored, as in a padded row. With shared prompts a continuing row's first token (the rejected response's) is
+    predicted from its owner's prompt's last token, not from the response before it in the segment.
 
     Returns:
         ``(cells, predictors, sequences)``, flat indices into ``R * L`` and batch rows. # each (S,)
@@ -176,12 +182,14 @@ def scored_tokens(packed: PackedRows) -> tuple[Tensor, Tensor, Tensor]:
     sequences_ = flat_sequence[cells]
     predictors = cells - 1
     if packed.shared_prompts:
-        half = packed.num_sequences // 2
-        first_rejected = flat_sequence[predictors] != sequences_  # the cell before is the chosen's (or prompt's)
-        responses = packed.response_mask.flatten() & (flat_sequence >= 0)
-        chosen_lengths = torch.bincount(flat_sequence[responses], minlength=packed.num_sequences)  # (N,)
-        skip = chosen_lengths[(sequences_ - half).clamp(min=0)]  # jump back over the chosen response
-        predictors = torch.where(first_rejected, predictors - skip, predictors)
+        # A continuing row's first token follows another row's response in the segment: it is predicted from the
+        # last cell of its owner's prompt instead (an owner's own first token follows its own prompt).
+        first_continuing = flat_sequence[predictors] != sequences_
+        prompt_cells = (~packed.response_mask.flatten() & (flat_sequence >= 0)).nonzero().squeeze(-1)  # (P,)
+        last_prompt_cell = torch.full((packed.num_sequences,), -1, dtype=torch.long, device=cells.device)
+        last_prompt_cell = last_prompt_cell.scatter_reduce(0, flat_sequence[prompt_cells], prompt_cells, "amax")
+        owners = packed.prompt_owner.to(cells.device)[sequences_]  # (S,)
+        predictors = torch.where(first_continuing, last_prompt_cell[owners], predictors)
     return cells, predictors, sequences_
 
 
@@ -207,9 +215,8 @@ def unpacked_sequences(packed: PackedRows) -> list[Sequence]:
     for token, n, is_response in zip(ids, sequence, response, strict=True):
         if n >= 0:
             out[n][1 if is_response else 0].append(token)
-    if packed.shared_prompts:
-        half = packed.num_sequences // 2
-        out[half:] = [(out[i][0], out[half + i][1]) for i in range(half)]
+    if packed.shared_prompts:  # a continuing row's prompt is its owner's
+        out = [(out[o][0], r) for o, (_, r) in zip(packed.prompt_owner.tolist(), out, strict=True)]
     return out
 
 

@@ -12,8 +12,9 @@ same per-sequence values; a model that cannot take them gets the batch padded ag
 
 KTO's mismatched rows (:mod:`lightning_pref.kl`) are scored here too, inside the scorer's forward where sharded
 strategies have gathered the parameters: where the model allows it only their completions run, on the batch's
-own K/V cut to each prompt; otherwise the rows are scored in full. Either way exactly one forward runs, also on
-a rank with no rows, so every rank of a sharded run issues the same collectives.
+own K/V cut to each prompt (padded batches) or in their prompts' segments of the batch's own pass (packed
+batches); otherwise the rows are scored in full. Either way the same forwards run on every rank, also on one with
+no rows, so every rank of a sharded run issues the same collectives.
 """
 
 from __future__ import annotations
@@ -106,9 +107,9 @@ class SequenceScorer(nn.Module):
             attention_mask: 1 for real tokens. # (N, T)
             response_mask: True where a token belongs to the response and is scored. # (N, T)
             kl_rows: KTO's mismatched prompt/completion rows, scored without gradient (``z0`` is detached).
-                Each starts with the prompt of one of the ``N`` rows, so where the model allows it the prompt's
-                keys and values are taken from this pass instead of being computed again (padded batches only:
-                a packed pass keeps no cache).
+                Each starts with the prompt of one of the ``N`` rows, so where the model allows it the prompt is
+                not run again: a padded batch's rows take its keys and values from this pass; a packed batch's
+                run in this pass, each completion in its prompt's segment (:meth:`kl_layout`).
             packed: the same ``N`` sequences packed into rows, instead of the padded tensors.
 
         Returns:
@@ -117,6 +118,9 @@ class SequenceScorer(nn.Module):
             # (N,), (N,), (M,)
         """
         if packed is not None:
+            together = self.kl_layout(kl_rows) if kl_rows is not None else None
+            if together is not None:  # one pass: the batch, and the KL completions in their prompts' segments
+                return self._score_packed_rows(*together, packed.num_sequences)
             usable, masks = self.runnable(packed)
             if usable is not None:
                 logps, tokens = self.score_packed(usable, masks)
@@ -130,19 +134,31 @@ class SequenceScorer(nn.Module):
 
     def score_packed(self, packed: PackedRows, masks: Any = None) -> tuple[Tensor, Tensor]:
         """Summed response log-probs and response tokens of each of the ``N`` packed sequences. # (N,), (N,)"""
+        return self._score_packed_rows(packed, masks, packed.num_sequences)[:2]
+
+    def _score_packed_rows(self, packed: PackedRows, masks: Any, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Summed response log-probs and response tokens of the first ``num_rows`` packed sequences, and summed
+        log-probs of the rest, without gradient (KTO's KL rows ride along in the same pass).
+        # -> (num_rows,), (num_rows,), (N - num_rows,)"""
         if not self.checked:
             self.check_head(*layout.unpack(packed))
         cells, predictors, sequences = layout.scored_tokens(packed)  # (S,) each
         targets = packed.input_ids.flatten()[cells]  # (S,)
+        rest = sequences >= num_rows  # (S,) tokens of rows scored without gradient
         inputs = packing.body_inputs(packed, masks)
         if self.response_only_head:
-            hidden = self.body(**inputs).last_hidden_state  # (R, L, H)
-            per_token = self.head_logps(hidden.flatten(0, 1)[predictors], targets)  # (R * L, H) -> (S, H) -> (S,)
+            states = self.body(**inputs).last_hidden_state.flatten(0, 1)  # (R, L, H) -> (R * L, H)
+            score = self.head_logps  # (S', H) -> (S',)
         else:
-            logits = self.lm(**inputs).logits  # (R, L, V)
-            per_token = logits_logps(logits.flatten(0, 1)[predictors], targets, self.chunk_size)  # (S, V) -> (S,)
-        num_tokens = torch.bincount(sequences, minlength=packed.num_sequences)
-        return layout.sequence_sums(per_token, sequences, packed.num_sequences), num_tokens
+            states = self.lm(**inputs).logits.flatten(0, 1)  # (R, L, V) -> (R * L, V)
+            score = lambda logits, ids: logits_logps(logits, ids, self.chunk_size)  # noqa: E731 - (S', V) -> (S',)
+        per_token = score(states[predictors[~rest]], targets[~rest])
+        with torch.no_grad():
+            rest_per_token = (score(states[predictors[rest]], targets[rest]) if num_rows < packed.num_sequences
+                              else per_token.new_zeros(0))
+        kept = sequences[~rest]
+        rest_sums = layout.sequence_sums(rest_per_token, sequences[rest] - num_rows, packed.num_sequences - num_rows)
+        return layout.sequence_sums(per_token, kept, num_rows), torch.bincount(kept, minlength=num_rows), rest_sums
 
     def body(self, cache: Any = None, **kwargs: Any) -> Any:
         """The transformer body without the LM head; a ``cache`` given goes in under the name this version of
@@ -217,6 +233,28 @@ class SequenceScorer(nn.Module):
         return logits_logps(logits[:, :-1][target_mask], targets, self.chunk_size)  # (R, V) -> (R,)
 
     # ------------------------------------------------------------------------------------------- KTO's KL rows
+    def kl_layout(self, kl_rows: KLRows) -> tuple[PackedRows, Any] | None:
+        """The layout scoring a packed batch and its KL rows in one pass (``kl_rows.shared``: each mismatched
+        completion in its prompt's segment, so only the completions run) and its masks; ``None``: score them
+        apart, the KL rows in full (a padded batch, or a model that cannot take the masks).
+
+        Without gradients (the reference, validation) the one pass is always less work. With gradients the KL
+        completions also run backward (to no effect: the baseline is detached) and the recompute of checkpointed
+        layers, so they ride along only when that costs less than running their prompts again without gradient,
+        on a sharded model always (every rank then runs the same forwards, whatever its rows).
+        """
+        if kl_rows.shared is None:
+            return None
+        usable, masks = self.runnable(kl_rows.shared)
+        if usable is None or (kl_rows.shared.shared_prompts and masks is None):
+            return None  # unpacked, or packed without its shared prompts: the KL rows would run in full anyway
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()) and not sharded(self.lm):
+            prompts = int(_prompt_lengths(kl_rows).sum())
+            completions = int(kl_rows.response_mask.sum())
+            if (2 + checkpointed(self.lm)) * completions > prompts:  # backward ~2 forwards, the recompute 1
+                return None
+        return usable, masks
+
     def can_share_prompts(self, kl_rows: KLRows) -> bool:
         """Whether the KL rows can reuse the batch pass's prompt K/V.
 
@@ -335,6 +373,14 @@ def checkpointed(model: nn.Module) -> bool:
     if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         return True
     return any(type(m).__name__ == "CheckpointWrapper" for m in model.modules())
+
+
+def sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are gathered around each forward (FSDP, DeepSpeed ZeRO-3): every rank must
+    then run the same forwards."""
+    if any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in model.parameters()):
+        return True
+    return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
 
 
 def _dummy(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

@@ -66,7 +66,8 @@ class PackedRows:
     creation separates the sequences of a row (block-causal attention) from the restarts of ``position_ids``.
     With ``shared_prompts`` (paired batches) each pair is one segment ``[prompt, chosen, rejected]``: the prompt
     runs once and belongs to the chosen sequence, the rejected response continues at the prompt's length and an
-    explicit ``attention_mask`` keeps it from seeing the chosen tokens.
+    explicit ``attention_mask`` keeps it from seeing the chosen tokens. In general a row may continue the prompt of
+    another (``prompt_owner``), as KTO's mismatched completions do in their prompts' segments.
     """
 
     input_ids: Tensor  # (R, L) token ids, filler cells hold the pad id
@@ -76,9 +77,11 @@ class PackedRows:
     num_sequences: int  # N
     pad_token_id: int = 0
     shared_prompts: bool = False
-    # shared_prompts only: True where query token i may attend to key token j (block-causal per segment, rejected
-    # tokens blind to their chosen partner). L * L bools per row.
+    # shared_prompts only: True where query token i may attend to key token j (causal within a row's own cells and
+    # its owner's prompt: rejected tokens blind to their chosen partner). L * L bools per row.
     attention_mask: Tensor | None = None  # (R, 1, L, L)
+    # shared_prompts only: the row whose prompt cells each row continues (its own index where it holds its prompt).
+    prompt_owner: Tensor | None = None  # (N,)
 
     @property
     def real_tokens(self) -> int:
@@ -104,6 +107,9 @@ class KLRows(NamedTuple):
     prompt_rows: Tensor  # (M,) index of the batch row whose prompt the row starts with
     # A packed batch's KL rows are also packed (scored without their padding), in this row order.
     packed: PackedRows | None = None
+    # A packed batch's rows and then these rows, packed together: row N + m's completion continues the prompt of
+    # batch row prompt_rows[m] in that row's segment, so only the completions run. Also without KL rows.
+    shared: PackedRows | None = None
 
 
 @dataclass

@@ -210,6 +210,79 @@ def test_kl_rows_of_a_packed_batch_are_packed_and_score_as_padded(name):
     torch.testing.assert_close(kl[True], kl[False], rtol=0, atol=1e-5)
 
 
+def _kto_examples() -> list[Encoded]:
+    """Unpaired examples with prompts much longer than their completions (so that KL rows riding in their prompts'
+    segments pays also in a pass with gradients), one of them with an empty prompt."""
+    g = torch.Generator().manual_seed(2)
+    prompts = [[], *(_ids(g, k) for k in (10, 12, 9, 11, 12))]
+    return [Encoded(p, _ids(g, 1 + i % 3), None, label=i % 2 == 0, index=i) for i, p in enumerate(prompts)]
+
+
+def _scores_kl_and_grads(scorer: SequenceScorer, batch) -> tuple[torch.Tensor, torch.Tensor, list]:
+    scorer.zero_grad()
+    logps, _, kl_logps = scorer(batch.input_ids, batch.attention_mask, batch.response_mask, batch.kl_rows,
+                                batch.packed)
+    (logps * torch.linspace(0.5, 1.5, len(logps))).sum().backward()
+    assert not kl_logps.requires_grad  # z0 is a baseline, not a path for gradients
+    return logps.detach(), kl_logps, [p.grad.clone() for p in scorer.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2_window_softcap", "gemma3_window"])
+def test_kl_completions_in_their_prompts_segments_score_as_padded(name):
+    """A packed KTO batch and its mismatched rows in one pass, each mismatched completion in the segment of the
+    batch row whose prompt it continues: only the completions run (the prompts once), and the batch's log-probs,
+    their gradients and the KL rows' log-probs are the padded path's (which reuses the cached prompts)."""
+    examples = _kto_examples()
+    scorer = SequenceScorer(_model(name))
+    padded = with_kl_rows(PreferenceCollator(0)(examples))
+    packed = with_kl_rows(PreferenceCollator(0, packing=True)(examples))
+    rows = packed.kl_rows
+    completions = int(rows.response_mask.sum())
+    assert rows.shared.real_tokens == packed.packed.real_tokens + completions  # no prompt runs twice
+    assert scorer.kl_layout(rows) is not None and scorer.kl_layout(rows)[1] is not None  # shared, with its masks
+    expected, expected_kl, expected_grads = _scores_kl_and_grads(scorer, padded)
+    logps, kl_logps, grads = _scores_kl_and_grads(scorer, packed)
+    assert kl_logps.shape == expected_kl.shape == (len(examples),)
+    torch.testing.assert_close(logps, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kl_logps, expected_kl, rtol=0, atol=1e-5)
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert (g - e).abs().max() <= 1e-5 * e.abs().max().clamp(min=1e-6)
+
+
+def test_kl_completions_ride_along_with_gradients_only_where_that_is_less_work():
+    """With gradients a completion in the batch's pass also runs backward: against prompts shorter than twice
+    their completions the KL rows are scored apart. Without gradients (the reference) they always ride along."""
+    g = torch.Generator().manual_seed(3)
+    examples = [Encoded(_ids(g, 2), _ids(g, 6), None, label=i % 2 == 0, index=i) for i in range(4)]
+    scorer = SequenceScorer(_model("llama"))
+    batch = with_kl_rows(PreferenceCollator(0, packing=True)(examples))
+    assert scorer.kl_layout(batch.kl_rows) is None
+    with torch.no_grad():
+        assert scorer.kl_layout(batch.kl_rows) is not None
+        kl_logps = scorer(None, None, None, batch.kl_rows, batch.packed)[2]
+        torch.testing.assert_close(kl_logps, scorer(*batch.kl_rows[:3])[0], rtol=0, atol=1e-5)
+
+
+def test_kl_rows_fall_back_to_their_own_packing_where_the_masks_are_not_taken(monkeypatch, caplog):
+    """A model that takes packed rows but not the shared-prompt masks scores the KL rows packed on their own, in
+    full: the same values (and one info line)."""
+    examples = _kto_examples()
+    scorer = SequenceScorer(_model("llama"))
+    padded = with_kl_rows(PreferenceCollator(0)(examples))
+    packed = with_kl_rows(PreferenceCollator(0, packing=True)(examples))
+    monkeypatch.setattr(packing, "prompt_sharing_masks", lambda *a, **k: (None, "no custom masks here"))
+    packing._tell.cache_clear()
+    with caplog.at_level(logging.INFO):
+        assert scorer.kl_layout(packed.kl_rows) is None
+        expected, expected_kl, expected_grads = _scores_kl_and_grads(scorer, padded)
+        logps, kl_logps, grads = _scores_kl_and_grads(scorer, packed)
+    assert "packing without shared prompts, no custom masks here" in caplog.text
+    torch.testing.assert_close(logps, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kl_logps, expected_kl, rtol=0, atol=1e-5)
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert (g - e).abs().max() <= 1e-5 * e.abs().max().clamp(min=1e-6)
+
+
 def test_precomputed_reference_packed_equals_padded(pairs_file, tmp_path):
     padded = _losses(_dpo(reference_mode="precomputed", reference_cache_dir=str(tmp_path)), pairs_file, 3)
     packed = _losses(_dpo(reference_mode="precomputed", reference_cache_dir=str(tmp_path)), pairs_file, 3,
