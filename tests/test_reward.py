@@ -214,3 +214,27 @@ def test_online_dpo_labels_pairs_with_a_reward_model_judge(reward_run, tmp_path)
             if r["train/judge/score"]]
     assert len(rows) == 2
     assert all(float(r["train/judge/chosen"]) > float(r["train/judge/rejected"]) for r in rows)
+
+
+def test_center_on_subtracts_the_mean_score_of_a_files_responses(reward_run, tmp_path):
+    """InstructGPT's bias computed at start from the data's responses: those responses then score 0 on average."""
+    from lightning_pref.data.sources import bundled
+    from lightning_pref.errors import UserInputError
+    from lightning_pref.judges import RewardModelJudge
+
+    out = tmp_path / "rm"
+    main(["export", "--ckpt_path", str(reward_run["ckpt"]), "--output_dir", str(out)])
+    rows = [json.loads(line) for line in open(bundled("train"), encoding="utf-8").read().splitlines()[:6]]
+    data = write_jsonl(tmp_path / "responses.jsonl", rows)
+    raw = RewardModelJudge(str(out))
+    centered = RewardModelJudge(str(out), center=True, center_on=str(data))
+    prompts = [r["prompt"] for r in rows for _ in range(2)]
+    responses = [r[key] for r in rows for key in ("chosen", "rejected")]
+    expected_bias = sum(raw.score(prompts, responses)) / len(responses)
+    assert centered.bias == pytest.approx(expected_bias, rel=1e-5)
+    assert sum(centered.score(prompts, responses)) / len(responses) == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(UserInputError, match=r"judge\.center_on: .*set judge\.center: true"):
+        RewardModelJudge(str(out), center_on=str(data))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "chosen": 3, "rejected": "y"}])
+    with pytest.raises(UserInputError, match=r"judge\.center_on: .*bad\.jsonl:1"):
+        RewardModelJudge(str(out), center=True, center_on=str(bad))
