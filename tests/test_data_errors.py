@@ -132,7 +132,9 @@ def test_split_empty_after_filtering(tmp_path, tokenizer):
 
 
 def test_every_example_dropped_by_truncation(tmp_path, tokenizer):
-    message = setup_error(tmp_path, tokenizer, rows(GOOD, GOOD), max_length=0)
+    # One token left: the prompt is cut away and both responses come out as "y", the same tokens: no signal.
+    same_start = {"prompt": "p", "chosen": "yes", "rejected": "yep"}
+    message = setup_error(tmp_path, tokenizer, rows(same_start, same_start), max_length=1)
     assert "data.train: all 2 examples of" in message and "dropped by truncation" in message
     assert "raise data.max_length" in message
 
