@@ -29,6 +29,9 @@ from lightning_pref.errors import UserInputError
 #: Written into every PNG (as its ``Software`` text chunk) and into report.html, to recognize our own files.
 GENERATOR = "lightning-pref report"
 OVERVIEW = "report_overview.png"
+#: What each command run with a logger records in its log directory (:class:`lightning_pref.trainer_cli.RunRecord`):
+#: which command it was, and for a resumed ``fit`` the checkpoint and step it resumed from.
+RUN_RECORD = "run.yaml"
 INSTALL_HINT = "pip install 'lightning-pref[report]'"
 _RUN_FORMS = "give a run directory (lightning_logs/version_N) or the root directory that contains lightning_logs/"
 
@@ -100,7 +103,9 @@ class Report:
 
 
 def resolve_run_dir(path: Path) -> Path:
-    """The run directory itself, or the newest ``version_N`` with a ``metrics.csv`` under a root or lightning_logs/."""
+    """The run directory itself, or the newest training run (``version_N`` written by ``fit``, with a
+    ``metrics.csv``) under a root or lightning_logs/: a ``validate`` or ``predict`` of a model that is not a
+    training run's checkpoint also gets a ``version_N`` of its own, and is not what ``report ROOT`` means."""
     if not path.exists():
         raise UserInputError(f"{path}: no such directory; {_RUN_FORMS}")
     if not path.is_dir():
@@ -115,8 +120,37 @@ def resolve_run_dir(path: Path) -> Path:
     ]
     if not versions:
         raise UserInputError(f"{path}: no metrics.csv here or in lightning_logs/version_*/; {_RUN_FORMS}")
+    runs = [v for v in versions if is_training_run(v)]
+    if not runs:
+        raise UserInputError(f"{path}: no training run among {', '.join(sorted(v.name for v in versions))} (only "
+                             "validate/test/predict runs); give one of them as the run directory to report on it")
     # Lightning numbers each new run one above the highest existing version, so the highest is the newest.
-    return max(versions, key=lambda p: int(p.name.removeprefix("version_")))
+    return max(runs, key=lambda p: int(p.name.removeprefix("version_")))
+
+
+def read_run_record(run: Path) -> dict[str, Any]:
+    """The run's :data:`RUN_RECORD` (empty for a run written before there was one, or by another tool)."""
+    path = run / RUN_RECORD
+    if not path.is_file():
+        return {}
+    try:
+        record = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as err:
+        raise UserInputError(f"{path}: not valid YAML ({type(err).__name__}); delete it to report the run "
+                             "without it") from None
+    return record if isinstance(record, dict) else {}
+
+
+def is_training_run(run: Path) -> bool:
+    """Whether ``fit`` wrote this run directory: as its :data:`RUN_RECORD` says, or, for a run from before there
+    was one, whether it has checkpoints or logged training metrics (``train/`` columns of its ``metrics.csv``)."""
+    command = read_run_record(run).get("command")
+    if command is not None:
+        return command == "fit"
+    if (run / "checkpoints").is_dir():
+        return True
+    metrics = run / "metrics.csv"
+    return metrics.is_file() and "train/" in read_text(metrics).split("\n", 1)[0]
 
 
 def read_text(path: Path) -> str:

@@ -96,7 +96,7 @@ def test_report_of_a_real_run(run_root, capsys):
     run_dir = run_root / "lightning_logs/version_0"
     before = _tree_digest(run_dir)
     _report(str(run_root))
-    assert f"newest run under {run_root}: {run_dir}" in capsys.readouterr().out
+    assert f"newest training run under {run_root}: {run_dir}" in capsys.readouterr().out
 
     # every DPO metric family (no KL without KTO), tokens/s and padding (no MFU on a CPU)
     plots = ["loss", "accuracy", "margins", "rewards", "logps", "throughput", "padding"]
@@ -233,6 +233,27 @@ def test_newest_version_is_the_highest_number(tmp_path):
     assert resolve_run_dir(tmp_path) == tmp_path / "lightning_logs/version_10"  # not the lexically last "9"
     assert resolve_run_dir(tmp_path / "lightning_logs") == tmp_path / "lightning_logs/version_10"
     assert resolve_run_dir(tmp_path / "lightning_logs/version_2") == tmp_path / "lightning_logs/version_2"
+
+
+def test_newest_training_run_not_the_newest_version(tmp_path, capsys):
+    """A validate or predict run gets a version_N of its own where its checkpoint is not a training run's (and
+    did for every checkpoint before): report ROOT still means the newest run of fit."""
+    logs = tmp_path / "lightning_logs"
+    _write_metrics(logs / "version_0", ["train/loss", "val/loss"])
+    (logs / "version_0/checkpoints").mkdir()
+    _write_metrics(logs / "version_1", ["train/loss"])
+    (logs / "version_1/run.yaml").write_text("command: fit\n")  # a recorded fit, checkpoints turned off
+    _write_metrics(logs / "version_2", ["val/loss"])
+    (logs / "version_2/run.yaml").write_text("command: validate\n")
+    _write_metrics(logs / "version_3", ["val/loss"])  # an older validate run, without a record: no train/ values
+    assert resolve_run_dir(tmp_path) == logs / "version_1"
+    assert resolve_run_dir(logs / "version_3") == logs / "version_3"  # named, any run is reported
+    for version in (0, 1):
+        (logs / f"version_{version}/run.yaml").write_text("command: predict\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "no training run among version_0, version_1, version_2, version_3" in err
 
 
 def test_every_documented_metric_has_a_designed_plot():
