@@ -41,6 +41,7 @@ from lightning_pref.errors import UserInputError
 from lightning_pref.evaluate import PreferenceTrainer
 from lightning_pref.predict import PredictionWriter
 from lightning_pref.registry import REGISTRIES, UnknownPluginError, load_plugins
+from lightning_pref.report import RUN_RECORD
 from lightning_pref.throughput import TokenThroughput
 
 #: The module a config gets when it names none; jsonargparse normalizes class paths to this shortest form.
@@ -169,6 +170,8 @@ class LightningPrefCLI(LightningCLI):
             checkpoint = _read_checkpoint(path)
             _check_kind(checkpoint, config.model, path, subcommand)
             _check_matches(checkpoint, config.model, path, self.argv)
+            if subcommand != "fit":
+                _log_beside_run(config.trainer, path, subcommand)
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI rebuilds the trained model: it reads the checkpoint's hyperparameters into the model
@@ -226,6 +229,7 @@ class LightningPrefCLI(LightningCLI):
         if trainer_config.get("logger") in (None, True):
             trainer_config["logger"] = CSVLogger(trainer_config.get("default_root_dir") or ".")
         callbacks = [config[key] for key, flag in ALWAYS_ON.items() if flag is None or trainer_config.get(flag) is not False]
+        callbacks.append(RunRecord(self.subcommand or "fit", config.get("ckpt_path")))
         return self._instantiate_trainer(trainer_config, callbacks)  # LightningCLI's: adds the config callback
 
 
@@ -365,6 +369,92 @@ class RunSummary(Callback):
                           f"{Path(last).parent.parent / 'exported'}", markup=False)
         if log_dir and (Path(log_dir) / "metrics.csv").exists():
             console.print(f"report:      lightning-pref report {log_dir}", markup=False)
+
+
+def run_of(checkpoint: str | Path) -> Path | None:
+    """The run directory a checkpoint was saved in (``.../version_N`` for ``.../version_N/checkpoints/x.ckpt``,
+    where Lightning's ``ModelCheckpoint`` puts it), or ``None`` for a checkpoint kept anywhere else."""
+    path = Path(checkpoint).absolute()
+    run = path.parent.parent
+    if path.parent.name != "checkpoints" or not any((run / f).is_file() for f in _RUN_FILES):
+        return None
+    return run
+
+
+#: Files that make a directory a run's log directory (the logger's and LightningCLI's own, and our record).
+_RUN_FILES = ("config.yaml", "hparams.yaml", "metrics.csv", RUN_RECORD)
+#: Loggers that version their directory under ``save_dir``/``name`` (and take a string ``version`` as its name).
+_VERSIONED_LOGGERS = ("CSVLogger", "TensorBoardLogger")
+
+
+def _log_beside_run(trainer: Namespace, checkpoint: str, subcommand: str) -> None:
+    """Point the logger of a command run on a trained checkpoint (``validate``, ``test``, ``predict``,
+    ``evaluate``) at a new directory inside that checkpoint's run: ``version_N/validate``, then
+    ``version_N/validate-1``, ... A new ``lightning_logs/version_M`` of its own would look like the newest run
+    to ``report`` and ``--ckpt_path last``, and nothing would tie its outputs to the run they judge.
+
+    Where Lightning's loggers put a run is ``save_dir/name/version``: the default CSV logger and a configured
+    CSV or TensorBoard logger get ``save_dir`` = the run, no ``name``, and the directory as ``version``. Other
+    loggers (W&B, MLflow) keep their own runs. A checkpoint outside a run directory changes nothing.
+    """
+    run = run_of(checkpoint)
+    if run is None:
+        return
+    version = next(name for i in range(10_000)
+                   if not (run / (name := subcommand if i == 0 else f"{subcommand}-{i}")).exists())
+    where = {"save_dir": str(run), "name": "", "version": version}
+    logger = trainer.get("logger")
+    if logger in (None, True):
+        trainer["logger"] = Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(**where))
+        return
+    for item in logger if isinstance(logger, list) else [logger]:
+        if isinstance(item, Namespace) and str(item.get("class_path")).rsplit(".", 1)[-1] in _VERSIONED_LOGGERS:
+            item["init_args"] = item.get("init_args") or Namespace()
+            item.init_args.update(Namespace(**where))
+
+
+class RunRecord(Callback):
+    """Writes :data:`~lightning_pref.report.RUN_RECORD` (``run.yaml``) in the command's log directory: which
+    command made it (``report`` and ``--ckpt_path last`` look for ``fit`` runs) and, for a resumed ``fit``, the
+    checkpoint and global step it resumed from (``report`` shows the earlier run's metrics up to that step). A
+    command other than ``fit`` also prints one line saying where its log directory is.
+
+    Args:
+        command: the subcommand (``evaluate`` runs Lightning's ``predict`` stage, so the stage would not say).
+        checkpoint: the command's ``--ckpt_path`` (Lightning sets ``trainer.ckpt_path`` only after ``setup``).
+    """
+
+    def __init__(self, command: str, checkpoint: str | None = None) -> None:
+        self.command, self.checkpoint = command, checkpoint
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        if self.command != "fit":
+            self._write(trainer, {"command": self.command, "checkpoint": _absolute(self.checkpoint)})
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        # the checkpoint is restored by now: global_step is the step the run goes on from
+        resumed = _absolute(trainer.ckpt_path)
+        self._write(trainer, {"command": "fit", "resumed_from": resumed,
+                              "resumed_at_step": trainer.global_step if resumed else None})
+
+    def teardown(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        if self.command in ("validate", "test") and trainer.logger is not None:
+            log_dir = trainer.log_dir  # a collective: every rank asks
+            if trainer.is_global_zero and log_dir:
+                Console(highlight=False, soft_wrap=True).print(f"{self.command}: metrics in {log_dir}", markup=False)
+
+    @staticmethod
+    def _write(trainer: Trainer, record: dict[str, Any]) -> None:
+        if trainer.logger is None:
+            return
+        log_dir = trainer.log_dir  # a collective: every rank asks
+        if trainer.is_global_zero and log_dir:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(log_dir) / RUN_RECORD).write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
+
+
+def _absolute(path: str | Path | None) -> str | None:
+    return str(Path(path).absolute()) if path else None
 
 
 class SaveRunConfig(SaveConfigCallback):
