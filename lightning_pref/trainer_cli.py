@@ -164,7 +164,8 @@ class LightningPrefCLI(LightningCLI):
             return
         config = self.config[subcommand]
         if config.get("ckpt_path") == "last":
-            config["ckpt_path"] = str(_last_checkpoint(Path(config.trainer.get("default_root_dir") or ".")))
+            last = _last_checkpoint(config, subcommand)
+            config["ckpt_path"] = str(last) if last is not None else None
         path = config.get("ckpt_path")
         if path is not None and path not in ("best", "hpc", "registry") and not Path(path).is_dir():
             checkpoint = _read_checkpoint(path)
@@ -467,17 +468,116 @@ class SaveRunConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
-def _last_checkpoint(root: Path) -> Path:
-    """``--ckpt_path last``: the newest ``last.ckpt`` of earlier runs under ``default_root_dir``.
+def _last_checkpoint(config: Namespace, subcommand: str) -> Path | None:
+    """``--ckpt_path last``: the ``last.ckpt`` of the newest earlier run that this config describes.
 
-    Lightning's own ``last`` looks only in this run's new ``version_N`` directory, where there is none yet. The
-    resumed run logs and checkpoints into a new version directory, so nothing earlier is overwritten.
+    Lightning's own ``last`` looks only in this run's new ``version_N`` directory, where there is none yet; this
+    looks where this config's runs are (:func:`_run_checkpoints`), and takes only a run trained with the config's
+    module, model and loss class: a run of another config that shares the directory is never resumed silently.
+    Among those, a run trained with exactly the config's loss arguments wins; runs that differ only in them
+    (``beta``) are listed rather than guessed between. The resumed run logs and checkpoints into a new version
+    directory, so nothing earlier is overwritten.
+
+    Returns:
+        The checkpoint, or ``None`` for a ``fit`` where there is no checkpoint at all yet: like Lightning's
+        ``ckpt_path="last"``, a new run starts (with a line saying so), so a requeue script that always passes
+        ``--ckpt_path last`` works on its first launch too.
+
+    Raises:
+        UserInputError: no checkpoint to validate/predict/evaluate; checkpoints only of other configs (listed,
+            with what differs); several candidates trained with different loss arguments (listed).
     """
-    found = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"),
-                   key=lambda p: int(p.parts[-3].removeprefix("version_")))
+    where, found = _run_checkpoints(config)
     if not found:
-        raise UserInputError(f"--ckpt_path last: no lightning_logs/version_*/checkpoints/last.ckpt under {root}; give a path")
-    return found[-1]
+        if subcommand == "fit":
+            rank_zero_info(f"--ckpt_path last: no checkpoint under {where} yet; starting a new run")
+            return None
+        raise UserInputError(f"--ckpt_path last: no checkpoint under {where}; give a path, or the "
+                             "--trainer.default_root_dir (or logger save_dir) that fit wrote into")
+    candidates, others = [], []
+    for path in found:
+        try:
+            hparams = _read_checkpoint(str(path))["hyper_parameters"]
+        except UserInputError:  # a truncated or foreign file is no candidate; a run's last.ckpt is its own to fix
+            others.append(f"{path} (not a readable lightning-pref checkpoint)")
+            continue
+        differs = _differs_from_config(hparams, config.model)
+        (others.append(f"{path} ({differs})") if differs else candidates.append((path, hparams)))
+    if not candidates:
+        raise UserInputError(f"--ckpt_path last: no checkpoint under {where} was trained with this config: "
+                             f"{'; '.join(others)}; give one with --ckpt_path PATH and its run's config.yaml, or "
+                             "start a new run in another --trainer.default_root_dir")
+    configured = _init_args(config.model)
+    exact = [(p, h) for p, h in candidates if _plain(h.get("loss")) == _plain(configured.get("loss"))]
+    if exact:
+        return exact[-1][0]
+    losses = {_describe(h.get("loss")) for _, h in candidates}
+    if len(losses) > 1:
+        listed = "; ".join(f"{p} ({_describe(h.get('loss'))})" for p, h in candidates)
+        raise UserInputError(f"--ckpt_path last: runs under {where} trained with different losses, none with "
+                             f"the config's {_describe(configured.get('loss'))}: {listed}; give one with --ckpt_path")
+    return candidates[-1][0]
+
+
+def _run_checkpoints(config: Namespace) -> tuple[Path, list[Path]]:
+    """Where this config's runs are, and their ``last.ckpt`` files, oldest run first.
+
+    A run's checkpoints are where Lightning puts them: ``--checkpoint.dirpath`` if given; else
+    ``<log dir>/checkpoints``, the log directory being ``save_dir/name/version_N`` of the config's CSV or
+    TensorBoard logger (Lightning's default: ``default_root_dir/lightning_logs/version_N``), or
+    ``default_root_dir`` itself without a logger.
+    """
+    trainer = config.trainer
+    root = Path(trainer.get("default_root_dir") or ".")
+    dirpath = config.get("checkpoint") and config.checkpoint.get("dirpath")
+    if dirpath:
+        return Path(dirpath), [p for p in [Path(dirpath) / "last.ckpt"] if p.is_file()]
+    logger = trainer.get("logger")
+    first = logger[0] if isinstance(logger, list) and logger else logger
+    if first is False:
+        return root, [p for p in [root / "checkpoints/last.ckpt"] if p.is_file()]
+    if isinstance(first, Namespace) and str(first.get("class_path")).rsplit(".", 1)[-1] in _VERSIONED_LOGGERS:
+        args = first.get("init_args") or Namespace()
+        root = Path(args.get("save_dir") or root) / (args.get("name", "lightning_logs") or "")
+    else:
+        root = root / "lightning_logs"
+    found = [p for p in root.glob("version_*/checkpoints/last.ckpt") if p.parts[-3].removeprefix("version_").isdigit()]
+    return root, sorted(found, key=lambda p: int(p.parts[-3].removeprefix("version_")))
+
+
+def _init_args(model: Any) -> dict[str, Any]:
+    """The module's arguments of a config, written flat or as ``class_path``/``init_args``."""
+    configured = _plain(model)
+    return (configured.get("init_args") or {}) if "class_path" in configured else configured
+
+
+def _class_of(plugin: Any) -> Any:
+    """The class a plugin's config or hyperparameter names (whichever form of its path), or the value itself."""
+    plugin = _plain(plugin)
+    if isinstance(plugin, dict) and "class_path" in plugin:
+        return pydoc.locate(plugin["class_path"]) or plugin["class_path"]
+    return plugin
+
+
+#: Module arguments that make a run another experiment when they name another class: what is trained with.
+_PLUGIN_KEYS = ("loss", "estimator")
+
+
+def _differs_from_config(hparams: dict[str, Any], model: Any) -> str | None:
+    """Why a checkpoint is not one of the runs ``model`` (a module config) describes, or ``None``: another module
+    class, model, or loss (estimator) class. Loss arguments may differ: the checkpoint's are restored."""
+    trained, _ = _module_of(hparams.get("_class_path"))
+    configured, _ = _module_of(_plain(model).get("class_path"))
+    if trained != configured:
+        return f"a {trained}, the config is for a {configured}"
+    given = _init_args(model)
+    for key in ("policy", "backbone"):
+        if key in hparams and key in given and _plain(hparams[key]) != _plain(given[key]):
+            return f"model.{key} {_describe(hparams[key])}, the config has {_describe(given[key])}"
+    for key in _PLUGIN_KEYS:
+        if key in hparams and key in given and _class_of(hparams[key]) != _class_of(given[key]):
+            return f"model.{key} {_describe(hparams[key])}, the config has {_describe(given[key])}"
+    return None
 
 
 def _read_checkpoint(path: str) -> dict[str, Any]:
@@ -533,20 +633,22 @@ def _check_kind(checkpoint: dict[str, Any], model: Any, path: str, subcommand: s
 
 def _check_matches(checkpoint: dict[str, Any], model: Any, path: str, argv: list[str]) -> None:
     """LightningCLI replaces the config's model options with the checkpoint's (the trained model and loss win).
-    Say so where they differ; and where the command line itself gives another model or loss, that contradicts
-    the checkpoint: one line, exit 2."""
+    Say so where they differ; where the command line itself gives another model or loss, or the config (file or
+    command line) another loss class, that contradicts the checkpoint: one line, exit 2."""
     hparams = checkpoint["hyper_parameters"]
-    configured = _plain(model)
-    configured = configured.get("init_args", configured) if "class_path" in configured else configured
-    for key in ("policy", "backbone", "loss"):
+    configured = _init_args(model)
+    for key in ("policy", "backbone", *_PLUGIN_KEYS):
         trained, given = hparams.get(key), configured.get(key)
         if trained is None or given is None or _plain(trained) == _plain(given):
             continue
-        if any(a == f"--model.{key}" or a.startswith((f"--model.{key}.", f"--model.{key}=")) for a in argv):
+        on_command_line = any(a == f"--model.{key}" or a.startswith((f"--model.{key}.", f"--model.{key}="))
+                              for a in argv)
+        if on_command_line or (key in _PLUGIN_KEYS and _class_of(trained) != _class_of(given)):
+            fix = f"drop --model.{key}" if on_command_line else "give the run's own config (its config.yaml)"
             raise UserInputError(
-                f"--ckpt_path: {path} was trained with model.{key} {_describe(trained)}, but the command line "
-                f"gives {_describe(given)}; a checkpoint restores what it was trained with: drop --model.{key}, "
-                "or export the model and start a new run from it"
+                f"--ckpt_path: {path} was trained with model.{key} {_describe(trained)}, but the "
+                f"{'command line' if on_command_line else 'config'} gives {_describe(given)}; a checkpoint "
+                f"restores what it was trained with: {fix}, or export the model and start a new run from it"
             )
         rank_zero_info(f"--ckpt_path: model.{key} {_describe(trained)} from the checkpoint (the config has "
                        f"{_describe(given)})")
