@@ -18,7 +18,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -100,6 +100,7 @@ class Report:
     html: Path
     plots: list[Path]
     overview: Path | None
+    resumed: list[tuple[Path, int]] = field(default_factory=list)  # see read_history
 
 
 def resolve_run_dir(path: Path) -> Path:
@@ -197,6 +198,36 @@ def read_metrics(path: Path) -> Series:
         stages = "/, ".join(STAGE_STYLES)
         raise UserInputError(f"{path}: no values under {stages}/ yet; nothing to report until the run logs some")
     return series
+
+
+def read_history(run: Path) -> tuple[Series, list[tuple[Path, int]]]:
+    """The run's metrics, preceded by those of the run it resumed from, up to the step it resumed at.
+
+    A resumed ``fit`` logs into a new ``version_N`` from the checkpoint's step on; its :data:`RUN_RECORD` names
+    the checkpoint (``<earlier run>/checkpoints/x.ckpt``) and the step. That run may itself be a resumption:
+    the chain is followed back to the first run. A run it names that is gone (moved, deleted) ends the chain.
+
+    Returns:
+        The stitched series, and ``(earlier run, step it was resumed at)`` for each earlier run, oldest first.
+    """
+    series = read_metrics(run / "metrics.csv")
+    earlier: list[tuple[Path, int]] = []
+    seen = {run.resolve()}
+    record = read_run_record(run)
+    while record.get("resumed_from") and isinstance(record.get("resumed_at_step"), int):
+        checkpoint = Path(record["resumed_from"])
+        previous, step = checkpoint.parent.parent, record["resumed_at_step"]
+        if checkpoint.parent.name != "checkpoints" or previous.resolve() in seen \
+                or not (previous / "metrics.csv").is_file():
+            break
+        seen.add(previous.resolve())
+        before = read_metrics(previous / "metrics.csv")
+        # metrics.csv labels a step by its index from 0: the checkpoint after `step` steps holds steps 0..step-1
+        series = {c: [(s, v) for s, v in before.get(c, []) if s < step] + series.get(c, [])
+                  for c in [*before, *(c for c in series if c not in before)]}
+        earlier.insert(0, (previous, step))
+        record = read_run_record(previous)
+    return {c: points for c, points in series.items() if points}, earlier
 
 
 def plan_plots(columns: Iterable[str]) -> list[Plot]:
@@ -382,10 +413,14 @@ def render_html(
     plots: list[Plot],
     config: list[tuple[str, str]] | None,
     completions: dict[int, list[Completion]] | None,
+    resumed: list[tuple[Path, int]] = (),
 ) -> str:
     """The report page; every text from the run's files is HTML-escaped, every image is a data URI."""
     e = html.escape
     parts = [f"<h1>lightning-pref report</h1>\n<p><code>{e(str(run_dir))}</code></p>"]
+    if resumed:
+        chain = ", then ".join(f"<code>{e(str(p))}</code> up to step {step - 1}" for p, step in resumed)
+        parts.append(f'<p class="muted">Resumed: the metrics of {chain}, then this run\'s.</p>')
     parts.append("<h2>Configuration</h2>")
     if config:
         parts.append(_table(("key", "value"), [(e(k), f"<code>{e(v)}</code>") for k, v in config]))
@@ -442,14 +477,14 @@ def write_report(run_dir: str, output_dir: str | None = None) -> Report:
     out = Path(output_dir) if output_dir is not None else run
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--output_dir: {out} is a file; give a directory")
-    series = read_metrics(run / "metrics.csv")
+    series, resumed = read_history(run)
     config = read_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
     plots = plan_plots(series)
     if ("model", "RewardModule") in (config or []):  # its rewards are the model's scores, not DPO's implicit ones
         plots = [p._replace(title=REWARD_MODEL_TITLES.get(p.name, p.title)) for p in plots]
     completions = read_completions(run / "completions.jsonl") if (run / "completions.jsonl").is_file() else None
     pngs, overview = render_plots(plots, series)
-    page = render_html(run, series, pngs, plots, config, completions)
+    page = render_html(run, series, pngs, plots, config, completions, resumed)
 
     files = {**pngs, **({OVERVIEW: overview} if overview else {}), "report.html": page.encode()}
     for name in files:  # all checked before anything is written
@@ -457,5 +492,5 @@ def write_report(run_dir: str, output_dir: str | None = None) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
         (out / name).write_bytes(content)
-    return Report(run, out / "report.html", [out / n for n in pngs], out / OVERVIEW if overview else None)
+    return Report(run, out / "report.html", [out / n for n in pngs], out / OVERVIEW if overview else None, resumed)
 

@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_pref.cli import main
 from lightning_pref.metrics import KEYS
-from lightning_pref.report import PLOTS, resolve_run_dir
+from lightning_pref.report import PLOTS, read_history, resolve_run_dir
 from tests.support import REPO, write_jsonl
 
 needs_matplotlib = pytest.mark.skipif(
@@ -254,6 +255,35 @@ def test_newest_training_run_not_the_newest_version(tmp_path, capsys):
         main(["report", str(tmp_path)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "no training run among version_0, version_1, version_2, version_3" in err
+
+
+def _resumed_run(run: Path, steps: range, loss: float, resumed_from: Path | None = None) -> None:
+    """A run's metrics.csv with ``train/loss`` = ``loss`` at ``steps``, and its run.yaml."""
+    run.mkdir(parents=True)
+    rows = "".join(f"0,{step},{loss}\n" for step in steps)
+    (run / "metrics.csv").write_text(f"epoch,step,train/loss\n{rows}")
+    record = {"command": "fit", "resumed_from": str(resumed_from / "checkpoints/last.ckpt") if resumed_from else None,
+              "resumed_at_step": steps[0] if resumed_from else None}
+    (run / "run.yaml").write_text(yaml.safe_dump(record))
+
+
+def test_a_resumed_run_reports_its_whole_history(tmp_path, capsys):
+    """Killed after step 7 with a checkpoint at step 6, resumed (version_1), killed again and resumed from step
+    9 (version_2): the report of version_2 is steps 0-5 of version_0, 6-8 of version_1, then its own."""
+    logs = tmp_path / "lightning_logs"
+    _resumed_run(logs / "version_0", range(0, 8), 0.3)  # steps 6 and 7 were lost with the kill
+    _resumed_run(logs / "version_1", range(6, 10), 0.2, resumed_from=logs / "version_0")
+    _resumed_run(logs / "version_2", range(9, 12), 0.1, resumed_from=logs / "version_1")
+    series, earlier = read_history(logs / "version_2")
+    assert series["train/loss"] == [(s, 0.3) for s in range(6)] + [(s, 0.2) for s in (6, 7, 8)] + [
+        (s, 0.1) for s in (9, 10, 11)]
+    assert earlier == [(logs / "version_0", 6), (logs / "version_1", 9)]
+    assert read_history(logs / "version_0")[1] == []
+    if importlib.util.find_spec("matplotlib") is not None:
+        _report(str(tmp_path))
+        out = capsys.readouterr().out
+        assert f"resumed from {logs / 'version_0'}: its metrics up to step 5 come first" in out
+        assert "up to step 8" in (logs / "version_2/report.html").read_text()
 
 
 def test_every_documented_metric_has_a_designed_plot():
