@@ -288,6 +288,21 @@ class ProgressBar(RichProgressBar):
             return f"Epoch {current_epoch}"
         return super()._get_train_description(current_epoch)
 
+    @property
+    def total_train_batches(self) -> int | float:
+        """This epoch's batches, as far as the run goes: Lightning's bound by ``max_steps`` counts the steps left
+        as batches from 0, but a run resumed mid-epoch counts its batches from where the interrupted one stopped
+        (``120/70`` after a resume at step 50 of 120), and each step is ``accumulate_grad_batches`` batches."""
+        trainer = self.trainer
+        total = trainer.num_training_batches
+        if not trainer.max_steps or trainer.max_steps < 0:
+            return total
+        loop = trainer.fit_loop.epoch_loop
+        # resumed mid-epoch, the batches the interrupted run trained on count (the epoch loop resets its count
+        # only after on_train_epoch_start, so outside a restart the count is the previous epoch's)
+        done = loop.batch_progress.current.processed if loop.restarting else 0
+        return min(total, done + (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches)
+
     def get_metrics(self, trainer: Trainer, pl_module: Any) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)

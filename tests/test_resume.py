@@ -183,3 +183,28 @@ def test_a_loss_class_other_than_the_checkpoints_is_an_error_however_given(tmp_p
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
     assert "was trained with model.loss IPOLoss(beta=0.1, length_normalize=True), but the config gives DPOLoss" in err
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_progress_bar_total_after_a_resume_mid_epoch(tmp_path, accumulate):
+    """6 batches an epoch; 4 steps, then resumed to 6 steps: the bar counts the resumed epoch's batches from 5 (as
+    the epoch's batches), so its total is 6, not the 2 steps left (which showed 6/2)."""
+    import json
+
+    from lightning_pref.cli import main
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", generate(24 * accumulate, seed=2)[0])
+    bar = tmp_path / "bar.jsonl"
+    fit = ["fit", "--config", str(REPO / "configs/dpo.yaml"), "--data.train", str(data), "--data.val", "null",
+           "--data.batch_size", "4", "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks+=tests.support.BarTotals",
+           "--trainer.callbacks.path", str(bar), "--trainer.accumulate_grad_batches", str(accumulate)]
+    main([*fit, "--trainer.max_steps", "2"])
+    first = [json.loads(line) for line in bar.read_text().splitlines()]
+    assert [total for _, _, total in first] == [2 * accumulate] * 2 * accumulate
+    bar.unlink()
+    main([*fit, "--trainer.max_steps", "6", "--ckpt_path", "last"])
+    shown = [json.loads(line) for line in bar.read_text().splitlines()]
+    batches = 6 * accumulate
+    assert [count for _, count, _ in shown[: batches - 2 * accumulate]] == list(range(2 * accumulate + 1, batches + 1))
+    assert all(count <= total == batches for _, count, total in shown[: batches - 2 * accumulate])
+    assert shown[-1][0] == 6
