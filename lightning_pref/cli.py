@@ -122,7 +122,10 @@ def report(argv: list[str]) -> None:
     written = write_report(**given)
     console = Console(highlight=False)
     if written.run_dir != Path(given["run_dir"]):
-        console.print(f"newest run under {given['run_dir']}: {written.run_dir}", markup=False, soft_wrap=True)
+        console.print(f"newest training run under {given['run_dir']}: {written.run_dir}", markup=False, soft_wrap=True)
+    for earlier, step in written.resumed:
+        console.print(f"resumed from {earlier}: its metrics up to step {step - 1} come first", markup=False,
+                      soft_wrap=True)
     console.print(f"wrote {written.html} and {len(written.plots) + bool(written.overview)} PNGs beside it",
                   markup=False, soft_wrap=True)
 

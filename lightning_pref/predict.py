@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from rich.console import Console
 
 from lightning_pref.errors import UserInputError
 from lightning_pref.generation import Completions
@@ -78,7 +79,9 @@ class PredictionWriter(BasePredictionWriter):
     the completion ended with a stop token rather than at ``max_new_tokens``.
 
     Args:
-        path: the file; ``None`` = ``predictions.jsonl`` in the run's log directory (new for every run).
+        path: the file; ``None`` = ``predictions.jsonl`` in the command's log directory: for a checkpoint of a
+            training run a new ``predict`` (``predict-1``, ...) directory inside that run, else a new
+            ``lightning_logs/version_N``.
         overwrite: allow replacing an existing file at ``path``.
     """
 
@@ -111,6 +114,8 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             self.written = target
             write_jsonl(self.written, self.records)
+            Console(highlight=False, soft_wrap=True).print(
+                f"predict: wrote {len(self.records)} records to {target}", markup=False)
 
 
 class SampleCompletions(Callback):

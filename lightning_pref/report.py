@@ -18,7 +18,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,6 +29,9 @@ from lightning_pref.errors import UserInputError
 #: Written into every PNG (as its ``Software`` text chunk) and into report.html, to recognize our own files.
 GENERATOR = "lightning-pref report"
 OVERVIEW = "report_overview.png"
+#: What each command run with a logger records in its log directory (:class:`lightning_pref.trainer_cli.RunRecord`):
+#: which command it was, and for a resumed ``fit`` the checkpoint and step it resumed from.
+RUN_RECORD = "run.yaml"
 INSTALL_HINT = "pip install 'lightning-pref[report]'"
 _RUN_FORMS = "give a run directory (lightning_logs/version_N) or the root directory that contains lightning_logs/"
 
@@ -97,10 +100,13 @@ class Report:
     html: Path
     plots: list[Path]
     overview: Path | None
+    resumed: list[tuple[Path, int]] = field(default_factory=list)  # see read_history
 
 
 def resolve_run_dir(path: Path) -> Path:
-    """The run directory itself, or the newest ``version_N`` with a ``metrics.csv`` under a root or lightning_logs/."""
+    """The run directory itself, or the newest training run (``version_N`` written by ``fit``, with a
+    ``metrics.csv``) under a root or lightning_logs/: a ``validate`` or ``predict`` of a model that is not a
+    training run's checkpoint also gets a ``version_N`` of its own, and is not what ``report ROOT`` means."""
     if not path.exists():
         raise UserInputError(f"{path}: no such directory; {_RUN_FORMS}")
     if not path.is_dir():
@@ -115,8 +121,37 @@ def resolve_run_dir(path: Path) -> Path:
     ]
     if not versions:
         raise UserInputError(f"{path}: no metrics.csv here or in lightning_logs/version_*/; {_RUN_FORMS}")
+    runs = [v for v in versions if is_training_run(v)]
+    if not runs:
+        raise UserInputError(f"{path}: no training run among {', '.join(sorted(v.name for v in versions))} (only "
+                             "validate/test/predict runs); give one of them as the run directory to report on it")
     # Lightning numbers each new run one above the highest existing version, so the highest is the newest.
-    return max(versions, key=lambda p: int(p.name.removeprefix("version_")))
+    return max(runs, key=lambda p: int(p.name.removeprefix("version_")))
+
+
+def read_run_record(run: Path) -> dict[str, Any]:
+    """The run's :data:`RUN_RECORD` (empty for a run written before there was one, or by another tool)."""
+    path = run / RUN_RECORD
+    if not path.is_file():
+        return {}
+    try:
+        record = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as err:
+        raise UserInputError(f"{path}: not valid YAML ({type(err).__name__}); delete it to report the run "
+                             "without it") from None
+    return record if isinstance(record, dict) else {}
+
+
+def is_training_run(run: Path) -> bool:
+    """Whether ``fit`` wrote this run directory: as its :data:`RUN_RECORD` says, or, for a run from before there
+    was one, whether it has checkpoints or logged training metrics (``train/`` columns of its ``metrics.csv``)."""
+    command = read_run_record(run).get("command")
+    if command is not None:
+        return command == "fit"
+    if (run / "checkpoints").is_dir():
+        return True
+    metrics = run / "metrics.csv"
+    return metrics.is_file() and "train/" in read_text(metrics).split("\n", 1)[0]
 
 
 def read_text(path: Path) -> str:
@@ -163,6 +198,36 @@ def read_metrics(path: Path) -> Series:
         stages = "/, ".join(STAGE_STYLES)
         raise UserInputError(f"{path}: no values under {stages}/ yet; nothing to report until the run logs some")
     return series
+
+
+def read_history(run: Path) -> tuple[Series, list[tuple[Path, int]]]:
+    """The run's metrics, preceded by those of the run it resumed from, up to the step it resumed at.
+
+    A resumed ``fit`` logs into a new ``version_N`` from the checkpoint's step on; its :data:`RUN_RECORD` names
+    the checkpoint (``<earlier run>/checkpoints/x.ckpt``) and the step. That run may itself be a resumption:
+    the chain is followed back to the first run. A run it names that is gone (moved, deleted) ends the chain.
+
+    Returns:
+        The stitched series, and ``(earlier run, step it was resumed at)`` for each earlier run, oldest first.
+    """
+    series = read_metrics(run / "metrics.csv")
+    earlier: list[tuple[Path, int]] = []
+    seen = {run.resolve()}
+    record = read_run_record(run)
+    while record.get("resumed_from") and isinstance(record.get("resumed_at_step"), int):
+        checkpoint = Path(record["resumed_from"])
+        previous, step = checkpoint.parent.parent, record["resumed_at_step"]
+        if checkpoint.parent.name != "checkpoints" or previous.resolve() in seen \
+                or not (previous / "metrics.csv").is_file():
+            break
+        seen.add(previous.resolve())
+        before = read_metrics(previous / "metrics.csv")
+        # metrics.csv labels a step by its index from 0: the checkpoint after `step` steps holds steps 0..step-1
+        series = {c: [(s, v) for s, v in before.get(c, []) if s < step] + series.get(c, [])
+                  for c in [*before, *(c for c in series if c not in before)]}
+        earlier.insert(0, (previous, step))
+        record = read_run_record(previous)
+    return {c: points for c, points in series.items() if points}, earlier
 
 
 def plan_plots(columns: Iterable[str]) -> list[Plot]:
@@ -348,10 +413,14 @@ def render_html(
     plots: list[Plot],
     config: list[tuple[str, str]] | None,
     completions: dict[int, list[Completion]] | None,
+    resumed: list[tuple[Path, int]] = (),
 ) -> str:
     """The report page; every text from the run's files is HTML-escaped, every image is a data URI."""
     e = html.escape
     parts = [f"<h1>lightning-pref report</h1>\n<p><code>{e(str(run_dir))}</code></p>"]
+    if resumed:
+        chain = ", then ".join(f"<code>{e(str(p))}</code> up to step {step - 1}" for p, step in resumed)
+        parts.append(f'<p class="muted">Resumed: the metrics of {chain}, then this run\'s.</p>')
     parts.append("<h2>Configuration</h2>")
     if config:
         parts.append(_table(("key", "value"), [(e(k), f"<code>{e(v)}</code>") for k, v in config]))
@@ -408,14 +477,14 @@ def write_report(run_dir: str, output_dir: str | None = None) -> Report:
     out = Path(output_dir) if output_dir is not None else run
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--output_dir: {out} is a file; give a directory")
-    series = read_metrics(run / "metrics.csv")
+    series, resumed = read_history(run)
     config = read_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
     plots = plan_plots(series)
     if ("model", "RewardModule") in (config or []):  # its rewards are the model's scores, not DPO's implicit ones
         plots = [p._replace(title=REWARD_MODEL_TITLES.get(p.name, p.title)) for p in plots]
     completions = read_completions(run / "completions.jsonl") if (run / "completions.jsonl").is_file() else None
     pngs, overview = render_plots(plots, series)
-    page = render_html(run, series, pngs, plots, config, completions)
+    page = render_html(run, series, pngs, plots, config, completions, resumed)
 
     files = {**pngs, **({OVERVIEW: overview} if overview else {}), "report.html": page.encode()}
     for name in files:  # all checked before anything is written
@@ -423,5 +492,5 @@ def write_report(run_dir: str, output_dir: str | None = None) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
         (out / name).write_bytes(content)
-    return Report(run, out / "report.html", [out / n for n in pngs], out / OVERVIEW if overview else None)
+    return Report(run, out / "report.html", [out / n for n in pngs], out / OVERVIEW if overview else None, resumed)
 

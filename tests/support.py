@@ -121,6 +121,25 @@ class RecordPrompts(Callback):
         path.write_text(json.dumps(self.indices))
 
 
+class BarTotals(Callback):
+    """Append the live progress bar's (batch count, total) of each training batch to ``<path>`` as JSON lines,
+    the bar forced on as on a terminal."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        trainer.progress_bar_callback._lines = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import json
+
+        bar = trainer.progress_bar_callback
+        total = bar.progress.tasks[bar.train_progress_bar_id].total
+        with open(self.path, "a") as f:  # what the bar shows after this batch: batch_idx + 1 of total
+            f.write(json.dumps([trainer.global_step, batch_idx + 1, total]) + "\n")
+
+
 class Tagged(Callback):
     """A callback with an argument that happens to be called ``loss`` (the CLI must not treat it as a loss)."""
 

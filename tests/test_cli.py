@@ -138,7 +138,7 @@ def test_losses_table(capsys):
     assert "dpo" in out and "DPOLoss" in out and "beta=0.1" in out
 
 
-def test_fit_then_validate_from_local_model_directory(tmp_path, pairs_file, tokenizer, caplog):
+def test_fit_then_validate_from_local_model_directory(tmp_path, pairs_file, tokenizer, caplog, capsys):
     """The real loading path: from_pretrained on a local directory (model and tokenizer saved there)."""
     from lightning_pref.models import load_causal_lm
 
@@ -162,7 +162,10 @@ def test_fit_then_validate_from_local_model_directory(tmp_path, pairs_file, toke
         "--model.tokenizer", "null", "--data.train", str(pairs_file), "--data.val", str(pairs_file),
         "--trainer.default_root_dir", str(out), "--ckpt_path", last,
     ])
-    assert glob.glob(str(out / "lightning_logs/version_1/metrics.csv"))  # a new version, nothing overwritten
+    # beside the run it validates, in a directory of its own: no lightning_logs/version_1 to pass for the newest run
+    assert (out / "lightning_logs/version_0/validate/metrics.csv").is_file()
+    assert not (out / "lightning_logs/version_1").exists()
+    assert f"validate: metrics in {out / 'lightning_logs/version_0/validate'}" in capsys.readouterr().out
     # the config file's beta differs from the trained one: the checkpoint's loss is used, and that is said
     assert any("model.loss DPOLoss(beta=0.2) from the checkpoint" in r.getMessage() for r in caplog.records)
 

@@ -119,13 +119,23 @@ def test_generation_options_refuse_what_cannot_work():
 
 
 # ------------------------------------------------------------------------------------------------------ predict
-def test_predict_writes_one_record_per_prompt_in_input_order(run, tmp_path):
+def _written(capsys, checkpoint: Path) -> Path:
+    """The file ``predict`` says it wrote: in a new directory of the checkpoint's run, never over an earlier one."""
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("predict: wrote")]
+    path = Path(line.split(" to ", 1)[1])
+    run = checkpoint.parent.parent
+    assert path.name == "predictions.jsonl" and path.parent.parent == run and path.parent.name.startswith("predict")
+    return path
+
+
+def test_predict_writes_one_record_per_prompt_in_input_order(run, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"User: tell me about topic {i}\nAssistant:"}
                                                        for i in range(7)])
     main(["predict", "--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path", str(run["ckpt"]),
           "--data.predict", str(prompts), "--data.batch_size", "3", "--trainer.default_root_dir", str(tmp_path),
           "--model.generation.max_new_tokens", "5"])
-    records = _records(tmp_path / "lightning_logs/version_0/predictions.jsonl")
+    assert not (tmp_path / "lightning_logs").exists()  # nothing that passes for a new run
+    records = _records(_written(capsys, run["ckpt"]))
     assert [r["prompt"] for r in records] == [f"User: tell me about topic {i}\nAssistant:" for i in range(7)]
     for r in records:
         assert isinstance(r["policy"], str) and isinstance(r["reference"], str)
@@ -135,7 +145,7 @@ def test_predict_writes_one_record_per_prompt_in_input_order(run, tmp_path):
           "--data.predict", str(run["data"]), "--trainer.default_root_dir", str(tmp_path),
           "--model.generation.max_new_tokens", "4", "--model.generation.do_sample", "true",
           "--model.generation.num_return_sequences", "2"])
-    records = _records(tmp_path / "lightning_logs/version_1/predictions.jsonl")
+    records = _records(_written(capsys, run["ckpt"]))
     pairs = _records(run["data"])
     assert [r["prompt"] for r in records] == [p["prompt"] for p in pairs]
     assert all(len(r["policy"]) == 2 and len(r["reference"]) == 2 for r in records)

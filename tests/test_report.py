@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_pref.cli import main
 from lightning_pref.metrics import KEYS
-from lightning_pref.report import PLOTS, resolve_run_dir
+from lightning_pref.report import PLOTS, read_history, resolve_run_dir
 from tests.support import REPO, write_jsonl
 
 needs_matplotlib = pytest.mark.skipif(
@@ -96,7 +97,7 @@ def test_report_of_a_real_run(run_root, capsys):
     run_dir = run_root / "lightning_logs/version_0"
     before = _tree_digest(run_dir)
     _report(str(run_root))
-    assert f"newest run under {run_root}: {run_dir}" in capsys.readouterr().out
+    assert f"newest training run under {run_root}: {run_dir}" in capsys.readouterr().out
 
     # every DPO metric family (no KL without KTO), tokens/s and padding (no MFU on a CPU)
     plots = ["loss", "accuracy", "margins", "rewards", "logps", "throughput", "padding"]
@@ -233,6 +234,56 @@ def test_newest_version_is_the_highest_number(tmp_path):
     assert resolve_run_dir(tmp_path) == tmp_path / "lightning_logs/version_10"  # not the lexically last "9"
     assert resolve_run_dir(tmp_path / "lightning_logs") == tmp_path / "lightning_logs/version_10"
     assert resolve_run_dir(tmp_path / "lightning_logs/version_2") == tmp_path / "lightning_logs/version_2"
+
+
+def test_newest_training_run_not_the_newest_version(tmp_path, capsys):
+    """A validate or predict run gets a version_N of its own where its checkpoint is not a training run's (and
+    did for every checkpoint before): report ROOT still means the newest run of fit."""
+    logs = tmp_path / "lightning_logs"
+    _write_metrics(logs / "version_0", ["train/loss", "val/loss"])
+    (logs / "version_0/checkpoints").mkdir()
+    _write_metrics(logs / "version_1", ["train/loss"])
+    (logs / "version_1/run.yaml").write_text("command: fit\n")  # a recorded fit, checkpoints turned off
+    _write_metrics(logs / "version_2", ["val/loss"])
+    (logs / "version_2/run.yaml").write_text("command: validate\n")
+    _write_metrics(logs / "version_3", ["val/loss"])  # an older validate run, without a record: no train/ values
+    assert resolve_run_dir(tmp_path) == logs / "version_1"
+    assert resolve_run_dir(logs / "version_3") == logs / "version_3"  # named, any run is reported
+    for version in (0, 1):
+        (logs / f"version_{version}/run.yaml").write_text("command: predict\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "no training run among version_0, version_1, version_2, version_3" in err
+
+
+def _resumed_run(run: Path, steps: range, loss: float, resumed_from: Path | None = None) -> None:
+    """A run's metrics.csv with ``train/loss`` = ``loss`` at ``steps``, and its run.yaml."""
+    run.mkdir(parents=True)
+    rows = "".join(f"0,{step},{loss}\n" for step in steps)
+    (run / "metrics.csv").write_text(f"epoch,step,train/loss\n{rows}")
+    record = {"command": "fit", "resumed_from": str(resumed_from / "checkpoints/last.ckpt") if resumed_from else None,
+              "resumed_at_step": steps[0] if resumed_from else None}
+    (run / "run.yaml").write_text(yaml.safe_dump(record))
+
+
+def test_a_resumed_run_reports_its_whole_history(tmp_path, capsys):
+    """Killed after step 7 with a checkpoint at step 6, resumed (version_1), killed again and resumed from step
+    9 (version_2): the report of version_2 is steps 0-5 of version_0, 6-8 of version_1, then its own."""
+    logs = tmp_path / "lightning_logs"
+    _resumed_run(logs / "version_0", range(0, 8), 0.3)  # steps 6 and 7 were lost with the kill
+    _resumed_run(logs / "version_1", range(6, 10), 0.2, resumed_from=logs / "version_0")
+    _resumed_run(logs / "version_2", range(9, 12), 0.1, resumed_from=logs / "version_1")
+    series, earlier = read_history(logs / "version_2")
+    assert series["train/loss"] == [(s, 0.3) for s in range(6)] + [(s, 0.2) for s in (6, 7, 8)] + [
+        (s, 0.1) for s in (9, 10, 11)]
+    assert earlier == [(logs / "version_0", 6), (logs / "version_1", 9)]
+    assert read_history(logs / "version_0")[1] == []
+    if importlib.util.find_spec("matplotlib") is not None:
+        _report(str(tmp_path))
+        out = capsys.readouterr().out
+        assert f"resumed from {logs / 'version_0'}: its metrics up to step 5 come first" in out
+        assert "up to step 8" in (logs / "version_2/report.html").read_text()
 
 
 def test_every_documented_metric_has_a_designed_plot():

@@ -88,10 +88,123 @@ def test_interrupted_checkpoint_write_leaves_previous_file_intact(tmp_path, monk
     assert torch.load(target, weights_only=False) == {"step": 1}
 
 
-def test_ckpt_path_last_without_runs_is_one_line(tmp_path, capsys):
+@pytest.fixture(autouse=True)
+def _argv(monkeypatch):
+    """LightningCLI warns when given args while sys.argv holds pytest's own flags."""
+    monkeypatch.setattr("sys.argv", ["lightning-pref"])
+
+
+class _Chosen(Exception):
+    """Raised where LightningCLI would start reading the chosen checkpoint (the test's checkpoints hold no weights)."""
+
+
+def _chosen(monkeypatch, argv: list[str]) -> str | None:
+    """The checkpoint ``--ckpt_path last`` resolves to, without running the command."""
+    from lightning_pref.cli import main
+    from lightning_pref.trainer_cli import LightningPrefCLI
+
+    def stop(cli):
+        raise _Chosen(cli.config[cli.config.subcommand].ckpt_path)
+
+    monkeypatch.setattr(LightningPrefCLI, "_parse_ckpt_path", stop)
+    with pytest.raises(_Chosen) as chosen:
+        main(argv)
+    return chosen.value.args[0]
+
+
+def _fake_run(log_dir: Path, loss: str, **init_args) -> Path:
+    """A run directory whose last.ckpt holds only the hyperparameters of configs/dpo.yaml's policy and ``loss``."""
+    import yaml
+
+    policy = yaml.safe_load((REPO / "configs/dpo.yaml").read_text())["model"]["policy"]
+    path = log_dir / "checkpoints/last.ckpt"
+    path.parent.mkdir(parents=True)
+    (log_dir / "config.yaml").write_text("{}\n")
+    torch.save({"hyper_parameters": {"policy": policy, "loss": {"class_path": loss, "init_args": init_args}}}, path)
+    return path
+
+
+DPO, IPO = "lightning_pref.losses.dpo.DPOLoss", "lightning_pref.losses.ipo.IPOLoss"
+
+
+def test_ckpt_path_last_on_an_empty_directory_starts_a_new_run(tmp_path, monkeypatch, caplog, capsys):
+    """As Lightning's own ckpt_path="last": a requeue script that always passes it works on the first launch."""
     from lightning_pref.cli import main
 
+    fit = ["fit", "--config", str(REPO / "configs/dpo.yaml"), "--trainer.default_root_dir", str(tmp_path),
+           "--ckpt_path", "last"]
+    assert _chosen(monkeypatch, fit) is None
+    assert f"--ckpt_path last: no checkpoint under {tmp_path / 'lightning_logs'} yet; starting a new run" in caplog.text
+    monkeypatch.undo()
+    monkeypatch.setattr("sys.argv", ["lightning-pref"])
+    # nothing to validate, though: one line
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--trainer.default_root_dir", str(tmp_path),
-              "--ckpt_path", "last"])
-    assert exit_info.value.code == 2 and "--ckpt_path last: no lightning_logs" in capsys.readouterr().err
+        main(["validate", *fit[1:]])
+    assert exit_info.value.code == 2 and "--ckpt_path last: no checkpoint under" in capsys.readouterr().err
+
+
+def test_ckpt_path_last_resolves_within_the_run_the_config_describes(tmp_path, monkeypatch, capsys):
+    logs = tmp_path / "lightning_logs"
+    mine = _fake_run(logs / "version_0", DPO, beta=0.1)  # configs/dpo.yaml's loss
+    ipo = _fake_run(logs / "version_1", IPO, beta=0.1, length_normalize=True)  # newer, another config's run
+    (logs / "version_2").mkdir()  # a run without a checkpoint
+    other_beta = _fake_run(logs / "version_3", DPO, beta=0.2)
+    fit = ["fit", "--config", str(REPO / "configs/dpo.yaml"), "--trainer.default_root_dir", str(tmp_path),
+           "--ckpt_path", "last"]
+    assert _chosen(monkeypatch, fit) == str(mine)  # exactly the config's loss; not the newest of any
+    assert _chosen(monkeypatch, [*fit, "--model.loss", "ipo"]) == str(ipo)
+    assert _chosen(monkeypatch, [*fit, "--model.loss.beta", "0.2"]) == str(other_beta)
+    # the same loss class, neither with the config's arguments, and not the same as each other: not a guess
+    with pytest.raises(SystemExit) as exit_info:
+        _chosen(monkeypatch, [*fit, "--model.loss.beta", "0.3"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "trained with different losses" in err
+    assert str(mine) in err and str(other_beta) in err and str(ipo) not in err
+    # runs of other configs only: listed, with what differs
+    with pytest.raises(SystemExit) as exit_info:
+        _chosen(monkeypatch, [*fit, "--model.loss", "cdpo"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "was trained with this config" in err and "the config has CDPOLoss" in err
+    # another logger directory (the README's TensorBoard run): its own runs, not default_root_dir's
+    assert _chosen(monkeypatch, [*fit, "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir",
+                                 str(tmp_path / "tb")]) is None
+    theirs = _fake_run(tmp_path / "tb/lightning_logs/version_0", DPO, beta=0.1)
+    assert _chosen(monkeypatch, [*fit, "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir",
+                                 str(tmp_path / "tb")]) == str(theirs)
+
+
+def test_a_loss_class_other_than_the_checkpoints_is_an_error_however_given(tmp_path, capsys):
+    """The config file's loss too, not only --model.loss: validating an IPO run with the DPO config is a mistake."""
+    from lightning_pref.cli import main
+
+    ipo = _fake_run(tmp_path / "lightning_logs/version_0", IPO, beta=0.1, length_normalize=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path", str(ipo)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "was trained with model.loss IPOLoss(beta=0.1, length_normalize=True), but the config gives DPOLoss" in err
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_progress_bar_total_after_a_resume_mid_epoch(tmp_path, accumulate):
+    """6 batches an epoch; 4 steps, then resumed to 6 steps: the bar counts the resumed epoch's batches from 5 (as
+    the epoch's batches), so its total is 6, not the 2 steps left (which showed 6/2)."""
+    import json
+
+    from lightning_pref.cli import main
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", generate(24 * accumulate, seed=2)[0])
+    bar = tmp_path / "bar.jsonl"
+    fit = ["fit", "--config", str(REPO / "configs/dpo.yaml"), "--data.train", str(data), "--data.val", "null",
+           "--data.batch_size", "4", "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks+=tests.support.BarTotals",
+           "--trainer.callbacks.path", str(bar), "--trainer.accumulate_grad_batches", str(accumulate)]
+    main([*fit, "--trainer.max_steps", "2"])
+    first = [json.loads(line) for line in bar.read_text().splitlines()]
+    assert [total for _, _, total in first] == [2 * accumulate] * 2 * accumulate
+    bar.unlink()
+    main([*fit, "--trainer.max_steps", "6", "--ckpt_path", "last"])
+    shown = [json.loads(line) for line in bar.read_text().splitlines()]
+    batches = 6 * accumulate
+    assert [count for _, count, _ in shown[: batches - 2 * accumulate]] == list(range(2 * accumulate + 1, batches + 1))
+    assert all(count <= total == batches for _, count, total in shown[: batches - 2 * accumulate])
+    assert shown[-1][0] == 6
