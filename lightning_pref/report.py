@@ -29,7 +29,7 @@ from lightning_pref.errors import UserInputError
 #: Written into every PNG (as its ``Software`` text chunk) and into report.html, to recognize our own files.
 GENERATOR = "lightning-pref report"
 OVERVIEW = "report_overview.png"
-#: What each command run with a logger records in its log directory (:class:`lightning_pref.trainer_cli.RunRecord`):
+#: What each command run with a logger records in its log directory (:class:`lightning_pref.runs.RunRecord`):
 #: which command it was, and for a resumed ``fit`` the checkpoint and step it resumed from.
 RUN_RECORD = "run.yaml"
 INSTALL_HINT = "pip install 'lightning-pref[report]'"
