@@ -108,11 +108,12 @@ def _lp_config(spec: dict[str, Any], root: Path) -> dict[str, Any]:
         "loss": {"class_path": spec["loss"], "init_args": {"beta": BETA}},
         "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": spec["lr"], "weight_decay": 0.0}},
         "reference_mode": lp.get("reference_mode", "model"),
-        "reference_cache_dir": str(Path(spec["workdir"]) / "reference_cache"),
         "response_only_head": lp.get("response_only_head", True),
         "gradient_checkpointing": lp.get("gradient_checkpointing", False),
         "compile": lp.get("compile", False),
     }
+    if model["reference_mode"] == "precomputed":  # the only mode with a cache (another refuses the option)
+        model["reference_cache_dir"] = str(Path(spec["workdir"]) / "reference_cache")
     if "chunk_size" in lp:  # otherwise the package default
         model["chunk_size"] = lp["chunk_size"]
     data = {

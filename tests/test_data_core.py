@@ -141,7 +141,8 @@ def test_missing_file(tmp_path, tokenizer):
 
 
 def test_everything_truncated_is_an_error(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * 50, "chosen": "a", "rejected": "b"}])
-    dm = PreferenceDataModule(train=str(path), tokenizer=tokenizer, max_length=0)
+    # one token left: the prompt is cut away and both responses become "a", the same tokens: no signal left
+    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * 50, "chosen": "ab", "rejected": "ac"}])
+    dm = PreferenceDataModule(train=str(path), tokenizer=tokenizer, max_length=1)
     with pytest.raises(UserInputError, match="dropped by truncation"):
         dm.setup("fit")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -211,8 +212,11 @@ def test_predict_under_ddp_writes_each_prompt_once_in_input_order(runs, data, tm
     written = {}
     for strategy in (None, "ddp"):
         root = tmp_path / (strategy or "single")
+        root.mkdir()
+        # a copy outside its run, so each predicts into its own root (in its run it would write beside it)
+        checkpoint = shutil.copy(_last(runs[None]), root / "model.ckpt")
         _cli("predict", "--config", str(REPO / "configs/dpo.yaml"), *_strategy(strategy), "--trainer.accelerator",
-             "cpu", "--ckpt_path", str(_last(runs[None])), "--data.predict", str(data["val"]),
+             "cpu", "--ckpt_path", str(checkpoint), "--data.predict", str(data["val"]),
              "--data.batch_size", "3", "--model.generation.max_new_tokens", "6", "--trainer.default_root_dir",
              str(root), "--progress_bar.refresh_rate", "0")
         written[strategy] = [json.loads(x) for x in (root / "lightning_logs/version_0/predictions.jsonl").open()]

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 RUN = [
     "--trainer.precision", "32-true", "--trainer.accumulate_grad_batches", "1", "--trainer.log_every_n_steps", "1",
     "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--data.batch_size", "2",
-    "--data.max_length", "192", "--model.optimizer.init_args.lr", "1e-5", "--progress_bar.refresh_rate", "0",
+    "--data.max_length", "192", "--data.max_prompt_length", "128", "--model.optimizer.init_args.lr", "1e-5", "--progress_bar.refresh_rate", "0",
     # one weights-only checkpoint (a 135M fp32 policy with AdamW state is 1.6 GB per file) and no sanity pass
     "--checkpoint.save_top_k", "0", "--checkpoint.save_weights_only", "true", "--trainer.num_sanity_val_steps", "0",
 ]

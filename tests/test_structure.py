@@ -11,7 +11,7 @@ from tests.support import REPO
 PACKAGE = REPO / "lightning_pref"
 #: What ``lightning_pref/data`` may import from the rest of the package: the floor (layouts, the typed contract,
 #: errors), nothing that knows about models, losses or training.
-DATA_MAY_IMPORT = {"lightning_pref.errors", "lightning_pref.layout", "lightning_pref.types"}
+DATA_MAY_IMPORT = {"lightning_pref.errors", "lightning_pref.checks", "lightning_pref.layout", "lightning_pref.types"}
 
 
 def _modules() -> dict[str, Path]:
