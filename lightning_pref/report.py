@@ -44,6 +44,14 @@ class Plot(NamedTuple):
     suffixes: tuple[str, ...]
     overview: bool = False  # also a panel of report_overview.png
     ylim: tuple[float, float] | None = None  # for bounded quantities; None: fit the data
+    separate: bool = False  # one axis per suffix: metrics whose units are not known to agree
+
+    def panels(self) -> list[Plot]:
+        """The axes this figure draws: the plot itself, or with ``separate`` one per suffix, titled by it, so
+        that a score, a KL in nats and an entropy never share a y axis."""
+        if not self.separate or len(self.suffixes) == 1:
+            return [self]
+        return [self._replace(title=suffix, suffixes=(suffix,), separate=False) for suffix in self.suffixes]
 
     @property
     def file_name(self) -> str:
@@ -247,7 +255,7 @@ def plan_plots(columns: Iterable[str]) -> list[Plot]:
         while name in names:  # families that differ only in punctuation ("judge-x", "judge_x")
             name, n = f"{stem}_{n}", n + 1
         names.add(name)
-        plots.append(Plot(name, title, tuple(members)))
+        plots.append(Plot(name, title, tuple(members), separate=True))  # a family's units may differ
     return plots
 
 
@@ -259,6 +267,11 @@ def final_validation(series: Series) -> list[tuple[str, float, int]]:
 #: The options a run's summary shows: what was trained, and the plugins it was trained with.
 CONFIG_MODELS = ("policy", "backbone")
 CONFIG_PLUGINS = ("loss", "judge", "estimator")
+#: What else tells two runs apart, as ``section.key`` paths of ``config.yaml`` (shown where set).
+CONFIG_SETTINGS = ("trainer.max_steps", "trainer.max_epochs", "data.batch_size", "trainer.accumulate_grad_batches",
+                   "data.train", "data.max_length", "trainer.precision", "seed_everything")
+#: What an unset setting means (a run's precision matters even where the config left Lightning's default).
+CONFIG_DEFAULTS = {"trainer.precision": "32-true (Lightning's default)"}
 
 
 def read_config(path: Path) -> list[tuple[str, str]]:
@@ -284,8 +297,22 @@ def read_config(path: Path) -> list[tuple[str, str]]:
             rows += [(f"model.{key}.{k}", _compact(v)) for k, v in (plugin.get("init_args") or {}).items()]
         elif plugin is not None:
             rows.append((f"model.{key}", _compact(plugin)))
+    optimizer = model.get("optimizer")
+    if isinstance(optimizer, dict) and "class_path" in optimizer:  # the learning rate, with what it is for
+        args = optimizer.get("init_args") or {}
+        rows.append(("model.optimizer", _compact(optimizer["class_path"]) + (f", lr {args['lr']:g}"
+                                                                             if isinstance(args.get("lr"), int | float)
+                                                                             else "")))
     if not rows:  # a config.yaml, but not one of a lightning-pref run: say so rather than "no config.yaml"
         rows.append(("model", "(no model options in config.yaml)"))
+    for setting in CONFIG_SETTINGS:
+        value: Any = config
+        for part in setting.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None and setting in CONFIG_DEFAULTS:
+            rows.append((setting, CONFIG_DEFAULTS[setting]))
+        elif value is not None and value != -1:  # -1: Lightning's "no limit"
+            rows.append((setting, _compact(value)))
     return rows
 
 
@@ -371,8 +398,16 @@ def render_plots(plots: list[Plot], series: Series) -> tuple[dict[str, bytes], b
     figure = _figure_class()
     pngs: dict[str, bytes] = {}
     for plot in plots:
-        fig = figure(figsize=(5.2, 3.3), layout="constrained")
-        _draw(fig.add_subplot(), plot, series)
+        panels = plot.panels()
+        columns = min(len(panels), 3)
+        rows = -(-len(panels) // columns)
+        fig = figure(figsize=(5.2 if columns == 1 else 3.9 * columns, 3.3 * rows), layout="constrained")
+        for ax, panel in zip(fig.subplots(rows, columns, squeeze=False).flat, panels, strict=False):
+            _draw(ax, panel, series)
+        for ax in fig.axes[len(panels):]:  # the last row's unused cells
+            ax.set_visible(False)
+        if len(panels) > 1:
+            fig.suptitle(plot.title, fontsize=10)
         pngs[plot.file_name] = _png(fig)
     panels = [p for p in plots if p.overview]
     if not panels:

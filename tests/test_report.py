@@ -114,6 +114,10 @@ def test_report_of_a_real_run(run_root, capsys):
     # config summary from config.yaml
     assert "<code>lightning_pref.losses.dpo.DPOLoss</code>" in page and "model.loss.beta" in page
     assert "model_type: llama" in page
+    # and what tells runs apart: learning rate, steps, batch, data, precision (the fit ran 4 steps of 4 pairs)
+    for row in ("model.optimizer", "trainer.max_steps", "data.batch_size", "data.train", "trainer.precision"):
+        assert row in page, row
+    assert re.search(r"torch\.optim\.AdamW, lr [0-9.e-]+</code>", page)
 
     after = _tree_digest(run_dir)
     assert {k: v for k, v in after.items() if not k.startswith("report")} == before
@@ -173,6 +177,20 @@ def test_new_metric_families_are_plotted_without_code_changes(tmp_path):
     alts = re.findall(r'alt="([^"]*)"', page)
     assert alts == ["Loss", "judge/score, judge/win_rate", "rewards/chosen_std, rewards/rejected_std"]
     assert _final_val_rows(page).keys() == {"val/judge/score", "val/judge/win_rate"}
+
+
+def test_a_family_of_metrics_gets_one_axis_each():
+    """A score and a win rate (or an RL run's score, KL in nats and entropy) never share a y axis; the designed
+    plots whose members share a unit (chosen and rejected rewards) keep one."""
+    from lightning_pref.report import plan_plots
+
+    plots = {p.name: p for p in plan_plots(["train/objective/scores", "train/objective/kl", "train/objective/entropy",
+                                            "train/rewards/chosen", "train/rewards/rejected"])}
+    family = plots["metric_objective"]
+    assert [(p.title, p.suffixes) for p in family.panels()] == [
+        ("objective/entropy", ("objective/entropy",)), ("objective/kl", ("objective/kl",)),
+        ("objective/scores", ("objective/scores",))]
+    assert plots["rewards"].panels() == [plots["rewards"]]
 
 
 @needs_matplotlib
