@@ -36,6 +36,7 @@ install-test: install
 
 demo: install
 	$(BIN)/lightning-pref fit --config configs/dpo.yaml
+	@echo "the commands above run in $(VENV): source $(VENV)/bin/activate first (or prefix them with $(VENV)/bin/)"
 
 # Two workers, one test file each at a time (module fixtures are not run twice): most tests wait on subprocesses
 # (2-process DDP/FSDP2 runs, the CLI), so two workers finish sooner on 2 cores.
