@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 RUN = [
     "--trainer.precision", "32-true", "--trainer.accumulate_grad_batches", "1", "--trainer.log_every_n_steps", "1",
     "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--data.batch_size", "2",
-    "--data.max_length", "192", "--data.max_prompt_length", "128", "--model.optimizer.init_args.lr", "1e-5", "--progress_bar.refresh_rate", "0",
+    "--data.max_length", "192", "--data.max_prompt_length", "128", "--model.optimizer.init_args.lr", "1e-5",
+    "--progress_bar.refresh_rate", "0",
     # one weights-only checkpoint (a 135M fp32 policy with AdamW state is 1.6 GB per file) and no sanity pass
     "--checkpoint.save_top_k", "0", "--checkpoint.save_weights_only", "true", "--trainer.num_sanity_val_steps", "0",
 ]
@@ -131,7 +132,8 @@ def test_predict_chat_prompts_on_the_real_model(smollm2, dpo_run, tmp_path):
           "--trainer.precision", "32-true", "--model.generation.max_new_tokens", "24", "--progress_bar.refresh_rate", "0"])
     import json
 
-    records = [json.loads(x) for x in (tmp_path / "lightning_logs/version_0/predictions.jsonl").open()]
+    # predict writes beside the checkpoint's run (the first predict of that run)
+    records = [json.loads(x) for x in (last.parent.parent / "predict/predictions.jsonl").open()]
     assert [r["prompt"] for r in records] == messages
     assert "Paris" in records[0]["policy"] and "Paris" in records[0]["reference"]
     assert records[0]["policy_eos"] and "<|im_end|>" not in records[0]["policy"]
