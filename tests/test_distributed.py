@@ -106,11 +106,19 @@ def test_precomputed_reference_under_ddp_matches_model_mode(runs, data, tmp_path
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
 
 
+def _outside_run(ckpt: Path, root: Path) -> Path:
+    """A copy of ``ckpt`` in ``root``: a command on it logs under ``root`` (on the checkpoint in its run, it would
+    log beside that run, shared by every test using it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(ckpt, root / "model.ckpt"))
+
+
 def _validate(root: Path, data, strategy: str | None, ckpt: Path) -> dict[str, float]:
     _cli(
         "validate", "--config", str(REPO / "configs/dpo.yaml"), *_strategy(strategy), "--trainer.accelerator", "cpu",
         "--data.train", str(data["train"]), "--data.val", str(data["val"]), "--data.batch_size", "4",
-        "--trainer.default_root_dir", str(root), "--ckpt_path", str(ckpt), "--progress_bar.refresh_rate", "0",
+        "--trainer.default_root_dir", str(root), "--ckpt_path", str(_outside_run(ckpt, root)),
+        "--progress_bar.refresh_rate", "0",
     )
     (row,) = [r for r in csv.DictReader(open(root / "lightning_logs/version_0/metrics.csv")) if r["val/loss"]]
     return {k: float(v) for k, v in row.items() if k.startswith("val/")}
@@ -212,9 +220,7 @@ def test_predict_under_ddp_writes_each_prompt_once_in_input_order(runs, data, tm
     written = {}
     for strategy in (None, "ddp"):
         root = tmp_path / (strategy or "single")
-        root.mkdir()
-        # a copy outside its run, so each predicts into its own root (in its run it would write beside it)
-        checkpoint = shutil.copy(_last(runs[None]), root / "model.ckpt")
+        checkpoint = _outside_run(_last(runs[None]), root)
         _cli("predict", "--config", str(REPO / "configs/dpo.yaml"), *_strategy(strategy), "--trainer.accelerator",
              "cpu", "--ckpt_path", str(checkpoint), "--data.predict", str(data["val"]),
              "--data.batch_size", "3", "--model.generation.max_new_tokens", "6", "--trainer.default_root_dir",
