@@ -87,6 +87,13 @@ def shares_prompts(packing: Packing, paired: bool) -> bool:
     return paired and packing in ("shared", "auto")
 
 
+def same_prompt_owners(sequences: list[Sequence]) -> list[int]:
+    """For each sequence, the first sequence with the same prompt: ``pack``'s ``prompt_owners`` that run each
+    prompt once for all its completions (e.g. a rollout's ``k`` samples of a prompt)."""
+    first: dict[tuple[int, ...], int] = {}
+    return [first.setdefault(tuple(prompt), i) for i, (prompt, _) in enumerate(sequences)]
+
+
 def pack(sequences: list[Sequence], pad_token_id: int, share_prompts: bool = False,
          prompt_owners: list[int] | None = None) -> PackedRows:
     """Lay ``sequences`` (``(prompt, response)`` ids in batch row order) end to end in rows.

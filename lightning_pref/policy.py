@@ -224,11 +224,14 @@ class PolicyModule(BaseModule):
 
     def sequence_batch(self, sequences: list[layout.Sequence], packing: bool | str) -> PreferenceBatch:
         """``N`` sequences (e.g. a rollout's prompts and completions) as one unpaired batch on the device, packed
-        when ``packing`` asks for it and the models run it, else padded."""
+        when ``packing`` asks for it and the models run it, else padded. Packed with shared prompts (``auto``,
+        ``shared``), sequences with the same prompt (a prompt's ``k`` samples) share one segment: the prompt runs
+        once, each completion attends to it and to itself only."""
         pad_id = self.tokenizer.pad_token_id
         if packing:
+            owners = layout.same_prompt_owners(sequences) if packing in ("shared", "auto") else None
             batch = PreferenceBatch(None, None, None, num_chosen=len(sequences), paired=False,
-                                    packed=layout.pack(sequences, pad_id))
+                                    packed=layout.pack(sequences, pad_id, prompt_owners=owners))
         else:
             batch = PreferenceBatch(*layout.pad(sequences, pad_id), num_chosen=len(sequences), paired=False)
         self.runnable_layout(batch)

@@ -156,11 +156,11 @@ def test_kl_estimators_and_the_adaptive_controller():
 
 
 # ------------------------------------------------------------------------------------------ the module
-@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("packing", [False, True, "auto"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_first_update_ratio_is_one(packing, temperature):
     """The training forward divides the logits by the sampling temperature as generation did: the log-probs of
-    the sampled tokens equal the rollout's, padded or packed."""
+    the sampled tokens equal the rollout's, padded, packed, or packed with each prompt once for its k samples."""
     module = _module(estimator={"class_path": "grpo"}, samples_per_prompt=3,
                      generation=GenerationOptions(max_new_tokens=12, do_sample=True, temperature=temperature))
     module.configure_model()
@@ -171,6 +171,12 @@ def test_first_update_ratio_is_one(packing, temperature):
     assert torch.equal(current.mask[:, :width], experience.mask)
     difference = (current.logps[:, :width].detach() - experience.old_logps).abs() * experience.mask
     assert float(difference.max()) < 1e-5
+    if packing == "auto":  # each of the 3 prompts once in its segment: 2 of its 3 copies not run
+        shared = module.sequence_batch(experience.sequences, packing).packed
+        plain = module.sequence_batch(experience.sequences, True).packed
+        prompt_cells = sum(len(p) for p in PROMPTS)
+        assert shared.shared_prompts and shared.prompt_owner.tolist() == [0, 0, 0, 3, 3, 3, 6, 6, 6]
+        assert int((plain.sequence_index >= 0).sum() - (shared.sequence_index >= 0).sum()) == 2 * prompt_cells
 
 
 def test_kl_in_the_reward_and_the_score_on_the_stop_token_with_pad_eos():

@@ -106,9 +106,9 @@ class PreferenceDataModule(LightningDataModule):
             own positions and attention (identical log-probs, no compute on padding) where the model supports
             it (elsewhere batches are padded again, with an info line saying why: see
             :func:`lightning_pref.packing.supports_packing`); ``shared`` also runs each pair's prompt once for
-            both responses (sdpa or eager attention; a custom mask of ``L * L`` per row); ``auto``, the default,
-            is what measured fastest: ``shared`` for pairs, ``true`` for unpaired examples; ``false`` pads every
-            sequence to the batch's longest.
+            both responses (sdpa or eager attention; a custom mask of ``L * L`` per row), and a rollout's prompt
+            once for its ``k`` samples; ``auto``, the default, is what measured fastest: ``shared`` for pairs and
+            rollouts, ``true`` for unpaired examples; ``false`` pads every sequence to the batch's longest.
     """
 
     def __init__(
