@@ -7,8 +7,7 @@ Names are imported on first use: listing the estimators (``lightning-pref losses
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lightning_pref.lazy import lazy_exports
 
 _EXPORTS = {
     "CriticOptions": "lightning_pref.rl.critic",
@@ -17,11 +16,4 @@ _EXPORTS = {
     "PtxOptions": "lightning_pref.rl.ptx",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'lightning_pref.rl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
