@@ -153,10 +153,13 @@ class RunSummary(Callback):
 
 
 class _NoTips(logging.Filter):
-    """Drops Lightning's advertising tips ("💡 Tip: ... install litlogger"), nothing else."""
+    """Drops Lightning's advertising tips ("💡 Tip: ... install litlogger") and its note that it skips its own
+    model summary because ours (always on, :class:`ModelSummary`) is configured: nothing else."""
+
+    NOISE = ("💡 Tip", "Trainer already configured with model summary callbacks")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
+        return not str(record.msg).startswith(self.NOISE)
 
 
 def quiet_console() -> None:
