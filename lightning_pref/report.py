@@ -299,10 +299,9 @@ def read_config(path: Path) -> list[tuple[str, str]]:
             rows.append((f"model.{key}", _compact(plugin)))
     optimizer = model.get("optimizer")
     if isinstance(optimizer, dict) and "class_path" in optimizer:  # the learning rate, with what it is for
-        args = optimizer.get("init_args") or {}
-        rows.append(("model.optimizer", _compact(optimizer["class_path"]) + (f", lr {args['lr']:g}"
-                                                                             if isinstance(args.get("lr"), int | float)
-                                                                             else "")))
+        lr = (optimizer.get("init_args") or {}).get("lr")
+        shown = f", lr {lr:g}" if isinstance(lr, int | float) else ""
+        rows.append(("model.optimizer", _compact(optimizer["class_path"]) + shown))
     if not rows:  # a config.yaml, but not one of a lightning-pref run: say so rather than "no config.yaml"
         rows.append(("model", "(no model options in config.yaml)"))
     for setting in CONFIG_SETTINGS:
