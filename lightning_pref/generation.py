@@ -131,11 +131,13 @@ def generate(
         logps: also return each generated token's log-probability at the sampling temperature.
     """
     base = getattr(model, "generation_config", None)
-    config = GenerationConfig(**{**(base.to_dict() if base is not None else {}), **_fields(options)})
+    fields = {**(base.to_dict() if base is not None else {}), **_fields(options)}
+    if not options.do_sample:  # sampling parameters (ours or a checkpoint's) would only warn under greedy decoding
+        for key in ("temperature", "top_p", "top_k"):
+            fields.pop(key, None)
+    config = GenerationConfig(**fields)
     config.eos_token_id, config.pad_token_id = stop_ids, tokenizer.pad_token_id
     config.bos_token_id = getattr(base, "bos_token_id", None)
-    if not options.do_sample:  # a checkpoint's sampling defaults would otherwise warn under greedy decoding
-        config.temperature, config.top_p, config.top_k = None, None, None
     k = options.num_return_sequences
     prompt_length = input_ids.shape[1]
     was_training = model.training
