@@ -214,24 +214,6 @@ def quiet_letters_reward(prompts: list[Any], completions: list[Any], **kwargs: A
                                                                                           strict=True)]
 
 
-def _byte_tokenizer_without_eos():
-    """lightning-pref's byte tokenizer for TRL. TRL encodes a text prompt with ``tokenizer(text)``, which makes
-    ``ByT5Tokenizer`` append EOS; lightning-pref encodes prompts without special tokens (``encode_prompt``). This
-    subclass adds none, so both systems sample from the same prompt ids."""
-    from transformers import ByT5Tokenizer
-
-    class PromptByteTokenizer(ByT5Tokenizer):
-        def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
-            return token_ids_0 + (token_ids_1 or [])
-
-    from lightning_pref.models import load_tokenizer
-
-    reference = load_tokenizer("byte")
-    tokenizer = PromptByteTokenizer()
-    tokenizer.pad_token = reference.pad_token
-    return tokenizer
-
-
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     """``warmup + steps`` steps of TRL's ``GRPOTrainer`` (``algo: grpo``) or ``RLOOTrainer`` (``rloo``): HF
     ``generate`` (no vLLM), one optimizer step per generation batch, everything else as close to lightning-pref's
@@ -250,7 +232,11 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         from trl import RLOOConfig as Config
         from trl import RLOOTrainer as Trainer
-    tokenizer = (_byte_tokenizer_without_eos() if spec["lp_tokenizer"] == "byte"
+    from lightning_pref.models import load_tokenizer
+
+    # TRL encodes a text prompt with tokenizer(text): lightning-pref's byte tokenizer adds no EOS to it, so both
+    # systems sample from the same prompt ids.
+    tokenizer = (load_tokenizer("byte") if spec["lp_tokenizer"] == "byte"
                  else AutoTokenizer.from_pretrained(spec["model_dir"]))
     dataset = datasets.load_dataset("json", data_files=spec["prompts_trl"], split="train",
                                     cache_dir=str(Path(spec["run_dir"]) / "hf_datasets"))

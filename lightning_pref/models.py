@@ -22,11 +22,11 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    ByT5Tokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from lightning_pref.byte_tokenizer import byte_tokenizer
 from lightning_pref.errors import UserInputError
 
 ModelSpec = str | dict[str, Any]
@@ -36,7 +36,7 @@ DtypeName = Literal["float32", "bfloat16", "float16"]
 _TOKENIZER_KWARGS = ("revision", "trust_remote_code", "subfolder", "cache_dir", "token")
 _TRUE_PRECISIONS = {"64": torch.float64, "32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 
-#: Tokenizer name that builds a byte-level tokenizer needing no files (``transformers.ByT5Tokenizer``).
+#: Tokenizer name that builds a byte-level tokenizer needing no files (:mod:`lightning_pref.byte_tokenizer`).
 BYTE_TOKENIZER = "byte"
 
 
@@ -238,7 +238,7 @@ def load_tokenizer(
     ``trust_remote_code``, ...) are passed on, so the policy's own tokenizer comes from the same revision.
     """
     if name == BYTE_TOKENIZER:
-        tokenizer = ByT5Tokenizer()
+        tokenizer = byte_tokenizer()
     else:
         kwargs = {k: v for k, v in (model_kwargs or {}).items() if k in _TOKENIZER_KWARGS}
         try:

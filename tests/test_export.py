@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import glob
+import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_pref.cli import main
+from lightning_pref.data.tokenize import encode_prompt
 from lightning_pref.export import export_checkpoint, load_policy_from_checkpoint
+from lightning_pref.models import load_tokenizer
 from tests.support import REPO
 
 RUN = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.batch_size", "4"]
@@ -73,3 +76,26 @@ def test_export_keeps_the_trained_dtype_unless_asked(checkpoint, tmp_path):
         model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")  # as saved
         assert model.dtype == expected
         torch.testing.assert_close(model.model.embed_tokens.weight, trained.to(expected))
+
+
+def test_exported_tokenizer_and_model_generate_what_predict_wrote(checkpoint, tmp_path, capsys):
+    """A user of the exported embedded default calls its tokenizer on a prompt and generates: the prompt ids are
+    the ones ``predict`` used (no ``</s>`` appended, as ``ByT5Tokenizer`` did), and greedy generation with the
+    exported config's stop token gives ``predict``'s completion."""
+    prompt = "User: Tell me about figo.\nAssistant:"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": prompt}) + "\n")
+    predictions = tmp_path / "predictions.jsonl"
+    main(["predict", "--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path", checkpoint, "--data.predict",
+          str(prompts), "--predictions.path", str(predictions), "--model.generation.max_new_tokens", "12"])
+    (record,) = [json.loads(line) for line in predictions.read_text().splitlines()]
+    out = tmp_path / "aligned"
+    main(["export", "--ckpt_path", checkpoint, "--output_dir", str(out)])
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    assert ids[0].tolist() == encode_prompt(load_tokenizer("byte"), prompt) == [b + 3 for b in prompt.encode()]
+    assert tokenizer.eos_token_id == model.config.eos_token_id and tokenizer.pad_token_id == model.config.pad_token_id
+    generated = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+    assert tokenizer.decode(generated, skip_special_tokens=True) == record["policy"]
+    assert len(generated) == record["policy_tokens"]
