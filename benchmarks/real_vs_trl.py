@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--short-max", type=int, default=128, help="short regime: single-turn rows of at most this many tokens")
     p.add_argument("--full-max", type=int, default=512, help="full regime: rows of at most this many tokens")
     p.add_argument("--gradient-checkpointing", default="true", choices=["true", "false"])
+    p.add_argument("--ours-gradient-checkpointing", default=None, choices=["true", "false"],
+                   help="lightning-pref's setting when it differs from TRL's (e.g. both at their defaults: false)")
     p.add_argument("--seed", type=int, default=0, help="which rows are drawn")
     p.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON"),
                    help="an interpreter with trl installed (default: $TRL_PYTHON, else this one if it has trl)")
@@ -449,9 +451,14 @@ def _spec(args, model, data, loss, regime, system, rep) -> dict[str, Any]:
     return {"system": system, "loss": loss, "regime": regime, "model": model,
             "data": data["regimes"][regime]["files"][f"{loss}_{system}"], "batch_size": args.batch_size,
             "steps": args.steps, "warmup": args.warmup, "lr": args.lr, "beta": args.beta,
-            "gradient_checkpointing": args.gradient_checkpointing == "true", "workdir": str(work),
+            "gradient_checkpointing": _checkpointing(args, system) == "true", "workdir": str(work),
             "ours": json.loads(args.ours) if args.ours else None,
             "run_dir": str(work / "runs" / tag), "result": str(work / "runs" / f"{tag}.json"), "tag": tag}
+
+
+def _checkpointing(args: argparse.Namespace, system: str) -> str:
+    return (args.ours_gradient_checkpointing or args.gradient_checkpointing) if system == "ours" else (
+        args.gradient_checkpointing)
 
 
 def run_one(spec: dict[str, Any], python: str, env: dict[str, str]) -> dict[str, Any] | None:
@@ -556,7 +563,8 @@ def summarize(args, model, data, runs, systems) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": args.name, "model": Path(model).name, "data": data, "batch_size_pairs": args.batch_size,
         "warmup_steps": args.warmup, "measured_steps": args.steps, "repeats": args.repeats, "lr": args.lr,
-        "beta": args.beta, "gradient_checkpointing": args.gradient_checkpointing, "precision": "fp32",
+        "beta": args.beta, "gradient_checkpointing": {system: _checkpointing(args, system) for system in SYSTEMS},
+        "precision": "fp32",
         "threads_per_process": 1, "cases": {},
     }
     for regime in args.regimes.split(","):
@@ -597,11 +605,17 @@ def summarize(args, model, data, runs, systems) -> dict[str, Any]:
 def markdown(s: dict[str, Any]) -> str:
     env = next((c[sys_]["environment"] for c in s["cases"].values() for sys_ in SYSTEMS if sys_ in c), {}) or {}
     trl_env = next((c["trl"]["environment"] for c in s["cases"].values() if "trl" in c), {}) or {}
+    checkpointing = s["gradient_checkpointing"]
+    if isinstance(checkpointing, dict):
+        checkpointing = (f"{checkpointing['ours']} in both" if len(set(checkpointing.values())) == 1 else
+                         f"{checkpointing['ours']} in lightning-pref, {checkpointing['trl']} in TRL")
+    else:  # results written before the per-system setting
+        checkpointing = f"{checkpointing} in both"
     lines = [
         f"# lightning-pref vs TRL on {s['model']}: Anthropic HH harmless, fp32, one thread per process",
         "",
         f"{s['batch_size_pairs']} pairs a step (KTO: {2 * s['batch_size_pairs']} examples of as many pairs, half "
-        f"desirable (a chosen response), half undesirable (a rejected one), plus their KL rows); gradient checkpointing {s['gradient_checkpointing']} in both; "
+        f"desirable (a chosen response), half undesirable (a rejected one), plus their KL rows); gradient checkpointing {checkpointing}; "
         f"AdamW lr {s['lr']:g} (constant), no weight decay, gradients clipped at norm 1.0; beta {s['beta']}; the same "
         f"batches in the same order; {s['warmup_steps']} warm-up + {s['measured_steps']} measured steps per run, "
         f"{s['repeats']} alternating repetitions. torch {env.get('torch')}, transformers {env.get('transformers')}, "

@@ -4,8 +4,8 @@ A batch of ``N`` sequences ``prompt + response`` reaches a model in one of three
 
 - **padded** (:func:`pad`): each sequence in its own row, right-padded to the longest; prompts for generation are
   left-padded instead (:func:`left_pad`), so every row continues from its last token;
-- **packed** (:func:`pack`): sequences laid end to end in rows as long as the longest sequence (best-fit
-  decreasing), positions restarting at 0 for each, no compute on padding (:class:`~lightning_pref.types.PackedRows`);
+- **packed** (:func:`pack`): sequences laid end to end in rows (best-fit decreasing, row length chosen by
+  :func:`row_bins`), positions restarting at 0 for each, little compute on filler (:class:`~lightning_pref.types.PackedRows`);
 - **packed with shared prompts** (:func:`pack` with ``share_prompts``): each pair one segment ``[prompt, chosen,
   rejected]``, its prompt run once, an explicit mask (:func:`shared_prompt_mask`) keeping the rejected response
   blind to the chosen one; more generally (``prompt_owners``) any rows that continue another row's prompt, such as
@@ -82,6 +82,38 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+# Attention's cost per (query, key) pair over a linear layer's cost per token, per decoder layer: 4 d FLOPs
+# (scores and values, all heads) against 2 P with P ~ 12 d^2 parameters (Llama-style, GQA or not within ~20%),
+# i.e. one pair costs 1 / (6 d) of a token. 6 d for d = 512, the narrowest real models: wider models make
+# attention relatively cheaper, so this errs towards shorter rows, never towards quadratic blow-up.
+_TOKENS_PER_PAIR = 6 * 512
+
+
+def row_bins(lengths: list[int]) -> list[list[int]]:
+    """Segments into rows (:func:`best_fit_decreasing`) of the capacity whose rectangle costs least.
+
+    A row runs the linear layers on all its ``L`` cells, filler included, and attention over ``L^2`` pairs
+    (masked pairs are computed too, except by varlen kernels). Rows as long as the longest segment leave
+    filler when segments do not pair up (four DPO pairs of 80-110 tokens: 4 rows of 110, 18% filler); longer
+    rows leave less filler and cost more attention. Each capacity ``k`` times the longest segment is tried and
+    the one minimising ``R L + R L^2 / (6 d)`` kept (``R`` rows of ``L`` cells, ``d`` see ``_TOKENS_PER_PAIR``).
+    Measured on SmolLM2-135M with four HH pairs: 4 rows of 109 cells 5.3-5.7 s, 1 row of 384 5.1-5.3 s per
+    policy forward + backward + reference forward.
+    """
+    longest, total = max(lengths, default=0), sum(lengths)
+    best, best_cost = [], float("inf")
+    for k in range(1, len(lengths) + 1):
+        bins = best_fit_decreasing(lengths, k * longest)
+        width = max(sum(lengths[s] for s in b) for b in bins)
+        cost = len(bins) * width * (1 + width / _TOKENS_PER_PAIR)
+        if cost < best_cost:
+            best, best_cost = bins, cost
+        # No filler at all would still cost total * (1 + width / d'): wider rows cannot do better.
+        if len(bins) == 1 or total * (1 + width / _TOKENS_PER_PAIR) >= best_cost:
+            break
+    return best
+
+
 def shares_prompts(packing: Packing, paired: bool) -> bool:
     """Whether ``data.packing`` puts each pair's prompt once in a shared segment."""
     return paired and packing in ("shared", "auto")
@@ -119,8 +151,8 @@ def pack(sequences: list[Sequence], pad_token_id: int, share_prompts: bool = Fal
         members.setdefault(owners[i], []).append(i)
     parts = [_parts(sequences, rows) for rows in members.values()]
     lengths = [sum(len(ids) for ids, *_ in segment) for segment in parts]
-    bins = best_fit_decreasing(lengths, max(lengths, default=0))
-    shape = (len(bins), max(lengths, default=0))
+    bins = row_bins(lengths)
+    shape = (len(bins), max((sum(lengths[s] for s in b) for b in bins), default=0))
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     response_mask = torch.zeros(shape, dtype=torch.bool)
