@@ -115,7 +115,7 @@ class PredictionWriter(BasePredictionWriter):
             self.written = target
             write_jsonl(self.written, self.records)
             Console(highlight=False, soft_wrap=True).print(
-                f"predict: wrote {len(self.records)} records to {target}", markup=False)
+                f"predict: wrote {len(self.records)} record{'s' * (len(self.records) != 1)} to {target}", markup=False)
 
 
 class SampleCompletions(Callback):

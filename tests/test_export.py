@@ -88,6 +88,7 @@ def test_exported_tokenizer_and_model_generate_what_predict_wrote(checkpoint, tm
     predictions = tmp_path / "predictions.jsonl"
     main(["predict", "--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path", checkpoint, "--data.predict",
           str(prompts), "--predictions.path", str(predictions), "--model.generation.max_new_tokens", "12"])
+    assert f"predict: wrote 1 record to {predictions}" in capsys.readouterr().out
     (record,) = [json.loads(line) for line in predictions.read_text().splitlines()]
     out = tmp_path / "aligned"
     main(["export", "--ckpt_path", checkpoint, "--output_dir", str(out)])

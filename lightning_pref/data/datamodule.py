@@ -102,7 +102,7 @@ class PreferenceDataModule(LightningDataModule):
             ``prompts``, batches of ``train``'s prompts (online on-policy training; ``train`` may be a prompt-only
             file); ``rounds``, pairs from the files :meth:`train_from` points at, sampled from ``train``'s prompts
             (iterative on-policy training).
-        packing: ``true`` lays the sequences end to end in rows as long as the batch's longest, each with its
+        packing: ``true`` lays the sequences end to end in rows (:func:`lightning_pref.layout.row_bins`), each with its
             own positions and attention (identical log-probs, no compute on padding) where the model supports
             it (elsewhere batches are padded again, with an info line saying why: see
             :func:`lightning_pref.packing.supports_packing`); ``shared`` also runs each pair's prompt once for
