@@ -1,12 +1,12 @@
 """The ``"byte"`` tokenizer: one token per UTF-8 byte, no files, and a ``tokenizer.json`` any user can load.
 
 Ids are ByT5's (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, byte ``b`` at ``b + 3``, ``<extra_id_i>`` from 259 on, 384 in
-all), so models trained with ``transformers.ByT5Tokenizer`` read the same ids. Unlike ``ByT5Tokenizer`` it adds
-no special token when called: ``tokenizer(prompt)`` gives the prompt's bytes and nothing else, as
-lightning-pref's own prompt encoding does, so a user of an exported model who calls the saved tokenizer on a
-prompt generates from the same ids ``predict`` used, not from a prompt that already ends with ``</s>``. Built with
-``tokenizers`` (byte-level pre-tokenizer, a BPE without merges), it saves as a ``tokenizer.json`` that
-``AutoTokenizer`` loads without this package.
+all), so models trained with ``transformers.ByT5Tokenizer`` read the same ids, and so is decoding (bytes that do
+not form UTF-8 text are dropped). Unlike ``ByT5Tokenizer`` it adds no special token when called:
+``tokenizer(prompt)`` gives the prompt's bytes and nothing else, as lightning-pref's own prompt encoding does, so
+a user of an exported model who calls the saved tokenizer on a prompt generates from the ids ``predict`` used,
+not from a prompt that already ends with ``</s>``. Built with ``tokenizers`` (byte-level pre-tokenizer, a BPE
+without merges), it saves as a ``tokenizer.json`` that ``AutoTokenizer`` loads without this package.
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
     # No regex split and no prefix space: every byte of the text, spaces included, is one token.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
+    # Bytes that do not form UTF-8 text are dropped, as ByT5Tokenizer's decode drops them (errors="ignore"): the
+    # byte-level decoder writes U+FFFD for each such run, removed here. Judges of a random model's samples
+    # (e.g. quiet_letters' characters count) then read the same text as before.
+    tokenizer.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace("\ufffd", "")])
     specials = [PAD, EOS, UNK, *(f"<extra_id_{i}>" for i in range(_SENTINELS))]
     tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, unk_token=UNK)
