@@ -232,6 +232,22 @@ def scored_tokens(packed: PackedRows) -> tuple[Tensor, Tensor, Tensor]:
     return cells, predictors, sequences_
 
 
+def segment_spans(packed: PackedRows) -> list[list[tuple[int, int]]]:
+    """For each row, the ``(start, end)`` cells of each segment: a sequence, or a prompt with every row continuing
+    it (``prompt_owner``). Cells of different segments never attend to one another; filler is in none.
+    # (R, L) -> [R] lists of (start, end)"""
+    group = packed.sequence_index.clone()  # (R, L) the segment's owner row of each cell, -1 on filler
+    if packed.prompt_owner is not None:
+        real = group >= 0
+        group[real] = packed.prompt_owner[group[real]]
+    spans = []
+    for row in group:
+        starts = [0, *((row[1:] != row[:-1]).nonzero().flatten() + 1).tolist()]
+        ends = [*starts[1:], len(row)]
+        spans.append([(s, e) for s, e in zip(starts, ends, strict=True) if row[s] >= 0])
+    return spans
+
+
 def last_cells(packed: PackedRows) -> Tensor:
     """Flat index into ``R * L`` of each sequence's last token (a reward model reads it). # -> (N,)"""
     flat = packed.sequence_index.flatten()  # (R * L,)

@@ -83,6 +83,12 @@ class SequenceScorer(nn.Module):
             self._capability = packing.capability(self.lm)
         return self._capability
 
+    @property
+    def per_segment(self) -> bool:
+        """Whether packed rows' attention runs per segment: an sdpa model, not compiled (a compiled forward would
+        specialise on each batch's segment boundaries and recompile)."""
+        return packing.segment_attention(self.capability) and getattr(self, "_compiled_call_impl", None) is None
+
     def runnable(self, packed: PackedRows) -> tuple[PackedRows | None, Any]:
         """The layout of ``packed`` this model runs and the masks it needs (:func:`packing.runnable`)."""
         return packing.runnable(self.lm, packed, self.capability)
@@ -145,7 +151,7 @@ class SequenceScorer(nn.Module):
         cells, predictors, sequences = layout.scored_tokens(packed)  # (S,) each
         targets = packed.input_ids.flatten()[cells]  # (S,)
         rest = sequences >= num_rows  # (S,) tokens of rows scored without gradient
-        inputs = packing.body_inputs(packed, masks)
+        inputs = packing.body_inputs(packed, masks, self.per_segment)
         if self.response_only_head:
             states = self.body(**inputs).last_hidden_state.flatten(0, 1)  # (R, L, H) -> (R * L, H)
             score = self.head_logps  # (S', H) -> (S',)
@@ -208,7 +214,7 @@ class SequenceScorer(nn.Module):
         if packed is not None:
             cells, predictors, sequences = layout.scored_tokens(packed)  # (S,) each
             targets = packed.input_ids.flatten()[cells]
-            inputs = packing.body_inputs(packed, masks)
+            inputs = packing.body_inputs(packed, masks, self.per_segment)
             flat = lambda hidden: hidden.flatten(0, 1)[predictors]  # noqa: E731 - (R, L, H) -> (S, H)
             num_sequences = packed.num_sequences
         else:

@@ -6,7 +6,8 @@
   cannot take them), sliding-window layers included.
 - :func:`runnable`: what of a packed batch a model runs (with shared prompts, without, or ``None``: pad it),
   saying once why it falls back.
-- :func:`body_inputs`: the body's keyword arguments for a packed batch.
+- :func:`body_inputs`: the body's keyword arguments for a packed batch, with each row's segments for attention
+  run per segment (:func:`segment_attention`).
 
 Plain packing passes no attention mask: with ``position_ids`` given, no mask and no cache, transformers (4.56 and
 later) derives each token's sequence from where the positions restart (``masking_utils.find_packed_sequence_indices``)
@@ -27,7 +28,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_pref.layout import unshare
+from lightning_pref.layout import segment_spans, unshare
+from lightning_pref.segment_attention import SEGMENTS
+from lightning_pref.segment_attention import install as install_segment_attention
 from lightning_pref.types import PackedRows
 
 # Attention implementations whose masks transformers builds from packed position_ids (flash-attention from the
@@ -170,12 +173,22 @@ def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def body_inputs(packed: PackedRows, masks: Any = None) -> dict[str, Any]:
+def body_inputs(packed: PackedRows, masks: Any = None, per_segment: bool = False) -> dict[str, Any]:
     """Keyword arguments of the transformer body for ``packed`` (``masks``: from :func:`prompt_sharing_masks`).
 
-    Without a cache and without a mask, so transformers finds the packed sequences from the positions.
+    Without a cache and without a mask, so transformers finds the packed sequences from the positions. With
+    ``per_segment`` (an sdpa model, see :func:`segment_attention`) attention runs on each segment on its own.
     """
     inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
     if masks is not None:
         inputs["attention_mask"] = masks
+    if per_segment:
+        install_segment_attention()
+        inputs[SEGMENTS] = segment_spans(packed)
     return inputs
+
+
+def segment_attention(can: Capability) -> bool:
+    """Whether a model of capability ``can`` runs packed rows' attention per segment
+    (:mod:`lightning_pref.segment_attention`): sdpa models that take packed rows."""
+    return can.packs and can.attention == "sdpa"

@@ -17,10 +17,10 @@ from transformers import (
     Qwen2Config,
 )
 
-from lightning_pref import PreferenceModule, packing
+from lightning_pref import PreferenceModule, packing, segment_attention
 from lightning_pref.data.collate import PreferenceCollator
 from lightning_pref.data.tokenize import Encoded
-from lightning_pref.layout import best_fit_decreasing, pack, pad, row_bins, unpacked_sequences
+from lightning_pref.layout import best_fit_decreasing, pack, pad, row_bins, segment_spans, unpacked_sequences
 from lightning_pref.logps import SequenceScorer
 from lightning_pref.losses import KTOLoss
 from lightning_pref.reward import RewardModule
@@ -48,8 +48,8 @@ def _ids(g: torch.Generator, n: int) -> list[int]:
 
 
 def _pairs() -> list[tuple[list[int], list[int]]]:
-    """``[chosen; rejected]`` of 4 pairs: an empty prompt, a one-token prompt, and the longest sequence (13
-    tokens, a whole row by itself)."""
+    """``[chosen; rejected]`` of 4 pairs: an empty prompt, a one-token prompt, and a longest sequence of 13
+    tokens."""
     g = torch.Generator().manual_seed(1)
     prompts = [_ids(g, 3), [], _ids(g, 1), _ids(g, 6)]
     chosen = [_ids(g, k) for k in (5, 4, 2, 7)]
@@ -84,6 +84,51 @@ def test_row_length_trades_filler_for_attention():
     assert row_bins([300, 80, 75, 60]) == [[0, 1, 2, 3]]
     assert row_bins([1000] * 8) == [[i] for i in range(8)]
     assert row_bins([]) == []
+
+
+def test_segment_spans_by_hand():
+    """Shared prompts: pair 0 is [1 2 | 3 | 7 8] (5 cells), pair 1 [4 | 5 6 | 9] (4 cells), one row (9 * (1 +
+    9/3072) beats two rows of 5). Plain packing: each sequence its own segment, longest first."""
+    sequences = [([1, 2], [3]), ([4], [5, 6]), ([1, 2], [7, 8]), ([4], [9])]
+    assert segment_spans(pack(sequences, 0, share_prompts=True)) == [[(0, 5), (5, 9)]]
+    assert segment_spans(pack(sequences, 0)) == [[(0, 4), (4, 7), (7, 10), (10, 12)]]
+    long = [([3] * 300, [4] * 300)] * 3  # rows of 600 each: a row of 1200 costs more attention than it saves
+    assert segment_spans(pack(long, 0)) == [[(0, 600)]] * 3
+
+
+@pytest.mark.parametrize("name", [name for name, (_, attention) in ARCHITECTURES.items() if attention == "sdpa"])
+def test_attention_runs_per_segment_and_equals_the_dense_mask(name, monkeypatch):
+    """sdpa models run each segment's attention on its own (one call per segment and layer, of its length),
+    with the same hidden states as sdpa over the whole row with its dense mask: shared prompts in one row, and
+    plain packing of long sequences in several rows."""
+    scorer = SequenceScorer(_model(name))
+    assert scorer.per_segment
+    segment_attention.install()
+    lengths = []
+    sdpa = segment_attention._sdpa
+
+    def counting(module, query, *args, **kwargs):
+        lengths.append(query.shape[2])
+        return sdpa(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(segment_attention, "_sdpa", counting)
+    g = torch.Generator().manual_seed(2)
+    long = [(_ids(g, n), _ids(g, n)) for n in (300, 175, 125)]  # rows [600] and [350, 250] (see row_bins)
+    layers = scorer.lm.config.num_hidden_layers
+    for packed in (pack(_pairs(), 0, share_prompts=True), pack(long, 0)):
+        usable, masks = scorer.runnable(packed)
+        assert usable is packed
+        spans = segment_spans(packed)
+        assert sum(len(row) for row in spans) > len(spans)  # some row holds several segments
+        lengths.clear()
+        with torch.no_grad():
+            per_segment = scorer.body(**packing.body_inputs(packed, masks, per_segment=True)).last_hidden_state
+            assert lengths == [end - start for row in spans for start, end in row] * layers
+            lengths.clear()
+            dense = scorer.body(**packing.body_inputs(packed, masks)).last_hidden_state
+            assert lengths == [packed.input_ids.shape[1]] * layers
+        real = packed.sequence_index >= 0
+        assert (per_segment[real] - dense[real]).abs().max() <= 1e-5
 
 
 def test_packed_rows_restart_positions_and_map_back_to_rows():
