@@ -436,8 +436,9 @@ def _label(module, record_function, phases: dict[str, float]) -> None:
     if hasattr(module.reference, "logps"):
         wrap(module.reference, "logps", "reference forward")
     for scorer in {id(s): s for s in (module.policy, module.reference)}.values():
-        if hasattr(scorer, "score_kl_rows"):
-            wrap(scorer, "score_kl_rows", "KL rows")
+        for method in ("score_kl_rows", "score_continuations"):  # apart in full, or on the recorded prompts
+            if hasattr(scorer, method):
+                wrap(scorer, method, "KL rows")
     wrap(module, "training_step", "training step")
     wrap(module, "backward", "backward")
     # Lightning runs the training step and backward inside the optimizer's step (its closure).

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_pref.layout import Sequence, pack, pad
+from lightning_pref.layout import Sequence, continuations, pack, pad
 from lightning_pref.types import KLRows
 
 
@@ -43,10 +43,10 @@ def mismatched(groups: list[object]) -> list[tuple[int, int]]:
 def mismatched_rows(rows: list[Sequence], pad_token_id: int, packed: bool = False) -> KLRows:
     """The mismatched rows of a batch whose rows are ``rows`` (``(prompt, response)`` token ids, in order).
 
-    For a packed batch they are also packed two ways (a packed pass keeps no K/V cache to take the prompts from):
-    on their own, scored in full, and together with the batch, each mismatched completion in the segment of the
-    batch row whose prompt it continues (rows ``N, N + 1, ...`` of that layout), so only the completions run. The
-    scorer picks (:meth:`lightning_pref.logps.SequenceScorer.kl_layout`). The second layout is built even without
+    For a packed batch they are also packed three ways (a packed pass keeps no K/V cache to take the prompts
+    from): on their own, scored in full; together with the batch, each mismatched completion in the segment of the
+    batch row whose prompt it continues (rows ``N, N + 1, ...`` of that layout); and the completions alone, to run
+    on the prompts' keys and values recorded by the batch pass. The scorer picks (:meth:`lightning_pref.logps.SequenceScorer.kl_layout`). The second layout is built even without
     mismatched rows (then it is the batch packed again), so that every rank of a sharded run takes it alike.
     """
     pairs = mismatched([tuple(prompt) for prompt, _ in rows])
@@ -54,7 +54,9 @@ def mismatched_rows(rows: list[Sequence], pad_token_id: int, packed: bool = Fals
     prompt_rows = [i for i, _ in pairs]
     alone = pack(sequences, pad_token_id) if packed and sequences else None
     shared = pack(rows + sequences, pad_token_id, prompt_owners=list(range(len(rows))) + prompt_rows) if packed else None
-    return KLRows(*pad(sequences, pad_token_id), torch.tensor(prompt_rows, dtype=torch.long), alone, shared)
+    completions = continuations(sequences, pad_token_id) if packed and sequences else None
+    return KLRows(*pad(sequences, pad_token_id), torch.tensor(prompt_rows, dtype=torch.long), alone, shared,
+                  completions)
 
 
 def kl_baseline(logratios: Tensor, strategy: Any = None) -> Tensor:

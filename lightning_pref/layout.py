@@ -92,13 +92,15 @@ _TOKENS_PER_PAIR = 6 * 512
 def row_bins(lengths: list[int]) -> list[list[int]]:
     """Segments into rows (:func:`best_fit_decreasing`) of the capacity whose rectangle costs least.
 
-    A row runs the linear layers on all its ``L`` cells, filler included, and attention over ``L^2`` pairs
-    (masked pairs are computed too, except by varlen kernels). Rows as long as the longest segment leave
+    A row runs the linear layers on all its ``L`` cells, filler included, and its mask has ``L^2`` entries;
+    attention over the whole row computes all ``L^2`` pairs where it takes the dense mask (eager; sdpa runs each
+    segment apart instead, :mod:`lightning_pref.segment_attention`). Rows as long as the longest segment leave
     filler when segments do not pair up (four DPO pairs of 80-110 tokens: 4 rows of 110, 18% filler); longer
-    rows leave less filler and cost more attention. Each capacity ``k`` times the longest segment is tried and
-    the one minimising ``R L + R L^2 / (6 d)`` kept (``R`` rows of ``L`` cells, ``d`` see ``_TOKENS_PER_PAIR``).
-    Measured on SmolLM2-135M with four HH pairs: 4 rows of 109 cells 5.3-5.7 s, 1 row of 384 5.1-5.3 s per
-    policy forward + backward + reference forward.
+    rows leave less filler and cost more attention (or mask). Each capacity ``k`` times the longest segment is
+    tried and the one minimising ``R L + R L^2 / (6 d)`` kept (``R`` rows of ``L`` cells, ``d`` see
+    ``_TOKENS_PER_PAIR``): the quadratic term also keeps rows, and their masks, bounded where attention is not.
+    Measured on SmolLM2-135M with four HH pairs and a dense mask: 4 rows of 109 cells 5.3-5.7 s, 1 row of 384
+    5.1-5.3 s per policy forward + backward + reference forward (per segment: 4.0 s).
     """
     longest, total = max(lengths, default=0), sum(lengths)
     best, best_cost = [], float("inf")
@@ -171,6 +173,17 @@ def pack(sequences: list[Sequence], pad_token_id: int, share_prompts: bool = Fal
     if shared:
         packed.prompt_owner = torch.tensor(owners, dtype=torch.long)
         packed.attention_mask = shared_prompt_mask(sequence_index, response_mask, packed.prompt_owner)
+    return packed
+
+
+def continuations(sequences: list[Sequence], pad_token_id: int) -> PackedRows:
+    """The responses of ``sequences`` alone, packed, each at the positions that follow its prompt: a pass that
+    attends to the prompts' recorded keys and values (:class:`lightning_pref.segment_attention.PromptKV`) runs
+    only these cells. Every cell is a response cell, the first one of each sequence included."""
+    packed = pack([([], response) for _, response in sequences], pad_token_id)
+    offsets = torch.tensor([len(prompt) for prompt, _ in sequences], dtype=torch.long)
+    real = packed.sequence_index >= 0
+    packed.position_ids[real] += offsets[packed.sequence_index[real]]
     return packed
 
 

@@ -20,7 +20,7 @@ no rows, so every rank of a sharded run issues the same collectives.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from lightning_pref import layout, packing
 from lightning_pref.errors import UserInputError
 from lightning_pref.head import LogitTransform, default_chunk_size, logits_logps, sum_rows, token_logps
+from lightning_pref.segment_attention import PromptKV
 from lightning_pref.types import KLRows, PackedRows, PreferenceBatch
 
 # Positions compared by the self-check, and its tolerance on |log p| differences: fp32 agrees to rounding; in
@@ -124,14 +125,18 @@ class SequenceScorer(nn.Module):
             # (N,), (N,), (M,)
         """
         if packed is not None:
-            together = self.kl_layout(kl_rows) if kl_rows is not None else None
+            usable, masks = self.runnable(packed)
+            prompts = self.prompt_kv(kl_rows, usable) if kl_rows is not None and usable is not None else None
+            together = self.kl_layout(kl_rows) if kl_rows is not None and prompts is None else None
             if together is not None:  # one pass: the batch, and the KL completions in their prompts' segments
                 return self._score_packed_rows(*together, packed.num_sequences)
-            usable, masks = self.runnable(packed)
             if usable is not None:
-                logps, tokens = self.score_packed(usable, masks)
-                kl_logps = self.score_kl_rows(kl_rows, None, None) if kl_rows is not None else None
-                return logps, tokens, kl_logps
+                logps, tokens, _ = self._score_packed_rows(usable, masks, packed.num_sequences, prompts)
+                if kl_rows is None:
+                    return logps, tokens, None
+                if prompts is not None and prompts.complete(self.lm.config.get_text_config().num_hidden_layers):
+                    return logps, tokens, self.score_continuations(kl_rows.completions, prompts)
+                return logps, tokens, self.score_kl_rows(kl_rows, None, None)
             input_ids, attention_mask, response_mask = layout.unpack(packed)
         share = kl_rows is not None and self.can_share_prompts(kl_rows)
         logps, hidden, cache = self.score(input_ids, attention_mask, response_mask, keep_cache=share)
@@ -142,18 +147,24 @@ class SequenceScorer(nn.Module):
         """Summed response log-probs and response tokens of each of the ``N`` packed sequences. # (N,), (N,)"""
         return self._score_packed_rows(packed, masks, packed.num_sequences)[:2]
 
-    def _score_packed_rows(self, packed: PackedRows, masks: Any, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _score_packed_rows(self, packed: PackedRows, masks: Any, num_rows: int,
+                           prompts: PromptKV | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Summed response log-probs and response tokens of the first ``num_rows`` packed sequences, and summed
-        log-probs of the rest, without gradient (KTO's KL rows ride along in the same pass).
+        log-probs of the rest, without gradient (KTO's KL rows ride along in the same pass); ``prompts``: record
+        those prompts' keys, values and last hidden states on the way (:meth:`prompt_kv`).
         # -> (num_rows,), (num_rows,), (N - num_rows,)"""
         if not self.checked:
             self.check_head(*layout.unpack(packed))
         cells, predictors, sequences = layout.scored_tokens(packed)  # (S,) each
         targets = packed.input_ids.flatten()[cells]  # (S,)
         rest = sequences >= num_rows  # (S,) tokens of rows scored without gradient
-        inputs = packing.body_inputs(packed, masks, self.per_segment)
+        inputs = packing.body_inputs(packed, masks, self.per_segment, prompts)
         if self.response_only_head:
             states = self.body(**inputs).last_hidden_state.flatten(0, 1)  # (R, L, H) -> (R * L, H)
+            if prompts is not None:
+                length = packed.input_ids.shape[1]
+                last = torch.tensor([r * length + end - 1 for r, _, end in prompts.spans], device=states.device)
+                prompts.last_hidden = states[last].detach()  # (P, H)
             score = self.head_logps  # (S', H) -> (S',)
         else:
             states = self.lm(**inputs).logits.flatten(0, 1)  # (R, L, V) -> (R * L, V)
@@ -260,6 +271,54 @@ class SequenceScorer(nn.Module):
             if (2 + checkpointed(self.lm)) * completions > prompts:  # backward ~2 forwards, the recompute 1
                 return None
         return usable, masks
+
+    def prompt_kv(self, kl_rows: KLRows, packed: PackedRows) -> PromptKV | None:
+        """A :class:`PromptKV` to record the prompts of ``kl_rows`` in the batch pass over ``packed``, so that
+        only their completions run afterwards (:meth:`score_continuations`); ``None`` where that is not the
+        cheapest way or not possible.
+
+        Cheapest in a pass with gradients: riding along (:meth:`kl_layout`) runs the completions backward too,
+        scoring them apart runs their prompts again. Possible with per-segment attention (sdpa) and full
+        attention only (a sliding window would also apply to the recorded prompt), on a batch whose rows hold
+        their own prompts (no shared prompts) and a model that is not sharded (every rank runs the same passes).
+        """
+        if (kl_rows.completions is None or not torch.is_grad_enabled() or packed.shared_prompts
+                or not any(p.requires_grad for p in self.parameters()) or sharded(self.lm)
+                or not self.per_segment or self.capability.window is not None):
+            return None
+        prompt_lengths = _prompt_lengths(kl_rows)  # (M,)
+        if not bool((prompt_lengths > 0).all()):
+            return None
+        flat = packed.sequence_index.flatten()  # (R * L,)
+        cell = torch.arange(flat.numel(), device=flat.device)
+        first = torch.full((packed.num_sequences,), flat.numel(), dtype=torch.long, device=flat.device)
+        first = first.scatter_reduce(0, flat.clamp(min=0), torch.where(flat >= 0, cell, flat.numel()), "amin")
+        length = packed.input_ids.shape[1]
+        starts = first[kl_rows.prompt_rows.to(flat.device)].tolist()  # first cell of each KL row's batch row
+        return PromptKV([(s // length, s % length, s % length + n) for s, n in zip(starts, prompt_lengths.tolist(),
+                                                                                   strict=True)])
+
+    @torch.no_grad()
+    def score_continuations(self, packed: PackedRows, prompts: PromptKV) -> Tensor:
+        """Summed log-probs of ``packed``'s sequences, each continuing a prompt recorded in ``prompts`` (its
+        ``p``-th sequence the ``p``-th prompt; :func:`lightning_pref.layout.continuations`), without gradient.
+        Only their own cells run; each attends to its prompt's recorded keys and values, and its first token is
+        predicted from the prompt's last hidden state. # -> (M,)"""
+        spans = layout.segment_spans(packed)
+        starts = torch.tensor([r * packed.input_ids.shape[1] + s for r, row in enumerate(spans) for s, _ in row])
+        # A new object: the recording one stays as it is for a checkpointed layer's recompute in backward.
+        continuing = replace(prompts, continues=packed.sequence_index.flatten()[starts.to(packed.sequence_index.device)]
+                             .tolist())
+        inputs = packing.body_inputs(packed, None, per_segment=True, prompts=continuing)
+        states = self.body(**inputs).last_hidden_state.flatten(0, 1)  # (R, L, H) -> (R * L, H)
+        sequences = packed.sequence_index.flatten()
+        cells = packed.response_mask.flatten().nonzero().squeeze(-1)  # (S,) every cell of every sequence
+        owner = sequences[cells]  # (S,)
+        first = torch.ones_like(owner, dtype=torch.bool)
+        first[1:] = owner[1:] != owner[:-1]  # a sequence's cells are contiguous, in order
+        predictors = torch.where(first[:, None], prompts.last_hidden[owner], states[(cells - 1).clamp(min=0)])
+        per_token = self.head_logps(predictors, packed.input_ids.flatten()[cells])  # (S,)
+        return layout.sequence_sums(per_token, owner, packed.num_sequences)
 
     def can_share_prompts(self, kl_rows: KLRows) -> bool:
         """Whether the KL rows can reuse the batch pass's prompt K/V.

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_pref.layout import segment_spans, unshare
-from lightning_pref.segment_attention import SEGMENTS
+from lightning_pref.segment_attention import PROMPTS, SEGMENTS, PromptKV
 from lightning_pref.segment_attention import install as install_segment_attention
 from lightning_pref.types import PackedRows
 
@@ -173,11 +173,13 @@ def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def body_inputs(packed: PackedRows, masks: Any = None, per_segment: bool = False) -> dict[str, Any]:
+def body_inputs(packed: PackedRows, masks: Any = None, per_segment: bool = False,
+                prompts: PromptKV | None = None) -> dict[str, Any]:
     """Keyword arguments of the transformer body for ``packed`` (``masks``: from :func:`prompt_sharing_masks`).
 
     Without a cache and without a mask, so transformers finds the packed sequences from the positions. With
-    ``per_segment`` (an sdpa model, see :func:`segment_attention`) attention runs on each segment on its own.
+    ``per_segment`` (an sdpa model, see :func:`segment_attention`) attention runs on each segment on its own,
+    recording or continuing ``prompts``.
     """
     inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
     if masks is not None:
@@ -185,6 +187,8 @@ def body_inputs(packed: PackedRows, masks: Any = None, per_segment: bool = False
     if per_segment:
         install_segment_attention()
         inputs[SEGMENTS] = segment_spans(packed)
+        if prompts is not None:
+            inputs[PROMPTS] = prompts
     return inputs
 
 

@@ -12,11 +12,17 @@ the model's forward received. :func:`install` registers, under ``"sdpa"``, a fun
 it is given :data:`SEGMENTS` (the body's input from :func:`lightning_pref.packing.body_inputs`) and is
 transformers' own sdpa, called as it is, otherwise: generation, padded batches, other code in the process. It
 replaces a process-wide registration, hence once, on first use, and only around that function.
+
+The same function keeps prompts' keys and values for a later pass (:class:`PromptKV`, the body's :data:`PROMPTS`
+argument): one pass records them, layer by layer, and a pass whose segments continue those prompts attends to
+them as if the prompts were in its rows. KTO's mismatched completions continue the batch's own prompts this way,
+so only the completions run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,7 +32,35 @@ from transformers.modeling_utils import AttentionInterface
 #: The body's keyword argument: for each row, the ``(start, end)`` cells of each of its segments.
 SEGMENTS = "attention_segments"
 
+#: The body's keyword argument: a :class:`PromptKV` to record into, or to continue from.
+PROMPTS = "attention_prompts"
+
 _sdpa: Callable[..., tuple[Tensor, Any]] | None = None  # transformers' sdpa, kept when install() replaces it
+
+
+@dataclass
+class PromptKV:
+    """Prompts' keys and values, recorded by one pass and attended to by a later one.
+
+    Attributes:
+        spans: ``(row, start, end)`` cells of each prompt in the recording pass's rows.
+        continues: in the continuing pass, the prompt each of its segments continues (row-major segment order);
+            ``None`` while recording.
+        layers: per attention layer (``layer_idx``), each prompt's keys and values, detached.
+            # [P] of ((1, H_kv, P_p, D), (1, H_kv, P_p, D))
+        last_hidden: the recording pass's final hidden state at each prompt's last cell, which predicts the
+            first token of its continuation (set by the caller). # (P, H)
+    """
+
+    spans: list[tuple[int, int, int]]
+    continues: list[int] | None = None
+    layers: dict[int, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    last_hidden: Tensor | None = None
+
+    def complete(self, num_layers: int) -> bool:
+        """Whether every one of ``num_layers`` attention layers recorded the prompts (a model whose attention is
+        not called with the body's keyword arguments records nothing)."""
+        return self.last_hidden is not None and set(self.layers) == set(range(num_layers))
 
 
 def install() -> None:
@@ -54,6 +88,13 @@ def segment_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, a
     """
     assert _sdpa is not None, "segment_attention.install() registers this function"
     spans = kwargs.pop(SEGMENTS, None)
+    prompts: PromptKV | None = kwargs.pop(PROMPTS, None)
+    if prompts is not None and prompts.continues is None and hasattr(module, "layer_idx"):
+        # Recorded again when backward recomputes a checkpointed layer: the same values.
+        prompts.layers[module.layer_idx] = [(key[r : r + 1, :, s:e].detach(), value[r : r + 1, :, s:e].detach())
+                                            for r, s, e in prompts.spans]
+    elif prompts is not None:
+        return _continue(module, query, key, value, spans, prompts, *args, **kwargs)
     if spans is None or attention_mask is None or attention_mask.dim() != 4 or key.shape[2] != query.shape[2]:
         return _sdpa(module, query, key, value, attention_mask, *args, **kwargs)
     length = query.shape[2]
@@ -69,6 +110,33 @@ def segment_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, a
                            mask[:, :, cells, cells], *args, **kwargs)  # (1, end - start, H, D)
             pieces.append(out)
             column = end
+        if column < length:
+            pieces.append(query.new_zeros(1, length - column, query.shape[1], query.shape[3]))
+        rows.append(torch.cat(pieces, 1))
+    return torch.cat(rows, 0), None
+
+
+def _continue(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, spans: list[list[tuple[int, int]]],
+              prompts: PromptKV, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
+    """Each segment attends to the recorded keys and values of the prompt it continues, then causally to itself
+    (the prompt's positions come first: the segment's own positions start after them). # -> (R, L, H, D)"""
+    recorded = prompts.layers[module.layer_idx]
+    length = query.shape[2]
+    rows, segment = [], 0
+    for r, row_spans in enumerate(spans):
+        pieces, column = [], 0
+        for start, end in row_spans:
+            if start > column:
+                pieces.append(query.new_zeros(1, start - column, query.shape[1], query.shape[3]))
+            cells = slice(start, end)
+            prompt_key, prompt_value = recorded[prompts.continues[segment]]
+            n, p = end - start, prompt_key.shape[2]
+            causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+            mask = torch.cat([causal.new_ones(n, p), causal], 1)[None, None]  # (1, 1, n, p + n)
+            out, _ = _sdpa(module, query[r : r + 1, :, cells], torch.cat([prompt_key, key[r : r + 1, :, cells]], 2),
+                           torch.cat([prompt_value, value[r : r + 1, :, cells]], 2), mask, *args, **kwargs)
+            pieces.append(out)
+            column, segment = end, segment + 1
         if column < length:
             pieces.append(query.new_zeros(1, length - column, query.shape[1], query.shape[3]))
         rows.append(torch.cat(pieces, 1))

@@ -110,6 +110,9 @@ class KLRows(NamedTuple):
     # A packed batch's rows and then these rows, packed together: row N + m's completion continues the prompt of
     # batch row prompt_rows[m] in that row's segment, so only the completions run. Also without KL rows.
     shared: PackedRows | None = None
+    # Only the completions, packed, at the positions after their prompts: run on the batch pass's recorded prompt
+    # keys and values (lightning_pref.segment_attention.PromptKV).
+    completions: PackedRows | None = None
 
 
 @dataclass

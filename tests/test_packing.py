@@ -307,6 +307,37 @@ def test_kl_completions_in_their_prompts_segments_score_as_padded(name):
         assert (g - e).abs().max() <= 1e-5 * e.abs().max().clamp(min=1e-6)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("name", ["llama", "qwen2_tied", "gpt2"])
+def test_kl_completions_continue_the_batch_pass_recorded_prompts(name, checkpointing):
+    """With gradients, the KL completions run alone after the batch's pass, on the keys and values of their
+    prompts that pass recorded (neither their prompts again nor a backward through them): the padded path's
+    log-probs, gradients and KL log-probs, with and without checkpointing's recompute."""
+    examples = _kto_examples()[1:]  # every prompt non-empty: the first completion token follows its prompt
+    model = _model(name)
+    if checkpointing:  # (recomputes in training mode only; GPT-2's dropout off, so both paths are deterministic)
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    scorer = SequenceScorer(model)
+    padded = with_kl_rows(PreferenceCollator(0)(examples))
+    packed = with_kl_rows(PreferenceCollator(0, packing=True)(examples))
+    rows = packed.kl_rows
+    assert rows.completions.real_tokens == int(rows.response_mask.sum())  # the completions' cells only
+    continued = []
+    score_continuations = scorer.score_continuations
+    scorer.score_continuations = lambda *a: continued.append(1) or score_continuations(*a)
+    expected, expected_kl, expected_grads = _scores_kl_and_grads(scorer, padded)
+    logps, kl_logps, grads = _scores_kl_and_grads(scorer, packed)
+    assert continued == [1]
+    torch.testing.assert_close(logps, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kl_logps, expected_kl, rtol=0, atol=1e-5)
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert (g - e).abs().max() <= 1e-5 * e.abs().max().clamp(min=1e-6)
+
+
 def test_kl_completions_ride_along_with_gradients_only_where_that_is_less_work():
     """With gradients a completion in the batch's pass also runs backward: against prompts shorter than twice
     their completions the KL rows are scored apart. Without gradients (the reference) they always ride along."""
