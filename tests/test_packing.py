@@ -76,10 +76,10 @@ def test_best_fit_decreasing_is_deterministic_and_fills_rows():
 
 
 def test_row_length_trades_filler_for_attention():
-    """Cost of R rows of W cells: R W (1 + W / 3072), by hand. [100, 90, 80, 70]: rows of 100 cost 4 * 100 *
-    (1 + 100/3072) = 413.0, of 200 (190 + 150) 2 * 190 * 1.0618 = 403.5, one row of 340 377.6: one row.
-    [300, 80, 75, 60]: 2 rows of 300 = 658.6 against one of 515 = 601.3. Eight rows of 1000 (8,000 * 1.326 =
-    10,604) against one of 8,000 (8,000 * 3.60 = 28,833): attention makes long rows lose."""
+    """Cost of R rows of W cells: R W (1 + W / 24576), by hand. [100, 90, 80, 70]: rows of 100 cost 4 * 100 *
+    1.00407 = 401.6, one row of 340 340 * 1.01383 = 344.7: one row. [300, 80, 75, 60]: 2 rows of 300 = 607.3
+    against one of 515 = 525.8. Eight rows of 1000 (8,000 * 1.0407 = 8,326) against one of 8,000 (8,000 * 1.3255 =
+    10,604): the mask's quadratic size makes long rows lose."""
     assert row_bins([100, 90, 80, 70]) == [[0, 1, 2, 3]]
     assert row_bins([300, 80, 75, 60]) == [[0, 1, 2, 3]]
     assert row_bins([1000] * 8) == [[i] for i in range(8)]
@@ -88,7 +88,7 @@ def test_row_length_trades_filler_for_attention():
 
 def test_segment_spans_by_hand():
     """Shared prompts: pair 0 is [1 2 | 3 | 7 8] (5 cells), pair 1 [4 | 5 6 | 9] (4 cells), one row (9 * (1 +
-    9/3072) beats two rows of 5). Plain packing: each sequence its own segment, longest first."""
+    9/24576) beats two rows of 5). Plain packing: each sequence its own segment, longest first."""
     sequences = [([1, 2], [3]), ([4], [5, 6]), ([1, 2], [7, 8]), ([4], [9])]
     assert segment_spans(pack(sequences, 0, share_prompts=True)) == [[(0, 5), (5, 9)]]
     assert segment_spans(pack(sequences, 0)) == [[(0, 4), (4, 7), (7, 10), (10, 12)]]
