@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     systems = args.systems.split(",")
     trl_python = args.trl_python or (sys.executable if find_spec("trl") else None)
-    if "trl" in systems and trl_python is None:
+    if "trl" in systems and trl_python is None and not args.resummarize:  # rewriting the tables runs nothing
         print("no interpreter with trl: give --trl-python (or $TRL_PYTHON); running lightning-pref alone",
               file=sys.stderr)
         systems.remove("trl")
