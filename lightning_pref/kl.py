@@ -46,8 +46,10 @@ def mismatched_rows(rows: list[Sequence], pad_token_id: int, packed: bool = Fals
     For a packed batch they are also packed three ways (a packed pass keeps no K/V cache to take the prompts
     from): on their own, scored in full; together with the batch, each mismatched completion in the segment of the
     batch row whose prompt it continues (rows ``N, N + 1, ...`` of that layout); and the completions alone, to run
-    on the prompts' keys and values recorded by the batch pass. The scorer picks (:meth:`lightning_pref.logps.SequenceScorer.kl_layout`). The second layout is built even without
-    mismatched rows (then it is the batch packed again), so that every rank of a sharded run takes it alike.
+    on the prompts' keys and values recorded by the batch pass. The scorer picks
+    (:meth:`lightning_pref.logps.SequenceScorer.prompt_kv`, :meth:`~lightning_pref.logps.SequenceScorer.kl_layout`).
+    The second layout is built even without mismatched rows (then it is the batch packed again), so that every
+    rank of a sharded run takes it alike.
     """
     pairs = mismatched([tuple(prompt) for prompt, _ in rows])
     sequences = [(rows[i][0], rows[k][1]) for i, k in pairs]

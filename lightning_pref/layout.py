@@ -266,11 +266,21 @@ def segment_spans(packed: PackedRows) -> list[list[tuple[int, int]]]:
 
 def last_cells(packed: PackedRows) -> Tensor:
     """Flat index into ``R * L`` of each sequence's last token (a reward model reads it). # -> (N,)"""
+    return _edge_cells(packed, "amax")
+
+
+def first_cells(packed: PackedRows) -> Tensor:
+    """Flat index into ``R * L`` of each sequence's first cell (its own prompt's first token, where it holds one).
+    # -> (N,)"""
+    return _edge_cells(packed, "amin")
+
+
+def _edge_cells(packed: PackedRows, reduce: Literal["amin", "amax"]) -> Tensor:
     flat = packed.sequence_index.flatten()  # (R * L,)
     cells = torch.arange(flat.numel(), device=flat.device)
     real = flat >= 0
-    last = torch.full((packed.num_sequences,), -1, dtype=torch.long, device=flat.device)
-    return last.scatter_reduce(0, flat[real], cells[real], "amax")
+    edge = torch.full((packed.num_sequences,), -1, dtype=torch.long, device=flat.device)
+    return edge.scatter_reduce(0, flat[real], cells[real], reduce, include_self=False)
 
 
 def sequence_sums(values: Tensor, sequences_: Tensor, num_sequences: int) -> Tensor:

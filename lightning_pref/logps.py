@@ -289,12 +289,9 @@ class SequenceScorer(nn.Module):
         prompt_lengths = _prompt_lengths(kl_rows)  # (M,)
         if not bool((prompt_lengths > 0).all()):
             return None
-        flat = packed.sequence_index.flatten()  # (R * L,)
-        cell = torch.arange(flat.numel(), device=flat.device)
-        first = torch.full((packed.num_sequences,), flat.numel(), dtype=torch.long, device=flat.device)
-        first = first.scatter_reduce(0, flat.clamp(min=0), torch.where(flat >= 0, cell, flat.numel()), "amin")
+        first = layout.first_cells(packed)  # (N,) a batch row's first cell is its prompt's
         length = packed.input_ids.shape[1]
-        starts = first[kl_rows.prompt_rows.to(flat.device)].tolist()  # first cell of each KL row's batch row
+        starts = first[kl_rows.prompt_rows.to(first.device)].tolist()  # (M,) that of each KL row's batch row
         return PromptKV([(s // length, s % length, s % length + n) for s, n in zip(starts, prompt_lengths.tolist(),
                                                                                    strict=True)])
 
@@ -304,14 +301,12 @@ class SequenceScorer(nn.Module):
         ``p``-th sequence the ``p``-th prompt; :func:`lightning_pref.layout.continuations`), without gradient.
         Only their own cells run; each attends to its prompt's recorded keys and values, and its first token is
         predicted from the prompt's last hidden state. # -> (M,)"""
-        spans = layout.segment_spans(packed)
-        starts = torch.tensor([r * packed.input_ids.shape[1] + s for r, row in enumerate(spans) for s, _ in row])
-        # A new object: the recording one stays as it is for a checkpointed layer's recompute in backward.
-        continuing = replace(prompts, continues=packed.sequence_index.flatten()[starts.to(packed.sequence_index.device)]
-                             .tolist())
+        sequences = packed.sequence_index.flatten()  # (R * L,)
+        # Each segment is one sequence: in row-major order, the sequences as their cells first appear. A new
+        # object: the recording one stays as it is for a checkpointed layer's recompute in backward.
+        continuing = replace(prompts, continues=torch.unique_consecutive(sequences[sequences >= 0]).tolist())
         inputs = packing.body_inputs(packed, None, per_segment=True, prompts=continuing)
         states = self.body(**inputs).last_hidden_state.flatten(0, 1)  # (R, L, H) -> (R * L, H)
-        sequences = packed.sequence_index.flatten()
         cells = packed.response_mask.flatten().nonzero().squeeze(-1)  # (S,) every cell of every sequence
         owner = sequences[cells]  # (S,)
         first = torch.ones_like(owner, dtype=torch.bool)

@@ -97,23 +97,13 @@ def segment_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, a
         return _continue(module, query, key, value, spans, prompts, *args, **kwargs)
     if spans is None or attention_mask is None or attention_mask.dim() != 4 or key.shape[2] != query.shape[2]:
         return _sdpa(module, query, key, value, attention_mask, *args, **kwargs)
-    length = query.shape[2]
-    rows = []
-    for r, row_spans in enumerate(spans):
+
+    def segment(r: int, cells: slice, _: int) -> Tensor:
         mask = attention_mask[r : r + 1] if attention_mask.shape[0] > 1 else attention_mask
-        pieces, column = [], 0
-        for start, end in row_spans:
-            if start > column:  # filler before this segment
-                pieces.append(query.new_zeros(1, start - column, query.shape[1], query.shape[3]))
-            cells = slice(start, end)
-            out, _ = _sdpa(module, query[r : r + 1, :, cells], key[r : r + 1, :, cells], value[r : r + 1, :, cells],
-                           mask[:, :, cells, cells], *args, **kwargs)  # (1, end - start, H, D)
-            pieces.append(out)
-            column = end
-        if column < length:
-            pieces.append(query.new_zeros(1, length - column, query.shape[1], query.shape[3]))
-        rows.append(torch.cat(pieces, 1))
-    return torch.cat(rows, 0), None
+        return _sdpa(module, query[r : r + 1, :, cells], key[r : r + 1, :, cells], value[r : r + 1, :, cells],
+                     mask[:, :, cells, cells], *args, **kwargs)[0]
+
+    return _by_segment(query, spans, segment), None
 
 
 def _continue(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, spans: list[list[tuple[int, int]]],
@@ -121,23 +111,33 @@ def _continue(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, span
     """Each segment attends to the recorded keys and values of the prompt it continues, then causally to itself
     (the prompt's positions come first: the segment's own positions start after them). # -> (R, L, H, D)"""
     recorded = prompts.layers[module.layer_idx]
-    length = query.shape[2]
-    rows, segment = [], 0
+
+    def segment(r: int, cells: slice, index: int) -> Tensor:
+        prompt_key, prompt_value = recorded[prompts.continues[index]]
+        n, p = cells.stop - cells.start, prompt_key.shape[2]
+        causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+        mask = torch.cat([causal.new_ones(n, p), causal], 1)[None, None]  # (1, 1, n, p + n)
+        return _sdpa(module, query[r : r + 1, :, cells], torch.cat([prompt_key, key[r : r + 1, :, cells]], 2),
+                     torch.cat([prompt_value, value[r : r + 1, :, cells]], 2), mask, *args, **kwargs)[0]
+
+    return _by_segment(query, spans, segment), None
+
+
+def _by_segment(query: Tensor, spans: list[list[tuple[int, int]]],
+                segment: Callable[[int, slice, int], Tensor]) -> Tensor:
+    """The rows' attention output from ``segment(row, cells, index)`` of each segment (``index``: its place in
+    row-major order), zeros on cells outside every segment (filler, which nothing reads).
+    # (R, H, L, D) -> (R, L, H, D)"""
+    length, heads, dim = query.shape[2], query.shape[1], query.shape[3]
+    rows, index = [], 0
     for r, row_spans in enumerate(spans):
         pieces, column = [], 0
         for start, end in row_spans:
             if start > column:
-                pieces.append(query.new_zeros(1, start - column, query.shape[1], query.shape[3]))
-            cells = slice(start, end)
-            prompt_key, prompt_value = recorded[prompts.continues[segment]]
-            n, p = end - start, prompt_key.shape[2]
-            causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
-            mask = torch.cat([causal.new_ones(n, p), causal], 1)[None, None]  # (1, 1, n, p + n)
-            out, _ = _sdpa(module, query[r : r + 1, :, cells], torch.cat([prompt_key, key[r : r + 1, :, cells]], 2),
-                           torch.cat([prompt_value, value[r : r + 1, :, cells]], 2), mask, *args, **kwargs)
-            pieces.append(out)
-            column, segment = end, segment + 1
+                pieces.append(query.new_zeros(1, start - column, heads, dim))
+            pieces.append(segment(r, slice(start, end), index))  # (1, end - start, H, D)
+            column, index = end, index + 1
         if column < length:
-            pieces.append(query.new_zeros(1, length - column, query.shape[1], query.shape[3]))
+            pieces.append(query.new_zeros(1, length - column, heads, dim))
         rows.append(torch.cat(pieces, 1))
-    return torch.cat(rows, 0), None
+    return torch.cat(rows, 0)
