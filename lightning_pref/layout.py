@@ -19,7 +19,8 @@ The readers give the per-sequence view back: which cells are scored and from whi
 
 from __future__ import annotations
 
-from typing import Literal
+import bisect
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -248,20 +249,54 @@ def scored_tokens(packed: PackedRows) -> tuple[Tensor, Tensor, Tensor]:
     return cells, predictors, sequences_
 
 
-def segment_spans(packed: PackedRows) -> list[list[tuple[int, int]]]:
-    """For each row, the ``(start, end)`` cells of each segment: a sequence, or a prompt with every row continuing
-    it (``prompt_owner``). Cells of different segments never attend to one another; filler is in none.
-    # (R, L) -> [R] lists of (start, end)"""
+class Segment(NamedTuple):
+    """One segment of a packed row, as cells: ``[start, end)``, of which ``[start, prompt_end)`` is its owner's
+    prompt; where other rows continue that prompt (``prompt_owner``), the cell each continuing response starts
+    at (the owner's own response runs from ``prompt_end`` to the first of them)."""
+
+    start: int
+    end: int
+    prompt_end: int
+    continuations: tuple[int, ...] = ()
+
+    def blocks(self) -> list[tuple[slice, list[slice]]]:
+        """``(queries, keys)`` cells of each part that attends on its own: the owner's prompt and response to
+        themselves, each continuing response to the prompt and itself; nothing else of the segment is visible to
+        it (:func:`shared_prompt_mask`)."""
+        ends = [*self.continuations, self.end]
+        owner = slice(self.start, ends[0])
+        prompt = slice(self.start, self.prompt_end)
+        continuing = [slice(a, b) for a, b in zip(ends, ends[1:], strict=False)]
+        return [(owner, [owner]), *((cells, [prompt, cells]) for cells in continuing)]
+
+
+def segment_spans(packed: PackedRows) -> list[list[Segment]]:
+    """For each row, its segments: a sequence, or a prompt with every row continuing it (``prompt_owner``). Cells
+    of different segments never attend to one another; filler is in none. # (R, L) -> [R] lists of Segment"""
     group = packed.sequence_index.clone()  # (R, L) the segment's owner row of each cell, -1 on filler
     if packed.prompt_owner is not None:
         real = group >= 0
         group[real] = packed.prompt_owner[group[real]]
     spans = []
-    for row in group:
-        starts = [0, *((row[1:] != row[:-1]).nonzero().flatten() + 1).tolist()]
-        ends = [*starts[1:], len(row)]
-        spans.append([(s, e) for s, e in zip(starts, ends, strict=True) if row[s] >= 0])
+    for row_group, row_sequence, row_response in zip(group, packed.sequence_index, packed.response_mask,
+                                                     strict=True):
+        starts = _changes(row_group)
+        sequence_starts = _changes(row_sequence)
+        response = row_response.nonzero().flatten().tolist()  # response cells, ascending
+        segments = []
+        for s, e in zip(starts, [*starts[1:], len(row_group)], strict=True):
+            if row_group[s] < 0:
+                continue
+            first_response = bisect.bisect_left(response, s)
+            prompt_end = min(response[first_response], e) if first_response < len(response) else e
+            segments.append(Segment(s, e, prompt_end, tuple(c for c in sequence_starts if s < c < e)))
+        spans.append(segments)
     return spans
+
+
+def _changes(values: Tensor) -> list[int]:
+    """Cells where a row's value differs from the one before, and cell 0. # (L,) -> list"""
+    return [0, *((values[1:] != values[:-1]).nonzero().flatten() + 1).tolist()]
 
 
 def last_cells(packed: PackedRows) -> Tensor:

@@ -20,7 +20,15 @@ from transformers import (
 from lightning_pref import PreferenceModule, packing, segment_attention
 from lightning_pref.data.collate import PreferenceCollator
 from lightning_pref.data.tokenize import Encoded
-from lightning_pref.layout import best_fit_decreasing, pack, pad, row_bins, segment_spans, unpacked_sequences
+from lightning_pref.layout import (
+    Segment,
+    best_fit_decreasing,
+    pack,
+    pad,
+    row_bins,
+    segment_spans,
+    unpacked_sequences,
+)
 from lightning_pref.logps import SequenceScorer
 from lightning_pref.losses import KTOLoss
 from lightning_pref.reward import RewardModule
@@ -88,30 +96,44 @@ def test_row_length_trades_filler_for_attention():
 
 def test_segment_spans_by_hand():
     """Shared prompts: pair 0 is [1 2 | 3 | 7 8] (5 cells), pair 1 [4 | 5 6 | 9] (4 cells), one row (9 * (1 +
-    9/24576) beats two rows of 5). Plain packing: each sequence its own segment, longest first."""
+    9/24576) beats two rows of 5); each rejected response attends to its prompt and itself. Plain packing: each
+    sequence its own segment, longest first."""
     sequences = [([1, 2], [3]), ([4], [5, 6]), ([1, 2], [7, 8]), ([4], [9])]
-    assert segment_spans(pack(sequences, 0, share_prompts=True)) == [[(0, 5), (5, 9)]]
-    assert segment_spans(pack(sequences, 0)) == [[(0, 4), (4, 7), (7, 10), (10, 12)]]
+    shared = segment_spans(pack(sequences, 0, share_prompts=True))
+    assert shared == [[Segment(0, 5, 2, (3,)), Segment(5, 9, 6, (8,))]]
+    assert shared[0][0].blocks() == [(slice(0, 3), [slice(0, 3)]), (slice(3, 5), [slice(0, 2), slice(3, 5)])]
+    assert shared[0][1].blocks() == [(slice(5, 8), [slice(5, 8)]), (slice(8, 9), [slice(5, 6), slice(8, 9)])]
+    plain = segment_spans(pack(sequences, 0))
+    assert plain == [[Segment(0, 4, 2), Segment(4, 7, 6), Segment(7, 10, 8), Segment(10, 12, 11)]]
+    assert plain[0][0].blocks() == [(slice(0, 4), [slice(0, 4)])]
     long = [([3] * 300, [4] * 300)] * 3  # rows of 600 each: a row of 1200 costs more attention than it saves
-    assert segment_spans(pack(long, 0)) == [[(0, 600)]] * 3
+    assert segment_spans(pack(long, 0)) == [[Segment(0, 600, 300)]] * 3
 
 
 @pytest.mark.parametrize("name", [name for name, (_, attention) in ARCHITECTURES.items() if attention == "sdpa"])
 def test_attention_runs_per_segment_and_equals_the_dense_mask(name, monkeypatch):
-    """sdpa models run each segment's attention on its own (one call per segment and layer, of its length),
-    with the same hidden states as sdpa over the whole row with its dense mask: shared prompts in one row, and
-    plain packing of long sequences in several rows."""
+    """sdpa models run each segment's attention on its own (one call per part and layer: a pair's prompt and
+    chosen response, then its rejected response on the prompt's keys and its own), with the same hidden states as
+    sdpa over the whole row with its dense mask: shared prompts in one row, and plain packing of long sequences in
+    several rows. On a CPU, grouped-query models run their groups in torch's kernel, not through transformers'."""
     scorer = SequenceScorer(_model(name))
     assert scorer.per_segment
     segment_attention.install()
-    lengths = []
-    sdpa = segment_attention._sdpa
+    calls, through_transformers = [], []
+    attend, sdpa = segment_attention._attend, segment_attention._sdpa
 
-    def counting(module, query, *args, **kwargs):
-        lengths.append(query.shape[2])
+    def counting(module, query, key, *args, **kwargs):
+        calls.append((query.shape[2], key.shape[2]))
+        return attend(module, query, key, *args, **kwargs)
+
+    def transformers_sdpa(module, query, *args, **kwargs):
+        through_transformers.append(query.shape[2])
         return sdpa(module, query, *args, **kwargs)
 
-    monkeypatch.setattr(segment_attention, "_sdpa", counting)
+    monkeypatch.setattr(segment_attention, "_attend", counting)
+    monkeypatch.setattr(segment_attention, "_sdpa", transformers_sdpa)
+    grouped = getattr(scorer.lm.model.layers[0].self_attn if hasattr(scorer.lm, "model") else None,
+                      "num_key_value_groups", 1) > 1
     g = torch.Generator().manual_seed(2)
     long = [(_ids(g, n), _ids(g, n)) for n in (300, 175, 125)]  # rows [600] and [350, 250] (see row_bins)
     layers = scorer.lm.config.num_hidden_layers
@@ -120,15 +142,20 @@ def test_attention_runs_per_segment_and_equals_the_dense_mask(name, monkeypatch)
         assert usable is packed
         spans = segment_spans(packed)
         assert sum(len(row) for row in spans) > len(spans)  # some row holds several segments
-        lengths.clear()
+        blocks = [(q.stop - q.start, sum(k.stop - k.start for k in keys))
+                  for row in spans for span in row for q, keys in span.blocks()]
+        calls.clear()
+        through_transformers.clear()
         with torch.no_grad():
             per_segment = scorer.body(**packing.body_inputs(packed, masks, per_segment=True)).last_hidden_state
-            assert lengths == [end - start for row in spans for start, end in row] * layers
-            lengths.clear()
+            assert calls == blocks * layers
+            assert through_transformers == ([] if grouped else [q for q, _ in blocks] * layers)
+            through_transformers.clear()
             dense = scorer.body(**packing.body_inputs(packed, masks)).last_hidden_state
-            assert lengths == [packed.input_ids.shape[1]] * layers
+            assert through_transformers == [packed.input_ids.shape[1]] * layers
         real = packed.sequence_index >= 0
         assert (per_segment[real] - dense[real]).abs().max() <= 1e-5
+    assert grouped == (name != "gpt2")  # the tiny Llama, Qwen2 and Gemma 3 have 2 query heads per key head
 
 
 def test_packed_rows_restart_positions_and_map_back_to_rows():
