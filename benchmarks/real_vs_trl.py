@@ -505,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         systems.remove("trl")
     data = prepare(args, model)
+    machine = matmul_rate(model)  # before the runs, in this (otherwise idle) process
     env = {**os.environ, **_ENV, "PYTHONPATH": str(REPO)}
     pythons = {"ours": sys.executable, "trl": trl_python}
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -528,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
             if not path.name.endswith(".spec.json"):
                 key = path.stem.rsplit("_rep", 1)[0]
                 runs.setdefault(key, []).append(json.loads(path.read_text()))
-    summary = summarize(args, model, data, runs, systems)
+    summary = summarize(args, model, data, runs, systems, machine)
     summary["wall_seconds"] = time.time() - started
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -560,13 +561,51 @@ def _tokens(result: dict[str, Any], key: str) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def summarize(args, model, data, runs, systems) -> dict[str, Any]:
+def matmul_rate(model: str) -> dict[str, Any]:
+    """The model's matmul sizes and this machine's fp32 matmul rate on one thread (best of 5 one-second trials
+    of a batch of 512 tokens through the model's widest linear layer): what :func:`dpo_matmul_bound` needs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _one_thread()
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+    head = lm.get_output_embeddings()
+    linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    widest = max(linears, key=lambda m: m.weight.numel()).weight.shape
+    x, w = torch.randn(512, widest[1]), torch.randn(*widest)
+    best = 0.0
+    for _ in range(5):
+        n, start = 0, time.process_time()
+        while time.process_time() - start < 1.0:
+            torch.nn.functional.linear(x, w)
+            n += 1
+        best = max(best, 2 * x.shape[0] * w.numel() * n / (time.process_time() - start) / 1e9)
+    return {"body_linear_parameters": sum(m.weight.numel() for m in linears), "head_parameters": head.weight.numel(),
+            "matmul_gflops": best, "matmul_shape": [512, *widest]}
+
+
+def dpo_matmul_bound(machine: dict[str, Any], ours: dict[str, Any], checkpointing: bool) -> dict[str, float]:
+    """The matmul work of lightning-pref's DPO step and its time at ``machine``'s matmul rate: a lower bound on
+    any implementation of the same passes over the same tokens (attention, norms, activations and the optimizer
+    cost nothing in it). Every linear layer runs on each real token in the policy's forward, the reference's, the
+    recompute (with checkpointing) and backward (two matmuls); the LM head on each scored token in the policy's
+    forward, the reference's, its recompute in backward and backward's two matmuls."""
+    body_passes = 4 + checkpointing
+    flops = 2 * (machine["body_linear_parameters"] * ours["real_tokens_per_step"] * body_passes
+                 + machine["head_parameters"] * ours["response_tokens_per_step"] * 5)
+    seconds = flops / (machine["matmul_gflops"] * 1e9)
+    return {"gflops_per_step": flops / 1e9, "bound_seconds_per_step": seconds,
+            "ours_over_bound": ours["cpu_seconds_per_step"] / seconds}
+
+
+def summarize(args, model, data, runs, systems, machine: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": args.name, "model": Path(model).name, "data": data, "batch_size_pairs": args.batch_size,
         "warmup_steps": args.warmup, "measured_steps": args.steps, "repeats": args.repeats, "lr": args.lr,
         "beta": args.beta, "gradient_checkpointing": {system: _checkpointing(args, system) for system in SYSTEMS},
         "precision": "fp32",
-        "threads_per_process": 1, "cases": {},
+        "threads_per_process": 1, "machine": machine, "cases": {},
     }
     for regime in args.regimes.split(","):
         for loss in args.losses.split(","):
@@ -598,6 +637,11 @@ def summarize(args, model, data, runs, systems) -> dict[str, Any]:
                 case["speedup_cpu"] = statistics.median(case["speedup_cpu_runs"])
                 case["speedup_wall"] = statistics.median(case["speedup_wall_runs"])
                 case["peak_rss_vs_trl"] = case["ours"]["train_peak_rss_mb"] / case["trl"]["train_peak_rss_mb"]
+            if machine and loss == "dpo" and "ours" in case:
+                case["matmul_bound"] = dpo_matmul_bound(machine, case["ours"], _checkpointing(args, "ours") == "true")
+                if "trl" in case:
+                    case["matmul_bound"]["trl_over_bound"] = (case["trl"]["cpu_seconds_per_step"]
+                                                       / case["matmul_bound"]["bound_seconds_per_step"])
             if case:
                 out["cases"][f"{loss}_{regime}"] = case
     return out
@@ -663,6 +707,21 @@ def markdown(s: dict[str, Any]) -> str:
         parts = [f"{system} {c[system]['cells_per_step']:,.0f} / {c[system]['real_tokens_per_step']:,.0f}"
                  for system in SYSTEMS if system in c]
         lines.append(f"- {name.replace('_', ', ')}: " + "; ".join(parts))
+    bounds = {name: c["matmul_bound"] for name, c in s["cases"].items() if "matmul_bound" in c}
+    if bounds and s.get("machine"):
+        m = s["machine"]
+        lines += ["", f"Matmul bound of lightning-pref's DPO step: its matmuls alone (every linear layer on each real "
+                  "token in the policy's forward, the reference's, the recompute where checkpointing and backward's "
+                  "two matmuls; the LM head on each scored token five times), at this machine's fp32 matmul rate on "
+                  f"one thread ({m['matmul_gflops']:.1f} GFLOP/s, best of 5 one-second trials of a "
+                  f"{m['matmul_shape'][0]} x {m['matmul_shape'][2]} by {m['matmul_shape'][2]} x "
+                  f"{m['matmul_shape'][1]} product, measured before the runs). No implementation of the same passes "
+                  "over the same tokens runs faster; TRL's time over it bounds the speedup they can reach:", ""]
+        for name, f in bounds.items():
+            bound = f" TRL / bound {f['trl_over_bound']:.2f}×" if "trl_over_bound" in f else ""
+            lines.append(f"- {name.replace('_', ', ')}: {f['gflops_per_step']:.0f} GFLOP, bound "
+                         f"{f['bound_seconds_per_step']:.2f} s/step; lightning-pref at {f['ours_over_bound']:.2f}× "
+                         f"the bound;{bound}")
     lines += [
         "",
         "*CPU s/step*: process CPU time per measured optimizer step (`time.process_time()` between step ends, one "
