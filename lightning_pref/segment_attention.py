@@ -7,7 +7,7 @@ with its diagonal block of the mask, it computes ``sum L_i^2`` pairs and gives t
 (prompt, chosen, rejected) of about 96 cells in one row of 384 go from 147k to 37k pairs, and attention from 11%
 of SmolLM2's DPO step (one row, no checkpointing) to about 3%. Within a segment, a response that continues the
 owner's prompt (a pair's rejected response) runs on the prompt's keys and its own, not on the whole segment's
-with the chosen response masked out (:meth:`lightning_pref.layout.Segment.blocks`): 30% fewer pairs again for an
+with the chosen response masked out (:meth:`lightning_pref.layout.Segment.blocks`): a quarter fewer pairs for an
 HH pair.
 
 transformers calls the function registered for the model's attention implementation with the keyword arguments
