@@ -143,7 +143,7 @@ def _attend(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: 
     return out.transpose(1, 2).contiguous()
 
 
-def _continue(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, spans: list[list[tuple[int, int]]],
+def _continue(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, spans: list[list[Segment]],
               prompts: PromptKV, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
     """Each segment attends to the recorded keys and values of the prompt it continues, then causally to itself
     (the prompt's positions come first: the segment's own positions start after them). # -> (R, L, H, D)"""
