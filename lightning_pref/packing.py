@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_pref.layout import segment_spans, unshare
-from lightning_pref.segment_attention import PROMPTS, SEGMENTS, PromptKV
+from lightning_pref.segment_attention import PROMPTS, SEGMENTS, PromptKV, SegmentPlan
 from lightning_pref.segment_attention import install as install_segment_attention
 from lightning_pref.types import PackedRows
 
@@ -186,7 +186,7 @@ def body_inputs(packed: PackedRows, masks: Any = None, per_segment: bool = False
         inputs["attention_mask"] = masks
     if per_segment:
         install_segment_attention()
-        inputs[SEGMENTS] = segment_spans(packed)
+        inputs[SEGMENTS] = SegmentPlan(segment_spans(packed))
         if prompts is not None:
             inputs[PROMPTS] = prompts
     return inputs

@@ -110,6 +110,27 @@ def test_segment_spans_by_hand():
     assert segment_spans(pack(long, 0)) == [[Segment(0, 600, 300)]] * 3
 
 
+def test_segment_plan_blocks_by_hand():
+    """Each row's blocks as the attention takes them: the queries split in cell order (filler apart), every
+    block's keys gathered block after block (a shared prompt once per block that sees it), each block's mask cut
+    from the row's once per mask, for every layer and backward's recompute."""
+    packed = pack([([1, 2], [3]), ([4], [5, 6]), ([1, 2], [7, 8]), ([4], [9])], 0, share_prompts=True)
+    plan = segment_attention.SegmentPlan(segment_spans(packed))
+    mask = packed.attention_mask  # (1, 1, 9, 9)
+    (row,) = plan.blocks(mask)
+    assert row.query_sizes == [3, 2, 3, 1] and row.pieces == [0, 1, 2, 3]
+    assert row.key_cells.tolist() == [0, 1, 2, 0, 1, 3, 4, 5, 6, 7, 5, 8] and row.key_sizes == [3, 4, 3, 2]
+    assert torch.equal(row.masks[1], mask[:, :, 3:5][..., [0, 1, 3, 4]])
+    assert plan.blocks(mask) is plan.blocks(mask)
+    other = mask.clone()  # a sliding-window layer's mask: blocks of its own
+    assert plan.blocks(other) is not plan.blocks(mask) and len(plan.blocks(other)) == 1
+    gaps = segment_attention.SegmentPlan([[Segment(1, 3, 2), Segment(4, 6, 5)], [Segment(0, 8, 4)]])
+    first, second = gaps.blocks(torch.ones(2, 1, 8, 8, dtype=torch.bool))
+    assert first.query_sizes == [1, 2, 1, 2, 2] and first.pieces == [None, 0, None, 1, None]
+    assert first.key_cells.tolist() == [1, 2, 4, 5] and [m.shape for m in first.masks] == [(1, 1, 2, 2)] * 2
+    assert second.query_sizes == [8] and second.pieces == [0] and second.key_sizes == [8]
+
+
 @pytest.mark.parametrize("name", [name for name, (_, attention) in ARCHITECTURES.items() if attention == "sdpa"])
 def test_attention_runs_per_segment_and_equals_the_dense_mask(name, monkeypatch):
     """sdpa models run each segment's attention on its own (one call per part and layer: a pair's prompt and
@@ -155,6 +176,14 @@ def test_attention_runs_per_segment_and_equals_the_dense_mask(name, monkeypatch)
             assert through_transformers == [packed.input_ids.shape[1]] * layers
         real = packed.sequence_index >= 0
         assert (per_segment[real] - dense[real]).abs().max() <= 1e-5
+        grads = []
+        for per in (True, False):  # backward through the blocks: the dense mask's gradients
+            scorer.zero_grad()
+            hidden = scorer.body(**packing.body_inputs(packed, masks, per_segment=per)).last_hidden_state
+            (hidden[real] * torch.linspace(-1, 1, hidden.shape[-1])).sum().backward()
+            grads.append([p.grad.clone() for p in scorer.parameters() if p.grad is not None])
+        for g, e in zip(*grads, strict=True):
+            assert (g - e).abs().max() <= 1e-5 * e.abs().max().clamp(min=1e-6)
     assert grouped == (name != "gpt2")  # the tiny Llama, Qwen2 and Gemma 3 have 2 query heads per key head
 
 
