@@ -295,3 +295,17 @@ def test_policy_gradient_under_ddp_makes_the_single_process_updates(tmp_path):
     # fraction of the learning rate (1e-3 x 4 updates): 1e-5 is 0.25% of the distance the weights travelled.
     for key, value in weights[None].items():
         torch.testing.assert_close(weights["ddp"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_run_takes_its_process_group_down(data, tmp_path, monkeypatch):
+    """The CLI destroys the process group a distributed run set up: left to interpreter exit, gloo's threads
+    could be destroyed while joinable and abort a finished run (exit 134, about one DDP run in six on CPU)."""
+    from lightning_pref.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--config", str(REPO / "configs/strategy/ddp.yaml"),
+          "--trainer.devices", "1", "--trainer.accelerator", "cpu", "--data.train", str(data["train"]),
+          "--data.val", "null", "--data.batch_size", "4", "--trainer.max_steps", "1",
+          "--progress_bar.refresh_rate", "0", "--trainer.default_root_dir", str(tmp_path)])
+    assert (tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt").is_file()  # the run ran to its end
+    assert not torch.distributed.is_initialized()
