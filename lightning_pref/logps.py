@@ -29,7 +29,14 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from lightning_pref import layout, packing
 from lightning_pref.errors import UserInputError
-from lightning_pref.head import LogitTransform, default_chunk_size, logits_logps, sum_rows, token_logps
+from lightning_pref.head import (
+    LogitTransform,
+    default_chunk_size,
+    logits_logps,
+    sparse_tied_embedding_grad,
+    sum_rows,
+    token_logps,
+)
 from lightning_pref.segment_attention import PromptKV
 from lightning_pref.types import KLRows, PackedRows, PreferenceBatch
 
@@ -160,7 +167,7 @@ class SequenceScorer(nn.Module):
         rest = sequences >= num_rows  # (S,) tokens of rows scored without gradient
         inputs = packing.body_inputs(packed, masks, self.per_segment, prompts)
         if self.response_only_head:
-            states = self.body(**inputs).last_hidden_state.flatten(0, 1)  # (R, L, H) -> (R * L, H)
+            states = self.body(head_grad=bool((~rest).any()), **inputs).last_hidden_state.flatten(0, 1)  # (R*L, H)
             if prompts is not None:
                 length = packed.input_ids.shape[1]
                 last = torch.tensor([r * length + end - 1 for r, _, end in prompts.spans], device=states.device)
@@ -177,13 +184,16 @@ class SequenceScorer(nn.Module):
         rest_sums = layout.sequence_sums(rest_per_token, sequences[rest] - num_rows, packed.num_sequences - num_rows)
         return layout.sequence_sums(per_token, kept, num_rows), torch.bincount(kept, minlength=num_rows), rest_sums
 
-    def body(self, cache: Any = None, **kwargs: Any) -> Any:
+    def body(self, cache: Any = None, head_grad: bool = False, **kwargs: Any) -> Any:
         """The transformer body without the LM head; a ``cache`` given goes in under the name this version of
-        transformers uses, and the output's ``cache`` is set whichever name it came back under."""
+        transformers uses, and the output's ``cache`` is set whichever name it came back under. ``head_grad``:
+        the head scores some of this pass's tokens with gradient, so a tied input embedding can take its
+        gradient as sparse rows (:func:`~lightning_pref.head.sparse_tied_embedding_grad`)."""
         if cache is not None:
             kwargs[self._cache_arg] = cache
             kwargs["use_cache"] = True
-        out = self.lm.base_model(**kwargs)
+        with sparse_tied_embedding_grad(self.lm, head_grad):
+            out = self.lm.base_model(**kwargs)
         if kwargs.get("use_cache"):
             out.cache = getattr(out, self._cache_arg, None)
         return out
@@ -200,7 +210,8 @@ class SequenceScorer(nn.Module):
         hidden = cache = None
         if self.response_only_head:
             # use_cache only when the K/V are reused: otherwise a scoring pass keeping every layer's K/V is waste.
-            out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=keep_cache)
+            out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=keep_cache,
+                            head_grad=bool(target_mask.any()))
             hidden, cache = out.last_hidden_state, out.cache if keep_cache else None  # (N, T, H)
             per_token = self.head_logps(hidden[:, :-1][target_mask], targets)  # (N, T, H) -> (R, H) -> (R,)
         else:

@@ -199,8 +199,20 @@ def test_self_check_runs_once_and_not_for_the_full_logits_path(tiny_model, monke
 @pytest.mark.parametrize("tied", [True, False])
 def test_tied_embeddings_gradients_through_the_fused_head(tokenizer, tied):
     """With tied input/output embeddings the one weight gets the head's and the embedding's gradient: the
-    fused head's equals autograd's."""
+    fused head's equals autograd's. Tied, the response-only head's pass takes the embedding's part as sparse
+    rows (no dense (V, H) embedding gradient is built) and the weight's gradient stays dense."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from lightning_pref.models import load_causal_lm
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__)
+            return func(*args, **(kwargs or {}))
 
     config = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
               "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": tied,
@@ -211,7 +223,13 @@ def test_tied_embeddings_gradients_through_the_fused_head(tokenizer, tied):
     grads = []
     for response_only in (True, False):
         model.zero_grad()
-        (SequenceScorer(model, chunk_size=4, response_only_head=response_only)(*batch)[0]).sum().backward()
+        logps = SequenceScorer(model, chunk_size=4, response_only_head=response_only)(*batch)[0]
+        with Ops() as ops:
+            logps.sum().backward()
+        dense_rows = any(name.startswith("embedding_dense_backward") for name in ops.names)
+        assert dense_rows == (not (tied and response_only))
+        assert model.get_input_embeddings().weight.grad.layout == torch.strided
+        assert not model.get_input_embeddings().sparse
         grads.append(model.get_input_embeddings().weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
