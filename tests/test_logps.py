@@ -86,6 +86,36 @@ def test_chunked_token_logps_value_and_gradient(head_kind, chunk_size):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("columns", [4, 64])  # 13 tiles (the last of 2 columns), or the vocabulary in one
+@pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(0.5, None, 0.7), LogitTransform(2.0, 3.0, 0.8)],
+                         ids=["identity", "scale_temperature", "softcap"])
+def test_fused_head_in_tiles_value_gradient_and_entropy(columns, transform, monkeypatch):
+    """The fused head over tiles of vocabulary columns (the online logsumexp, each target picked in its tile,
+    each tile's rows of the weight's gradient) against autograd on the full logits ``s = T(h W^T + b)``:
+    log-probs, gradients of the hidden states, weight and bias, and each row's entropy."""
+    from lightning_pref import head as head_module
+
+    monkeypatch.setattr(head_module, "_TILE_LOGITS", 10 * columns)  # chunks of 10 rows
+    g = torch.Generator().manual_seed(4)
+    head = torch.nn.Linear(16, 50)
+    hidden = torch.randn(20, 16, generator=g, requires_grad=True)
+    targets = torch.tensor([0, 49, 6, 7, 48, *torch.randint(0, 50, (15,), generator=g).tolist()])  # tile edges
+    upstream = torch.randn(20, generator=g)
+    params = (hidden, head.weight, head.bias)
+
+    z = head(hidden) * transform.scale
+    s = (transform.softcap * torch.tanh(z / transform.softcap) if transform.softcap else z) / transform.temperature
+    naive = torch.log_softmax(s, -1).gather(-1, targets[:, None]).squeeze(-1)
+    expected = torch.autograd.grad((naive * upstream).sum(), params)
+    logps, entropy = token_logps(hidden, head, targets, chunk_size=10, transform=transform, entropy=True)
+    grads = torch.autograd.grad((logps * upstream).sum(), params)
+
+    torch.testing.assert_close(logps, naive)
+    torch.testing.assert_close(entropy, -(s.softmax(-1) * s.log_softmax(-1)).sum(-1).detach())
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_fused_head_under_bf16_autocast_matches_autograd():
     """Under autocast the fused head recomputes its logits in bf16 in backward, as autograd's linear would."""
     g = torch.Generator().manual_seed(1)
@@ -236,13 +266,13 @@ def test_tied_embeddings_gradients_through_the_fused_head(tokenizer, tied):
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_fused_head_under_bf16_never_holds_an_fp32_copy_of_the_chunk(softcap):
-    """Under bf16 autocast no fp32 tensor as large as a chunk's logits is created, in forward or backward: the
-    fp32 work runs on row blocks (the module docstring's claim)."""
+    """Under bf16 autocast the chunk's logits never exist whole, in forward or backward: one tile of vocabulary
+    columns at a time, in bf16, with at most a tile-sized fp32 copy (the module docstring's claim)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from lightning_pref import head as head_module
 
-    rows, vocab = 64, 512
+    rows, vocab, columns = 64, 512, 64
     head = torch.nn.Linear(16, vocab, bias=False)
     hidden = torch.randn(rows, 16, requires_grad=True)
     targets = torch.randint(0, vocab, (rows,))
@@ -256,19 +286,20 @@ def test_fused_head_under_bf16_never_holds_an_fp32_copy_of_the_chunk(softcap):
                     sizes.append((t.dtype, t.numel()))
             return out
 
-    block_rows = 8
-    original = head_module._BLOCK_LOGITS
-    head_module._BLOCK_LOGITS = block_rows * vocab
+    original = head_module._TILE_LOGITS
+    head_module._TILE_LOGITS = rows * columns
     try:
         with Record(), torch.autocast("cpu", dtype=torch.bfloat16):
             out = token_logps(hidden, head, targets, chunk_size=rows, transform=LogitTransform(1.0, softcap))
             out.sum().backward()
     finally:
-        head_module._BLOCK_LOGITS = original
-    chunk = rows * vocab
-    assert (torch.bfloat16, chunk) in sizes  # the logits themselves, in bf16
-    assert max(n for dtype, n in sizes if dtype == torch.float32 and n != vocab * 16) <= block_rows * vocab
+        head_module._TILE_LOGITS = original
+    tile = rows * columns
+    assert (torch.bfloat16, tile) in sizes  # a tile of logits, in bf16
+    assert max(n for _, n in sizes if n != vocab * 16) <= tile  # nothing of a chunk's (rows, vocab) size
+    assert max(n for dtype, n in sizes if dtype == torch.float32 and n != vocab * 16) <= tile
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+    assert head.weight.grad is not None and torch.isfinite(head.weight.grad).all()
 
 
 def test_default_chunk_size_bounds_chunk_logits_by_vocabulary():
