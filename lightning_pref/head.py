@@ -15,7 +15,6 @@ a tile-sized copy under bf16, never an fp32 copy of the chunk. On SmolLM2's head
 this project's CPU, tiles of 4096 columns ran the logits' matmul at 90 GFLOP/s where the whole chunk's ran at
 66-72: the head's forward 162 to 140 ms. The default chunk holds at most ``2**23`` logits' worth of rows but at
 least 256 rows: 1048 rows at an 8k vocabulary, 256 at 128k.
-rows at an 8k vocabulary, 256 at 128k.
 """
 
 from __future__ import annotations
