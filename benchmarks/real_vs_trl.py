@@ -569,6 +569,7 @@ def matmul_rate(model: str) -> dict[str, Any]:
     of a batch of 512 tokens through the model's widest linear layer): what :func:`dpo_matmul_bound` needs."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
     _one_thread()
     with torch.device("meta"):
@@ -584,19 +585,26 @@ def matmul_rate(model: str) -> dict[str, Any]:
             torch.nn.functional.linear(x, w)
             n += 1
         best = max(best, 2 * x.shape[0] * w.numel() * n / (time.process_time() - start) / 1e9)
-    return {"body_linear_parameters": sum(m.weight.numel() for m in linears), "head_parameters": head.weight.numel(),
-            "matmul_gflops": best, "matmul_shape": [512, *widest]}
+    # Backward's recompute of a checkpointed layer stops once it has the last tensor backward saves (torch's
+    # non-reentrant checkpoint): the input of the layer's last linear, whose product only feeds the residual sum.
+    layers = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)]
+    last = [[m for m in layer.modules() if isinstance(m, torch.nn.Linear)][-1] for layer in layers]
+    body = sum(m.weight.numel() for m in linears)
+    return {"body_linear_parameters": body, "recomputed_linear_parameters": body - sum(m.weight.numel() for m in last),
+            "head_parameters": head.weight.numel(), "matmul_gflops": best, "matmul_shape": [512, *widest]}
 
 
 def dpo_matmul_bound(machine: dict[str, Any], ours: dict[str, Any], checkpointing: bool) -> dict[str, float]:
     """The matmul work of lightning-pref's DPO step and its time at ``machine``'s matmul rate: a lower bound on
     any implementation of the same passes over the same tokens (attention, norms, activations and the optimizer
-    cost nothing in it). Every linear layer runs on each real token in the policy's forward, the reference's, the
-    recompute (with checkpointing) and backward (two matmuls); the LM head on each scored token in the policy's
-    forward, the reference's, its recompute in backward and backward's two matmuls."""
-    body_passes = 4 + checkpointing
-    flops = 2 * (machine["body_linear_parameters"] * ours["real_tokens_per_step"] * body_passes
-                 + machine["head_parameters"] * ours["response_tokens_per_step"] * 5)
+    cost nothing in it). Every linear layer runs on each real token in the policy's forward, the reference's and
+    backward (two matmuls); with checkpointing, backward's recompute runs each layer's linears but its last (see
+    :func:`matmul_rate`); the LM head on each scored token in the policy's forward, the reference's, its
+    recompute in backward and backward's two matmuls."""
+    body = machine["body_linear_parameters"] * 4
+    if checkpointing:
+        body += machine["recomputed_linear_parameters"]
+    flops = 2 * (body * ours["real_tokens_per_step"] + machine["head_parameters"] * ours["response_tokens_per_step"] * 5)
     seconds = flops / (machine["matmul_gflops"] * 1e9)
     return {"gflops_per_step": flops / 1e9, "bound_seconds_per_step": seconds,
             "ours_over_bound": ours["cpu_seconds_per_step"] / seconds}
@@ -714,8 +722,8 @@ def markdown(s: dict[str, Any]) -> str:
     if bounds and s.get("machine"):
         m = s["machine"]
         lines += ["", f"Matmul bound of lightning-pref's DPO step: its matmuls alone (every linear layer on each real "
-                  "token in the policy's forward, the reference's, the recompute where checkpointing and backward's "
-                  "two matmuls; the LM head on each scored token five times), at this machine's fp32 matmul rate on "
+                  "token in the policy's forward, the reference's, backward's two matmuls and, where checkpointing, "
+                  "the recompute, which stops before each layer's last linear; the LM head on each scored token five times), at this machine's fp32 matmul rate on "
                   f"one thread ({m['matmul_gflops']:.1f} GFLOP/s, best of 5 one-second trials of a "
                   f"{m['matmul_shape'][0]} x {m['matmul_shape'][2]} by {m['matmul_shape'][2]} x "
                   f"{m['matmul_shape'][1]} product, measured {m.get('measured', 'before the runs')}). No "
