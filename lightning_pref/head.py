@@ -218,6 +218,12 @@ def _tile(weight: Tensor, bias: Tensor | None, columns: slice) -> tuple[Tensor, 
     return weight[columns], bias[columns] if bias is not None else None
 
 
+def _in_tile(y: Tensor, columns: slice, width: int) -> tuple[Tensor, Tensor]:
+    """Which rows' targets lie in the tile of ``columns``, and each row's target column within it (clamped into
+    the tile where it lies outside, so the caller can gather or scatter for every row). # (C,) -> (C,), (C,)"""
+    return (y >= columns.start) & (y < columns.stop), (y - columns.start).clamp_(0, width - 1)
+
+
 class _LinearLogps(torch.autograd.Function):
     """``log softmax(T(h W^T + b))[y]`` for one chunk, saving ``logsumexp`` (``C`` values) instead of logits.
 
@@ -243,8 +249,7 @@ class _LinearLogps(torch.autograd.Function):
         weighted = torch.zeros_like(picked) if entropy else None  # (C,) running sum of exp(s - top) s
         for columns in _tiles(rows, weight.shape[0]):
             s = transform.apply_(F.linear(h, *_tile(weight, bias, columns)).float())  # (C, c) fp32
-            inside = (y >= columns.start) & (y < columns.stop)  # (C,) rows whose target is in this tile
-            at = (y - columns.start).clamp_(0, s.shape[1] - 1)
+            inside, at = _in_tile(y, columns, s.shape[1])
             picked = torch.where(inside, s.gather(-1, at[:, None]).squeeze(-1), picked)
             new_top = torch.maximum(top, s.amax(-1))
             rescale = (top - new_top).exp_()  # 0 on the first tile (top = -inf)
@@ -281,8 +286,7 @@ class _LinearLogps(torch.autograd.Function):
                     s = t * (transform.softcap / transform.temperature)  # a second tile-sized buffer: t is kept
                     ds = t.square_().neg_().add_(1).mul_(transform.factor)
                 dz = s.sub_(lse[:, None]).exp_().mul_(-g)  # -g * softmax
-                inside = (y >= columns.start) & (y < columns.stop)
-                at = (y - columns.start).clamp_(0, dz.shape[1] - 1)
+                inside, at = _in_tile(y, columns, dz.shape[1])
                 dz.scatter_add_(-1, at[:, None], torch.where(inside[:, None], g, 0.0))  # + g at the target
                 if ds is not None:
                     dz.mul_(ds)
