@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -303,14 +304,11 @@ def test_a_run_takes_its_process_group_down(data, tmp_path, monkeypatch):
     from lightning_pref.cli import main
 
     monkeypatch.chdir(tmp_path)
-    environment = dict(os.environ)
-    try:
+    # Lightning sets MASTER_PORT & co. in this process: restored after, or later tests' runs all take that one port.
+    with mock.patch.dict(os.environ):
         main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--config", str(REPO / "configs/strategy/ddp.yaml"),
               "--trainer.devices", "1", "--trainer.accelerator", "cpu", "--data.train", str(data["train"]),
               "--data.val", "null", "--data.batch_size", "4", "--trainer.max_steps", "1",
               "--progress_bar.refresh_rate", "0", "--trainer.default_root_dir", str(tmp_path)])
-    finally:  # Lightning sets MASTER_PORT & co. in this process: later tests' runs would all take that one port
-        os.environ.clear()
-        os.environ.update(environment)
     assert (tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt").is_file()  # the run ran to its end
     assert not torch.distributed.is_initialized()

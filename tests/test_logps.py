@@ -93,9 +93,7 @@ def test_fused_head_in_tiles_value_gradient_and_entropy(columns, transform, monk
     """The fused head over tiles of vocabulary columns (the online logsumexp, each target picked in its tile,
     each tile's rows of the weight's gradient) against autograd on the full logits ``s = T(h W^T + b)``:
     log-probs, gradients of the hidden states, weight and bias, and each row's entropy."""
-    from lightning_pref import head as head_module
-
-    monkeypatch.setattr(head_module, "_TILE_LOGITS", 10 * columns)  # chunks of 10 rows
+    monkeypatch.setattr("lightning_pref.head._TILE_LOGITS", 10 * columns)  # chunks of 10 rows
     g = torch.Generator().manual_seed(4)
     head = torch.nn.Linear(16, 50)
     hidden = torch.randn(20, 16, generator=g, requires_grad=True)
@@ -265,12 +263,10 @@ def test_tied_embeddings_gradients_through_the_fused_head(tokenizer, tied):
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_fused_head_under_bf16_never_holds_an_fp32_copy_of_the_chunk(softcap):
+def test_fused_head_under_bf16_never_holds_an_fp32_copy_of_the_chunk(softcap, monkeypatch):
     """Under bf16 autocast the chunk's logits never exist whole, in forward or backward: one tile of vocabulary
     columns at a time, in bf16, with at most a tile-sized fp32 copy (the module docstring's claim)."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from lightning_pref import head as head_module
 
     rows, vocab, columns = 64, 512, 64
     head = torch.nn.Linear(16, vocab, bias=False)
@@ -286,14 +282,10 @@ def test_fused_head_under_bf16_never_holds_an_fp32_copy_of_the_chunk(softcap):
                     sizes.append((t.dtype, t.numel()))
             return out
 
-    original = head_module._TILE_LOGITS
-    head_module._TILE_LOGITS = rows * columns
-    try:
-        with Record(), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = token_logps(hidden, head, targets, chunk_size=rows, transform=LogitTransform(1.0, softcap))
-            out.sum().backward()
-    finally:
-        head_module._TILE_LOGITS = original
+    monkeypatch.setattr("lightning_pref.head._TILE_LOGITS", rows * columns)
+    with Record(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = token_logps(hidden, head, targets, chunk_size=rows, transform=LogitTransform(1.0, softcap))
+        out.sum().backward()
     tile = rows * columns
     assert (torch.bfloat16, tile) in sizes  # a tile of logits, in bf16
     assert max(n for _, n in sizes if n != vocab * 16) <= tile  # nothing of a chunk's (rows, vocab) size
