@@ -239,6 +239,22 @@ class BaseModule(LightningModule):
     def configure_optimizers(self) -> Any:
         return self.build_optimizers(self.trainable_parameters())
 
+    def describe_updates(self) -> str:
+        """Where :attr:`updates_per_batch` comes from, in the options' words."""
+        return "one a batch"
+
+    @property
+    def updates_per_batch(self) -> int:
+        """Optimizer steps a training batch takes: one, as Lightning counts; a module that takes several (manual
+        optimization) says how many, so that a schedule spans the run's updates, not its batches."""
+        return 1
+
+    def total_updates(self) -> float:
+        """The optimizer steps of the run, for a schedule that spans it: Lightning's estimate counts batches (epochs
+        x batches, or ``trainer.max_steps``), ``trainer.max_steps`` counts updates and bounds them."""
+        updates = self.trainer.estimated_stepping_batches * self.updates_per_batch
+        return min(updates, self.trainer.max_steps) if self.trainer.max_steps != -1 else updates
+
     def build_optimizers(self, parameters: Any) -> Any:
         """The optimizer over ``parameters`` (tensors or parameter groups) and its scheduler, as Lightning takes
         them."""
@@ -256,7 +272,7 @@ class BaseModule(LightningModule):
         except ValueError as err:
             raise UserInputError(f"model.scheduler: {err}") from None
         if hasattr(scheduler, "set_total_steps"):  # e.g. WarmupDecay: schedules that span the whole run
-            scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
+            scheduler.set_total_steps(self.total_updates())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -273,6 +289,11 @@ class BaseModule(LightningModule):
         # parts in eval mode by overriding ``train``.
         self.train()
         self._finite_batches = 0
+        steps, per_batch = self.trainer.max_steps, self.updates_per_batch
+        if steps != -1 and steps % per_batch:  # Lightning stops only between batches: the run would go past it
+            whole = f"{steps - steps % per_batch} or {steps - steps % per_batch + per_batch}".removeprefix("0 or ")
+            raise UserInputError(f"trainer.max_steps: {steps} optimizer updates is not a whole number of training "
+                                 f"batches of {per_batch} updates each ({self.describe_updates()}); use {whole}")
 
     # ---------------------------------------------------------------------------------------- non-finite losses
     def checked_loss(self, loss: Tensor, zero: Tensor, batch_idx: int) -> Tensor:

@@ -61,6 +61,7 @@ def load_causal_lm(
     dtype: torch.dtype | None = None,
     model_kwargs: dict[str, Any] | None = None,
     auto_class: Any = AutoModelForCausalLM,
+    num_labels: int | None = None,
     **config_overrides: Any,
 ) -> PreTrainedModel:
     """Build a causal LM (or, with ``auto_class``, another head on the same body, e.g.
@@ -76,12 +77,15 @@ def load_causal_lm(
         model_kwargs: more ``from_pretrained`` (or ``from_config``) arguments, e.g. ``attn_implementation``,
             ``revision``; ``trust_remote_code`` stays off unless given here.
         auto_class: the ``transformers`` auto class that builds the model.
+        num_labels: the outputs of a sequence-classification head, from a path and a dict alike (a pretrained
+            config keeps its own, e.g. two labels, unless told).
         config_overrides: config fields filled in when the dict spec does not set them (e.g. ``vocab_size``).
     """
     kwargs = {"trust_remote_code": False, **(model_kwargs or {})}
+    head = {} if num_labels is None else {"num_labels": num_labels}
     if isinstance(spec, str):
         try:
-            return auto_class.from_pretrained(spec, dtype=dtype, **kwargs)
+            return auto_class.from_pretrained(spec, dtype=dtype, **{**kwargs, **head})
         except OSError as err:
             raise UserInputError(
                 f"{field}: cannot load {spec!r}: not a local model directory and not available "
@@ -94,7 +98,7 @@ def load_causal_lm(
     model_type = fields.pop("model_type", None)
     if model_type is None:
         raise UserInputError(f"{field}: a config dict needs 'model_type' (e.g. llama, gpt2); got {sorted(spec)}")
-    for key, value in config_overrides.items():
+    for key, value in {**config_overrides, **head}.items():
         fields.setdefault(key, value)
     config = AutoConfig.for_model(model_type, **fields)
     with torch.random.fork_rng(devices=[]):

@@ -622,3 +622,28 @@ def test_padding_fraction_describes_the_layout_that_ran(kind, pairs_file, monkey
         fractions[layout] = record.values
     packing._tell.cache_clear()
     assert len(fractions[False]) == 2 and fractions["shared"] == fractions[False]
+
+
+# ------------------------------------------------------------------------------------ RL updates and rollouts
+_GRPO = ["fit", "--config", str(REPO / "configs/grpo.yaml"), "--model.init_args.generation.max_new_tokens", "4",
+         "--progress_bar.refresh_rate", "0"]  # 2 epochs x 2 minibatches: 4 updates a rollout
+
+
+def test_rl_max_steps_between_rollouts_is_refused(capsys, tmp_path):
+    """Lightning stops only between batches: max_steps 6 ran 8 updates (was: exit 0, past max_steps)."""
+    line = _one_line_exit_2(capsys, [*_GRPO, "--trainer.max_steps", "6", "--data.batch_size", "2",
+                                     "--trainer.default_root_dir", str(tmp_path)])
+    assert "trainer.max_steps: 6" in line and "model.ppo_epochs 2 x model.minibatches 2" in line
+    assert line.endswith("use 4 or 8"), line
+
+
+@pytest.mark.parametrize(("prompts", "minibatches", "completions"), [(None, 16, "8 completions (2 prompts x"),
+                                                                      (5, 6, "4 completions (1 prompt in the epoch's")])
+def test_rl_more_minibatches_than_completions_is_refused(capsys, tmp_path, prompts, minibatches, completions):
+    """16 minibatches of 8 completions were silently 8 (``chunk`` gives fewer), and a short last batch fewer."""
+    data = [] if prompts is None else ["--data.train", str(write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": f"prompt {i}"} for i in range(prompts)]))]
+    line = _one_line_exit_2(capsys, [*_GRPO, "--trainer.max_steps", str(2 * minibatches), "--data.batch_size", "2",
+                                     "--model.init_args.minibatches", str(minibatches), *data,
+                                     "--trainer.default_root_dir", str(tmp_path)])
+    assert f"model.minibatches: {minibatches} minibatches cannot split a rollout of {completions}" in line, line

@@ -256,6 +256,23 @@ def test_critic_from_an_exported_reward_model_starts_at_its_score(tmp_path):
         assert exported(ids, mask).abs().min() > 0
 
 
+def test_critic_of_a_policy_given_as_a_directory_has_one_value_head(tmp_path):
+    """The critic built from the policy's body when the policy is a saved model (a pretrained config keeps its own
+    two labels unless told otherwise: the values then had two columns and the first rollout crashed)."""
+    from lightning_pref.models import load_configured, load_tokenizer
+
+    load_configured(TINY, "model.policy", load_tokenizer("byte")).save_pretrained(tmp_path / "policy")
+    module = PolicyGradientModule(str(tmp_path / "policy"), tokenizer="byte", judge=NoShoutingJudge(),
+                                  generation=GenerationOptions(max_new_tokens=4, do_sample=True),
+                                  optimizer=partial(torch.optim.AdamW, lr=1e-3))
+    module.configure_model()
+    assert module.critic.head.out_features == 1
+    ids = torch.tensor([[5, 9, 12, 40, 41, 1]])
+    mask, response = torch.ones_like(ids), torch.tensor([[0, 0, 0, 1, 1, 1]])
+    values, rows = module.critic.values(ids, mask, response)
+    assert values.shape == (3,) and torch.equal(values, torch.zeros(3)) and rows.tolist() == [0, 0, 0]
+
+
 def test_critic_refuses_a_model_with_another_tokenizer(tmp_path, smollm2):
     with pytest.raises(UserInputError, match="another tokenizer"):
         _module(critic={"model": str(smollm2)}).configure_model()
@@ -365,3 +382,30 @@ def test_resume_mid_run_is_exact(tmp_path):
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["kl_state"] == b["kl_state"] and a["kl_state"]["coef"] != 0.05  # the adaptive coefficient moved
+
+
+def test_an_epoch_bounded_schedule_spans_the_updates_not_the_rollouts(tmp_path):
+    """A linear decay over one epoch of 3 rollouts of 4 updates decays over 12 updates (was: over 3, so the
+    learning rate was 0 for the last 9)."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"prompt {i}"} for i in range(6)])
+    _fit_config("grpo", tmp_path, "--trainer.max_steps", "-1", "--trainer.max_epochs", "1", "--data.train",
+                str(prompts), "--data.batch_size", "2", "--model.init_args.generation.max_new_tokens", "4",
+                "--model.init_args.scheduler", "lightning_pref.schedules.WarmupDecay",
+                "--model.init_args.scheduler.decay", "linear")
+    checkpoint = torch.load(next(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt")), weights_only=False)
+    schedule = checkpoint["lr_schedulers"][0]
+    assert checkpoint["global_step"] == 12 and schedule["total_steps"] == 12
+    assert schedule["last_epoch"] == 12 and schedule["_last_lr"][0] == pytest.approx(0.0)  # reached 0 at the end
+
+
+def test_a_fixed_kl_coefficient_changed_on_resume_is_the_new_one(tmp_path):
+    """``kl.coef`` without a target is an option like any other: a resumed run uses the configured value (was: the
+    checkpoint's, while the saved config said the new one)."""
+    base = ["--data.batch_size", "2", "--model.init_args.generation.max_new_tokens", "4"]
+    _fit_config("grpo", tmp_path / "a", *base, "--trainer.max_steps", "4")
+    checkpoint = tmp_path / "a/lightning_logs/version_0/checkpoints/last.ckpt"
+    rows = _fit_config("grpo", tmp_path / "b", *base, "--trainer.max_steps", "8", "--ckpt_path", str(checkpoint),
+                       "--model.init_args.kl.coef", "0.5")
+    assert [float(r["train/kl_coef"]) for r in rows] == [0.5]
+    resumed = torch.load(tmp_path / "b/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=False)
+    assert resumed["kl_state"] == {"coef": 0.5}

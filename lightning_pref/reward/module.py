@@ -136,8 +136,7 @@ class RewardModule(BaseModule):
         if self.scorer is not None:
             return
         hp = self.hparams
-        kwargs = {"num_labels": 1, **(hp.model_kwargs or {})} if isinstance(hp.backbone, str) else hp.model_kwargs
-        model = self.load_trained_model(hp.backbone, kwargs, AutoModelForSequenceClassification, num_labels=1)
+        model = self.load_trained_model(hp.backbone, hp.model_kwargs, AutoModelForSequenceClassification, num_labels=1)
         if model.config.pad_token_id is None:  # its own forward (not ours) needs one; ours reads the mask
             model.config.pad_token_id = self.tokenizer.pad_token_id
         self.scorer = RewardScorer(model)

@@ -204,6 +204,26 @@ class PolicyGradientModule(PolicyModule):
         check_sampling_count(self.generation)
         super().on_fit_start()
 
+    def on_train_start(self) -> None:
+        # Checked before the first rollout: every minibatch needs a completion, in the epoch's last batch too
+        loader, k = self.trainer.train_dataloader, self.hparams.samples_per_prompt
+        size, samples = getattr(loader, "batch_size", None), len(getattr(loader, "sampler", ()))
+        if size is not None and samples and self.hparams.minibatches > min(size, samples % size or size) * k:
+            prompts = min(size, samples % size or size)
+            last = " in the epoch's last batch" if prompts < size else ""
+            raise UserInputError(
+                f"model.minibatches: {self.hparams.minibatches} minibatches cannot split a rollout of {prompts * k} "
+                f"completions ({prompts} prompt{'s' if prompts > 1 else ''}{last} x model.samples_per_prompt {k}); use model.minibatches <= "
+                f"{prompts * k}, or a data.batch_size that leaves more prompts")
+
+    @property
+    def updates_per_batch(self) -> int:
+        """``ppo_epochs`` passes of ``minibatches`` optimizer steps per rollout."""
+        return self.hparams.ppo_epochs * self.hparams.minibatches
+
+    def describe_updates(self) -> str:
+        return f"model.ppo_epochs {self.hparams.ppo_epochs} x model.minibatches {self.hparams.minibatches}"
+
     @property
     def needs_reference(self) -> bool:
         """A reference is built unless ``reference_mode: none`` (then ``kl.coef`` is 0): the KL to it is logged
@@ -415,7 +435,15 @@ class PolicyGradientModule(PolicyModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.kl_controller.value = float(self.kl_state.get("coef", self.kl_controller.value))
+        if self.kl_controller.target is None:  # a fixed coefficient is the configured one, changed or not
+            self.kl_state["coef"] = self.kl_controller.value
+            return
+        saved = float(self.kl_state.get("coef", self.kl_controller.value))  # adaptive: continue where it was
+        initial = ((checkpoint.get("hyper_parameters") or {}).get("kl") or {}).get("coef")
+        if initial is not None and initial != self.kl_options.coef and self._trainer is not None:
+            rank_zero_info(f"lightning-pref: model.kl.coef {self.kl_options.coef} is the initial coefficient of an "
+                           f"adaptive KL (model.kl.target); the resumed run continues from the checkpoint's {saved:.6g}")
+        self.kl_controller.value = saved
 
 
 @dataclass
