@@ -5,6 +5,7 @@ experiment the config describes. Used by :mod:`lightning_pref.trainer_cli`; each
 
 from __future__ import annotations
 
+import os
 import pydoc
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,22 @@ class RunRecord(Callback):
         if trainer.is_global_zero and log_dir:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             (Path(log_dir) / RUN_RECORD).write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
+
+
+def check_new_log_dirs(trainer: Trainer) -> None:
+    """Refuse a log directory that already holds files (a logger given a fixed ``version`` that an earlier run
+    used): Lightning's CSVLogger deletes the ``metrics.csv`` it finds there, and LightningCLI would then refuse to
+    write ``config.yaml`` over the earlier one, after the loss. Checked by the first process only: the others start
+    after it has made the directory."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return
+    for logger in trainer.loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        if log_dir and Path(log_dir).is_dir() and any(Path(log_dir).iterdir()):
+            raise UserInputError(
+                f"trainer.logger: {log_dir} already holds a run's files, which this run would replace (its logger "
+                "deletes metrics.csv); give the logger another version, or none: each run, resumed ones too, then gets a "
+                "new version_N")
 
 
 def _absolute(path: str | Path | None) -> str | None:
@@ -238,9 +255,19 @@ def _differs_from_config(hparams: dict[str, Any], model: Any) -> str | None:
     return None
 
 
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A directory that FSDP or FSDP2 wrote as one checkpoint (its ``meta.pt`` beside the shards)."""
+    return (Path(path) / "meta.pt").is_file()
+
+
 def read_checkpoint(path: str) -> dict[str, Any]:
     """A lightning-pref checkpoint, read memory-mapped (cheap even for large ones); one line when it is missing,
     truncated or someone else's (Lightning would fail deep inside ``torch.load``)."""
+    if Path(path).is_dir():
+        inside = next((c for c in (Path(path) / "checkpoints/last.ckpt", Path(path) / "last.ckpt") if c.is_file()),
+                      None)
+        hint = f", e.g. {inside}" if inside is not None else " (a .ckpt file, or a sharded checkpoint's directory)"
+        raise UserInputError(f"--ckpt_path: {path} is a directory, not a checkpoint; give a checkpoint in it{hint}")
     if not Path(path).is_file():
         raise UserInputError(f"--ckpt_path: no checkpoint file at {path}")
     try:

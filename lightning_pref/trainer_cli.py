@@ -15,7 +15,6 @@ import pydoc
 import re
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, NoReturn
 
 import jsonargparse._typehints
@@ -41,7 +40,9 @@ from lightning_pref.runs import (
     SaveRunConfig,
     check_kind,
     check_matches,
+    check_new_log_dirs,
     first_line,
+    is_sharded_checkpoint,
     last_checkpoint,
     log_beside_run,
     read_checkpoint,
@@ -163,7 +164,11 @@ class LightningPrefCLI(LightningCLI):
             last = last_checkpoint(config, subcommand)
             config["ckpt_path"] = str(last) if last is not None else None
         path = config.get("ckpt_path")
-        if path is not None and path not in ("best", "hpc", "registry") and not Path(path).is_dir():
+        if path == "best":  # Lightning's: the best checkpoint of a fit earlier in the same process
+            raise UserInputError("--ckpt_path: best names the best checkpoint of a fit in the same process, and this "
+                                 "command starts a new one; give the checkpoint file (the run's checkpoints/ holds "
+                                 "each one saved, named by epoch and step), or last")
+        if path is not None and path not in ("hpc", "registry") and not is_sharded_checkpoint(path):
             checkpoint = read_checkpoint(path)
             check_kind(checkpoint, config.model, path, subcommand)
             check_matches(checkpoint, config.model, path, self.argv)
@@ -227,7 +232,9 @@ class LightningPrefCLI(LightningCLI):
             trainer_config["logger"] = CSVLogger(trainer_config.get("default_root_dir") or ".")
         callbacks = [config[key] for key, flag in ALWAYS_ON.items() if flag is None or trainer_config.get(flag) is not False]
         callbacks.append(RunRecord(self.subcommand or "fit", config.get("ckpt_path")))
-        return self._instantiate_trainer(trainer_config, callbacks)  # LightningCLI's: adds the config callback
+        trainer = self._instantiate_trainer(trainer_config, callbacks)  # LightningCLI's: adds the config callback
+        check_new_log_dirs(trainer)
+        return trainer
 
 
 def _option_of(cls: type, config: Any, prefix: str = "") -> str | None:

@@ -647,3 +647,43 @@ def test_rl_more_minibatches_than_completions_is_refused(capsys, tmp_path, promp
                                      "--model.init_args.minibatches", str(minibatches), *data,
                                      "--trainer.default_root_dir", str(tmp_path)])
     assert f"model.minibatches: {minibatches} minibatches cannot split a rollout of {completions}" in line, line
+
+
+# ------------------------------------------------------------------------------------------- runs and outputs
+def test_a_logger_version_an_earlier_run_used_is_refused_before_its_metrics_are_deleted(capsys, tmp_path):
+    """``--trainer.logger.version exp1`` twice: Lightning's CSVLogger deleted the first run's metrics.csv, then
+    LightningCLI refused to write config.yaml over the first one's (a traceback, after the loss)."""
+    run = ["fit", "--config", str(REPO / "configs/dpo.yaml"), "--trainer.max_steps", "2",
+           "--trainer.log_every_n_steps", "1", "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir",
+           str(tmp_path), "--trainer.logger.version", "exp1", "--progress_bar.refresh_rate", "0"]
+    main(run)
+    metrics = tmp_path / "lightning_logs/exp1/metrics.csv"
+    before = metrics.read_bytes()
+    capsys.readouterr()
+    for again in (run, [*run, "--ckpt_path", "last", "--trainer.max_steps", "4"]):
+        line = _one_line_exit_2(capsys, again)
+        assert "trainer.logger: " in line and "exp1 already holds a run's files" in line, line
+        assert metrics.read_bytes() == before
+
+
+@pytest.mark.parametrize("ckpt", ["{run}", "{run}/checkpoints", "best"])
+def test_a_checkpoint_path_that_is_a_directory_or_best_is_one_line(runs, tmp_path, capsys, ckpt):
+    """A run's directory, its checkpoints/ directory (were: IsADirectoryError, and a stray version_N), or
+    Lightning's ``best``, which names the best checkpoint of a fit in the same process (was: ValueError)."""
+    line = _one_line_exit_2(capsys, ["validate", "--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path",
+                                     ckpt.format(run=runs["dpo"]), "--trainer.default_root_dir", str(tmp_path)])
+    expected = "best names the best checkpoint" if ckpt == "best" else "is a directory, not a checkpoint; give a " \
+        f"checkpoint in it, e.g. {runs['dpo']}/checkpoints/last.ckpt"
+    assert line.startswith("error: --ckpt_path: ") and expected in line, line
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_validate_or_test_without_held_out_pairs_is_one_line(runs, tmp_path, capsys, subcommand):
+    """A run trained with ``data.val: null`` validated as it was configured: nothing ran, exit 0, and the line said
+    "metrics in" a directory without metrics."""
+    line = _one_line_exit_2(capsys, [subcommand, "--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path",
+                                     str(runs["dpo"] / "checkpoints/last.ckpt"), "--data.train", str(runs["pairs"]),
+                                     "--data.val", "null"])
+    assert line == (f"error: data.val: {subcommand} measures held-out pairs and there are none; give data.val (a "
+                    "preference file) or data.val_fraction")

@@ -188,8 +188,11 @@ class PreferenceDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         if stage == "predict":
             self._build_prompts()
-        else:
-            self._build()
+            return
+        self._build()
+        if stage in ("validate", "test") and "val" not in self.datasets:  # Lightning would run nothing, exit 0
+            raise UserInputError(f"data.val: {getattr(stage, 'value', stage)} measures held-out pairs and there are none; give data.val (a "
+                                 "preference file) or data.val_fraction")
 
     def _build_prompts(self) -> None:
         """The prompts of ``predict`` (default: of the validation data), in file order."""
