@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from lightning_pref.errors import UserInputError
 
@@ -74,3 +75,23 @@ def refuse_unused(option: str, value: Any, why: str) -> None:
         why: why it would have no effect, and the fix (e.g. ``"only used with model.ref_sync_steps; ..."``).
     """
     raise UserInputError(f"{option}: {value!r} would be ignored: {why}")
+
+
+def check_output_path(option: str, path: str | Path, kind: Literal["file", "directory"]) -> Path:
+    """Refuse, before any work, an output path that cannot be written: one that goes through an existing file
+    (``mkdir`` would fail after generating or judging), a file where a directory is wanted, or a directory where
+    a file is (``os.replace`` cannot put a file there, even with an overwrite flag). Existing targets are the
+    caller's to refuse or replace.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserInputError(f"{option}: {path} goes through {blocking}, which is a file; choose another path")
+    if kind == "file" and path.is_dir():
+        raise UserInputError(f"{option}: {path} is a directory; give the path of a file (in it, or elsewhere)")
+    if kind == "directory" and path.exists() and not path.is_dir():
+        raise UserInputError(f"{option}: {path} is a file; a directory is written there, so choose another path")
+    return path

@@ -23,6 +23,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from rich.console import Console
 from rich.table import Table
 
+from lightning_pref.checks import check_output_path
 from lightning_pref.errors import UserInputError
 from lightning_pref.judges.base import Judge, judge_preferences, judge_scores
 from lightning_pref.predict import PredictionWriter
@@ -184,7 +185,7 @@ class PreferenceTrainer(Trainer):
             raise UserInputError("--judge: required, e.g. --judge no_shouting or --judge function --judge.fn pkg.mod:fn")
         if not 0 < confidence < 1:
             raise UserInputError(f"--confidence: must be in (0, 1), got {confidence}")
-        if output is not None and Path(output).exists():
+        if output is not None and check_output_path("--output", output, "file").exists():
             raise UserInputError(f"--output: {output} exists; choose another path")
         writer = next((c for c in self.callbacks if isinstance(c, PredictionWriter)), None)
         if writer is None:

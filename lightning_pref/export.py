@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from lightning_pref.checks import check_output_path
 from lightning_pref.errors import UserInputError
 from lightning_pref.models import DtypeName, load_configured, model_tokenizer, quiet_saving
 from lightning_pref.module import PreferenceModule
@@ -31,9 +32,7 @@ _NO_ADAPTER = ("--adapter_only: this model has no LoRA adapter (it was not train
 
 
 def _check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"--output_dir: {out} is a file; the export writes a directory, so choose another path")
+    out = check_output_path("--output_dir", output_dir, "directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserInputError(f"--output_dir: {out} exists and is not empty; choose another or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from rich.console import Console
 
+from lightning_pref.checks import check_output_path
 from lightning_pref.errors import UserInputError
 from lightning_pref.generation import Completions
 
@@ -98,6 +99,8 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         target = self.target(trainer)
+        if trainer.is_global_zero:
+            check_output_path("--predictions.path", target, "file")
         if trainer.is_global_zero and target.exists() and not self.overwrite:
             raise UserInputError(f"--predictions.path: {target} exists; choose another or pass --predictions.overwrite")
         self._mine, self.records, self.written = [], [], None

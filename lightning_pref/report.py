@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from lightning_pref.checks import check_output_path
 from lightning_pref.errors import UserInputError
 
 #: Written into every PNG (as its ``Software`` text chunk) and into report.html, to recognize our own files.
@@ -508,9 +509,7 @@ def write_report(run_dir: str, output_dir: str | None = None) -> Report:
             replaced; other files are never touched.
     """
     run = resolve_run_dir(Path(run_dir))
-    out = Path(output_dir) if output_dir is not None else run
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"--output_dir: {out} is a file; give a directory")
+    out = check_output_path("--output_dir", output_dir, "directory") if output_dir is not None else run
     series, resumed = read_history(run)
     config = read_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
     plots = plan_plots(series)

@@ -687,3 +687,34 @@ def test_validate_or_test_without_held_out_pairs_is_one_line(runs, tmp_path, cap
                                      "--data.val", "null"])
     assert line == (f"error: data.val: {subcommand} measures held-out pairs and there are none; give data.val (a "
                     "preference file) or data.val_fraction")
+
+
+@pytest.mark.parametrize("case", ["predict through a file", "predict onto a directory", "evaluate through a file",
+                                  "export through a file", "report through a file"])
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(runs, tmp_path, capsys, case):
+    """Paths through an existing file (were: NotADirectoryError or FileExistsError, for predict and evaluate after
+    generating and judging), and ``--predictions.path`` an existing directory with ``--predictions.overwrite`` (was:
+    IsADirectoryError after generating, and a temporary file left beside it)."""
+    (tmp_path / "notes.txt").write_text("keep")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "adir/keep.txt").write_text("keep")
+    ckpt = str(runs["dpo"] / "checkpoints/last.ckpt")
+    generate = ["--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path", ckpt, "--data.predict",
+                str(runs["pairs"]), "--model.generation.max_new_tokens", "2", "--trainer.default_root_dir",
+                str(tmp_path / "root")]
+    argv, option, expected = {
+        "predict through a file": (["predict", *generate, "--predictions.path", str(tmp_path / "notes.txt/p.jsonl")],
+                                   "--predictions.path", "notes.txt, which is a file"),
+        "predict onto a directory": (["predict", *generate, "--predictions.path", str(tmp_path / "adir"),
+                                      "--predictions.overwrite", "true"], "--predictions.path", "adir is a directory"),
+        "evaluate through a file": (["evaluate", *generate, "--judge", "no_shouting", "--output",
+                                     str(tmp_path / "notes.txt/e.json")], "--output", "notes.txt, which is a file"),
+        "export through a file": (["export", "--ckpt_path", ckpt, "--output_dir", str(tmp_path / "notes.txt/sub")],
+                                  "--output_dir", "notes.txt, which is a file"),
+        "report through a file": (["report", str(runs["dpo"]), "--output_dir", str(tmp_path / "notes.txt/sub")],
+                                  "--output_dir", "notes.txt, which is a file"),
+    }[case]
+    line = _one_line_exit_2(capsys, argv)
+    assert line.startswith(f"error: {option}: ") and expected in line, line
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "root") == ["adir", "notes.txt"]
+    assert [p.name for p in (tmp_path / "adir").iterdir()] == ["keep.txt"]
