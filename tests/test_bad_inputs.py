@@ -127,6 +127,10 @@ def inf_score(prompt, completion):
     return math.inf
 
 
+def huge_score(prompt, completion):
+    return 1e39
+
+
 def none_score(prompt, completion):
     return None
 
@@ -174,9 +178,10 @@ RECORDS = [{"prompt": f"p{i}", "policy": "quiet words", "reference": "LOUD WORDS
 
 @pytest.mark.parametrize(("fn", "shown"), [("nan_score", "nan"), ("inf_score", "inf"), ("none_score", "None"),
                                            ("text_score", "'0.5'"), ("list_score", "[1.0]"),
-                                           ("tensor_score", "tensor([1.])")])
+                                           ("tensor_score", "tensor([1.])"), ("huge_score", "1e+39")])
 def test_a_judge_score_that_is_not_a_finite_number_is_one_line(fn, shown):
-    """evaluate's comparisons (the default prefer compares scores: a NaN was a tie) and its mean scores."""
+    """evaluate's comparisons (the default prefer compares scores: a NaN was a tie) and its mean scores; a score
+    beyond float32 (was: inf in the rollout's rewards, then a NaN loss blamed on the data)."""
     judge = FunctionJudge(f"{THIS}:{fn}")
     expected = re.escape(f"judge function(fn='{THIS}:{fn}'): score returned {shown} for completion 0")
     with pytest.raises(UserInputError, match=expected):

@@ -45,6 +45,9 @@ class Judge(Recorded):
         return type(self).score is not Judge.score
 
 
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
 def judge_scores(judge: Judge, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
     """``judge.score``, checked where its output enters: one finite number per completion.
 
@@ -64,6 +67,9 @@ def judge_scores(judge: Judge, prompts: Sequence[Prompt], completions: Sequence[
                 f"judge {name}: score returned {value!r} for completion {i}; a judge's score must be one finite "
                 "number (int, float or bool) per completion"
             )
+        if abs(number) > _FLOAT32_MAX:  # training holds scores in float32: it would be inf, and the loss NaN
+            raise UserInputError(f"judge {name}: score returned {value!r} for completion {i}, beyond float32's "
+                                 f"range (±{_FLOAT32_MAX:.3g}) in which scores are trained on; scale the judge's scores")
         out.append(number)
     return out
 
