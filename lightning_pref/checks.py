@@ -11,6 +11,10 @@ from typing import Any, Literal
 
 from lightning_pref.errors import UserInputError
 
+#: The largest float32 (``torch.finfo(torch.float32).max``): numbers the losses take in float32 (a judge's score,
+#: a pair's margin) must stay within it, or they become inf there and the loss NaN.
+FLOAT32_MAX = 3.4028234663852886e38
+
 
 def check_range(
     option: str, value: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,

@@ -47,9 +47,9 @@ A checkpoint or model of the wrong kind
     a checkpoint from an older version (``generation``, ``chunk_size``, ``compile``, RNG states missing) -> works
         (validate, resume, export): the defaults fill in
 Data
-    ``margin`` NaN, Infinity or -Infinity in JSONL, NaN in Parquet -> ``pairs.jsonl:2: field 'margin' must be a
-        finite number (or null for none), got nan`` (``data.on_invalid: drop`` counts them as "not finite"; was:
-        NaN loss blamed on the learning rate)
+    ``margin`` NaN, Infinity or -Infinity in JSONL, NaN in Parquet, 1e40 (beyond float32) -> ``pairs.jsonl:2:
+        field 'margin' must be a finite number within float32's range (±3.4e+38), or null for none; got nan``
+        (``data.on_invalid: drop`` counts them as "not finite"; was: NaN loss blamed on the learning rate)
     a prompts file with only system messages -> ``prompts.jsonl:1: the prompt has only system messages, no user
         turn to answer`` (was: generated from nothing)
     an empty rounds file (iterative mode) -> ``data.train: round_0.jsonl contains no records`` (already)
@@ -131,6 +131,10 @@ def huge_score(prompt, completion):
     return 1e39
 
 
+def huge_int_score(prompt, completion):
+    return 10**400
+
+
 def none_score(prompt, completion):
     return None
 
@@ -178,10 +182,11 @@ RECORDS = [{"prompt": f"p{i}", "policy": "quiet words", "reference": "LOUD WORDS
 
 @pytest.mark.parametrize(("fn", "shown"), [("nan_score", "nan"), ("inf_score", "inf"), ("none_score", "None"),
                                            ("text_score", "'0.5'"), ("list_score", "[1.0]"),
-                                           ("tensor_score", "tensor([1.])"), ("huge_score", "1e+39")])
+                                           ("tensor_score", "tensor([1.])"), ("huge_score", "1e+39"), ("huge_int_score", str(10**400))])
 def test_a_judge_score_that_is_not_a_finite_number_is_one_line(fn, shown):
     """evaluate's comparisons (the default prefer compares scores: a NaN was a tie) and its mean scores; a score
-    beyond float32 (was: inf in the rollout's rewards, then a NaN loss blamed on the data)."""
+    beyond float32 (was: inf in the rollout's rewards, then a NaN loss blamed on the data), an int beyond any float
+    (was: OverflowError)."""
     judge = FunctionJudge(f"{THIS}:{fn}")
     expected = re.escape(f"judge function(fn='{THIS}:{fn}'): score returned {shown} for completion 0")
     with pytest.raises(UserInputError, match=expected):
@@ -451,14 +456,16 @@ def test_a_checkpoint_from_an_older_version_still_loads(runs, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------- data
-@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
-def test_a_non_finite_margin_is_one_line_with_file_line_and_field(tmp_path, tokenizer, value):
+@pytest.mark.parametrize(("value", "shown"), [("NaN", "nan"), ("Infinity", "inf"), ("-Infinity", "-inf"),
+                                              ("1e40", "1e+40"), ("-1e39", "-1e+39")])
+def test_a_non_finite_margin_is_one_line_with_file_line_and_field(tmp_path, tokenizer, value, shown):
+    """Beyond float32 too (was: accepted, then an inf loss blamed on the batch, not the field)."""
     rows = [json.dumps(r) for r in synthetic(3, seed=1)[0]]
     rows[1] = rows[1][:-1] + f', "margin": {value}}}'
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(rows) + "\n")
-    with pytest.raises(UserInputError, match=rf"pairs\.jsonl:2: field 'margin' must be a finite number \(or null for "
-                       rf"none\), got {value.lower().replace('infinity', 'inf')}"):
+    with pytest.raises(UserInputError, match=rf"pairs\.jsonl:2: field 'margin' must be a finite number within "
+                       rf"float32's range \(±3\.4e\+38\), or null for none; got {re.escape(shown)}"):
         _data(tokenizer, train=str(path), val=None, cache=False).setup("fit")
     dropped = _data(tokenizer, train=str(path), val=None, cache=False, on_invalid="drop")
     dropped.setup("fit")

@@ -23,11 +23,11 @@ counts it); problems of a whole source raise a plain :class:`~lightning_pref.err
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lightning_pref.checks import FLOAT32_MAX
 from lightning_pref.errors import RowError, UserInputError
 
 Format = Literal["auto", "standard", "conversational", "implicit_prompt", "unpaired"]
@@ -205,8 +205,9 @@ def _number(value: Any, where: str, name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RowError(f"{where}: {name} must be a number (or null), got {_kind(value)}", "wrong type")
-    if not math.isfinite(value):
-        raise RowError(f"{where}: {name} must be a finite number (or null for none), got {value}", "not finite")
+    if not abs(value) <= FLOAT32_MAX:  # NaN and inf too; the loss takes it in float32
+        raise RowError(f"{where}: {name} must be a finite number within float32's range (±{FLOAT32_MAX:.3g}), or "
+                       f"null for none; got {value!r:.40}", "not finite")
     return value
 
 

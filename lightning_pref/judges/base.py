@@ -9,6 +9,7 @@ import traceback
 from collections.abc import Callable, Sequence, Sized
 from typing import Any, ClassVar
 
+from lightning_pref.checks import FLOAT32_MAX
 from lightning_pref.errors import UserInputError
 from lightning_pref.registry import Recorded
 
@@ -45,9 +46,6 @@ class Judge(Recorded):
         return type(self).score is not Judge.score
 
 
-_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
-
-
 def judge_scores(judge: Judge, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
     """``judge.score``, checked where its output enters: one finite number per completion.
 
@@ -67,9 +65,9 @@ def judge_scores(judge: Judge, prompts: Sequence[Prompt], completions: Sequence[
                 f"judge {name}: score returned {value!r} for completion {i}; a judge's score must be one finite "
                 "number (int, float or bool) per completion"
             )
-        if abs(number) > _FLOAT32_MAX:  # training holds scores in float32: it would be inf, and the loss NaN
+        if abs(number) > FLOAT32_MAX:  # training holds scores in float32: it would be inf, and the loss NaN
             raise UserInputError(f"judge {name}: score returned {value!r} for completion {i}, beyond float32's "
-                                 f"range (±{_FLOAT32_MAX:.3g}) in which scores are trained on; scale the judge's scores")
+                                 f"range (±{FLOAT32_MAX:.3g}) in which scores are trained on; scale the judge's scores")
         out.append(number)
     return out
 
@@ -132,7 +130,10 @@ def _check_length(name: str, method: str, values: Any, expected: int) -> None:
 def _number(value: Any) -> float | None:
     """``value`` as a float when it is a plain number (a 0-d tensor or NumPy scalar counts), else ``None``."""
     if isinstance(value, bool | int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond any float
+            return math.inf
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
         try:
             item = value.item()
