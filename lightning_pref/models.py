@@ -94,6 +94,12 @@ def load_causal_lm(
             ) from None
         except (TypeError, ValueError) as err:  # e.g. an unknown model_kwargs key, or remote code not trusted
             raise UserInputError(f"{field}: cannot load {spec!r}: {str(err).splitlines()[0]}") from None
+        except RuntimeError as err:  # a saved head of another shape than the one asked for
+            if num_labels is None or "ignore_mismatched_sizes" not in str(err):
+                raise
+            raise UserInputError(f"{field}: {spec} holds a classification head with another number of labels than "
+                                 f"the {num_labels} needed here; start from its causal LM (the body without that head) "
+                                 f"or a {num_labels}-label model") from None
     fields = dict(spec)
     model_type = fields.pop("model_type", None)
     if model_type is None:
@@ -178,7 +184,9 @@ def model_tokenizer(spec: ModelSpec, tokenizer: str | None, model_kwargs: dict[s
     if tokenizer is None and not isinstance(spec, str):
         raise UserInputError(f"model.tokenizer: required when {field} is a config dict (e.g. 'byte')")
     own = tokenizer is None
-    return load_tokenizer(spec if own else tokenizer, model_kwargs=model_kwargs if own else None)
+    if own:  # the model's own: the field the user gave is the model's, and model.tokenizer is the way out
+        return load_tokenizer(spec, field=f"model.tokenizer (null: {field}'s own)", model_kwargs=model_kwargs)
+    return load_tokenizer(tokenizer)
 
 
 def storage_dtype(spec: ModelSpec, model_kwargs: dict[str, Any] | None = None) -> str:
@@ -232,6 +240,19 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def read_tokenizer(name: str, field: str, fix: str, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(name)``; when it cannot be read, one line naming ``field``, why and ``fix``
+    (transformers raises ``OSError`` for a path or hub id it cannot find, and ``ValueError``, whose message then
+    breaks off at "from one of:", for a directory without tokenizer files)."""
+    try:
+        return AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        text = str(err).strip()
+        why = ("no tokenizer files in it" if "backend tokenizer" in text
+               else (text.splitlines() or [type(err).__name__])[0].rstrip(" :"))
+        raise UserInputError(f"{field}: cannot load tokenizer {name!r} ({why}); {fix}") from None
+
+
 def load_tokenizer(
     name: str, *, field: str = "model.tokenizer", model_kwargs: dict[str, Any] | None = None
 ) -> PreTrainedTokenizerBase:
@@ -245,13 +266,8 @@ def load_tokenizer(
         tokenizer = byte_tokenizer()
     else:
         kwargs = {k: v for k, v in (model_kwargs or {}).items() if k in _TOKENIZER_KWARGS}
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        except OSError as err:
-            raise UserInputError(
-                f"{field}: cannot load tokenizer {name!r} ({str(err).splitlines()[0]}). Give a local directory, a "
-                f"hub id, or {BYTE_TOKENIZER!r} for a byte-level tokenizer that needs no files."
-            ) from None
+        tokenizer = read_tokenizer(name, field, "give a local directory with tokenizer files, a hub id, or "
+                                   f"{BYTE_TOKENIZER!r} for a byte-level tokenizer that needs no files", **kwargs)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise UserInputError(f"{field}: tokenizer {name!r} has neither a pad nor an EOS token; set one.")

@@ -730,3 +730,43 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(runs, 
     assert line.startswith(f"error: {option}: ") and expected in line, line
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "root") == ["adir", "notes.txt"]
     assert [p.name for p in (tmp_path / "adir").iterdir()] == ["keep.txt"]
+
+
+# ------------------------------------------------------------------------------------------- models and tokenizers
+def test_a_two_label_classifier_as_a_reward_backbone_is_one_line(tmp_path):
+    """Was: transformers' size-mismatch RuntimeError (a traceback) from loading its two-label head as one."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_pref.models import load_configured, load_tokenizer
+
+    tokenizer = load_tokenizer("byte")
+    load_configured(TINY, "x", tokenizer, auto_class=AutoModelForSequenceClassification,
+                    num_labels=2).save_pretrained(tmp_path / "cls2")
+    module = RewardModule(backbone=str(tmp_path / "cls2"), tokenizer="byte")
+    with pytest.raises(UserInputError, match=re.escape(f"model.backbone: {tmp_path / 'cls2'} holds a classification "
+                                                       "head with another number of labels than the 1 needed here")):
+        module.configure_model()
+
+
+@pytest.mark.parametrize("where", ["policy", "judge"])
+def test_a_model_directory_without_tokenizer_files_is_one_line_naming_the_way_out(tmp_path, where):
+    """Was: ``Couldn't instantiate the backend tokenizer from one of:`` and nothing after it (transformers' message
+    goes on over lines the first-line rule cut)."""
+    from lightning_pref.models import load_configured, load_tokenizer
+    from lightning_pref.reward.export import save_reward_model
+
+    if where == "policy":
+        load_configured(TINY, "x", load_tokenizer("byte")).save_pretrained(tmp_path / "m")
+        with pytest.raises(UserInputError, match=re.escape(
+                f"model.tokenizer (null: model.policy's own): cannot load tokenizer '{tmp_path / 'm'}' (no tokenizer "
+                "files in it); give a local directory with tokenizer files")):
+            OnPolicyModule(str(tmp_path / "m"), judge=FunctionJudge(f"{THIS}:zero_score"))
+    else:
+        reward = RewardModule(TINY, tokenizer="byte")
+        reward.configure_model()
+        save_reward_model(reward, tmp_path / "m")
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (tmp_path / "m" / name).unlink(missing_ok=True)
+        with pytest.raises(UserInputError, match=re.escape(f"judge.path: cannot load tokenizer '{tmp_path / 'm'}' (no tokenizer "
+                                                           "files in it); a reward model directory holds its")):
+            RewardModelJudge(str(tmp_path / "m"))

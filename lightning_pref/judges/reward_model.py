@@ -39,11 +39,9 @@ class RewardModelJudge(Judge):
     def __init__(self, path: str, batch_size: int = 8, normalize: bool = False, center: bool = False,
                  center_on: str | None = None, device: str = "cpu") -> None:
         # Imported here, not with the module: registering the judge (``lightning-pref judges``) needs none of it.
-        from transformers import AutoTokenizer
-
         from lightning_pref.checks import check_range
         from lightning_pref.data.chat import ChatTemplate
-        from lightning_pref.models import load_reward_model
+        from lightning_pref.models import load_reward_model, read_tokenizer
         from lightning_pref.reward.module import RewardScorer
 
         check_range("judge.batch_size", batch_size, 1, integer=True)
@@ -55,11 +53,8 @@ class RewardModelJudge(Judge):
                                  "true, or leave center_on out")
         self.path, self.batch_size, self.normalize, self.center, self.device = path, batch_size, normalize, center, device
         model = load_reward_model(path, "judge.path")  # the model first: it says what a wrong directory is
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-        except OSError as err:
-            raise UserInputError(f"judge.path: cannot load the tokenizer of {path!r} ({str(err).splitlines()[0]}); "
-                                 "a reward model directory holds its tokenizer (lightning-pref export writes it)") from None
+        self.tokenizer = read_tokenizer(path, "judge.path", "a reward model directory holds its tokenizer "
+                                        "(lightning-pref export writes it)")
         self.scorer = RewardScorer(model.eval()).to(device)
         self.chat = ChatTemplate(self.tokenizer) if getattr(self.tokenizer, "chat_template", None) else None
         config = model.config

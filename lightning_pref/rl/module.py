@@ -37,13 +37,18 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from lightning_pref import layout
 from lightning_pref.checks import check_range
 from lightning_pref.errors import UserInputError
 from lightning_pref.judges.base import Judge
-from lightning_pref.models import ModelSpec, enable_activation_checkpointing, load_reward_model
+from lightning_pref.models import (
+    ModelSpec,
+    enable_activation_checkpointing,
+    load_reward_model,
+    read_tokenizer,
+)
 from lightning_pref.policy import PolicyModule
 from lightning_pref.reference import check_reference_mode
 from lightning_pref.registry import ADVANTAGES, JUDGES
@@ -262,11 +267,8 @@ class PolicyGradientModule(PolicyModule):
 
     def _check_critic_tokenizer(self, spec: str) -> None:
         """A critic reads the policy's tokens: its tokenizer must encode text as the policy's does."""
-        try:
-            theirs = AutoTokenizer.from_pretrained(spec)
-        except OSError as err:
-            raise UserInputError(f"model.critic.model: cannot load a tokenizer from {spec!r} "
-                                 f"({str(err).splitlines()[0]})") from None
+        theirs = read_tokenizer(spec, "model.critic.model", "a reward model directory holds its tokenizer "
+                                "(lightning-pref export writes it)")
         probe = "The critic reads the policy's tokens: 123, ok?"
         if theirs(probe, add_special_tokens=False)["input_ids"] != self.tokenizer(probe, add_special_tokens=False)["input_ids"]:
             raise UserInputError(f"model.critic.model: {spec} uses another tokenizer than the policy; a critic must "
