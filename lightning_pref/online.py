@@ -37,7 +37,7 @@ from lightning_pref.data.collate import PreferenceCollator
 from lightning_pref.data.prompts import encode_completion
 from lightning_pref.data.tokenize import Encoded
 from lightning_pref.errors import UserInputError
-from lightning_pref.judges.base import Judge
+from lightning_pref.judges.base import Judge, check_scoring
 from lightning_pref.models import ModelSpec
 from lightning_pref.module import PreferenceModule
 from lightning_pref.registry import JUDGES, LOSSES
@@ -94,6 +94,7 @@ class OnPolicyModule(PreferenceModule):
     ) -> None:
         super().__init__(policy, **kwargs)
         self.judge = self.plugin(judge, JUDGES, None, "model.judge")
+        check_scoring(self.judge, "model.judge", "a prompt's pair is its best- and worst-scored samples")
         if samples_per_prompt < 2:
             raise UserInputError(f"model.samples_per_prompt: a pair needs >= 2 samples per prompt, got {samples_per_prompt}")
         if self.hparams.reference_mode == "precomputed":

@@ -46,6 +46,13 @@ class Judge(Recorded):
         return type(self).score is not Judge.score
 
 
+def check_scoring(judge: Judge, option: str, why: str) -> None:
+    """Refuse a judge that only compares (``prefer``) where each completion needs a score of its own (``why``)."""
+    if not judge.scores:
+        raise UserInputError(f"{option}: {_name(judge)} only compares two completions (prefer); {why}, so it needs a "
+                             "judge that scores each one (a function judge without pairwise, a reward model, a rule)")
+
+
 def judge_scores(judge: Judge, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
     """``judge.score``, checked where its output enters: one finite number per completion.
 

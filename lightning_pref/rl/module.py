@@ -42,7 +42,7 @@ from transformers import AutoModelForSequenceClassification
 from lightning_pref import layout
 from lightning_pref.checks import check_range
 from lightning_pref.errors import UserInputError
-from lightning_pref.judges.base import Judge
+from lightning_pref.judges.base import Judge, check_scoring
 from lightning_pref.models import (
     ModelSpec,
     enable_activation_checkpointing,
@@ -152,6 +152,7 @@ class PolicyGradientModule(PolicyModule):
         super().__init__(policy, **kwargs)
         self.automatic_optimization = False
         self.judge = self.plugin(judge, JUDGES, None, "model.judge")
+        check_scoring(self.judge, "model.judge", "the policy gradient's reward is a score per completion")
         self.estimator = self.plugin(estimator, ADVANTAGES, GAE, "model.estimator")
         kl = KLOptions(**kl) if isinstance(kl, dict) else kl or KLOptions()
         critic = CriticOptions(**critic) if isinstance(critic, dict) else critic
