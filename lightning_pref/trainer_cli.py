@@ -88,8 +88,10 @@ class PrefParser(LightningArgumentParser):
         """jsonargparse's usage and error text, except for a user error met while parsing (an unknown registered
         name): one line naming the option, e.g. ``model.loss: Unknown loss 'dpp'. Did you mean 'dpo'? ...``."""
         cause = _user_error(ex)
-        if cause is None or not self.exit_on_error:  # inner parsers' errors are their callers' to report
+        if not self.exit_on_error:  # inner parsers' errors are their callers' to report
             super().error(message, ex)
+        if cause is None:  # jsonargparse's: its tree of union attempts, cut to the error that ends it
+            raise UserInputError(condense_parser_error(message))
         keys: list[str] = []
         for err in _chain(ex):  # jsonargparse names each level's key: model, then loss within it
             match = re.match(r'Parser key "([^"]+)"', str(err))
@@ -113,6 +115,44 @@ class PrefParser(LightningArgumentParser):
                 node["model"] = model.get("init_args") or {}
         header = "".join(f"# {line}\n" for line in self.dump_header or [])
         return header + yaml.safe_dump(data, default_flow_style=False, allow_unicode=True, sort_keys=False)
+
+
+_KEY = re.compile(r'(?:- )?Parser key "([^"]+)":\s*(.*)$')
+_CLASS = re.compile(r"(?:- )?Problem with given class_path '([^']+)':\s*(.*)$")
+_NOISE = re.compile(r"(?:- )?(Does not validate against any of the Union subtypes|Subtypes: .*|Errors:|"
+                    r"Expected a <class 'NoneType'>|Given value( type)?: .*)$")
+
+
+def condense_parser_error(message: str) -> str:
+    """One line from jsonargparse's error text: its deepest error, after the option it belongs to (the ``Parser
+    key`` lines above it, ``init_args`` left out) and, when a ``class_path`` was being tried, that class. A
+    message of one line is kept as it is.
+
+    E.g. ``model.kl.estimator: Expected a typing.Literal['k1', 'k2', 'k3']. Got value: k4``, or ``model.judge:
+    No module named 'my' (class_path my.pkg.Judge)`` for the 25 lines jsonargparse writes for either."""
+    lines = [(len(line) - len(line.lstrip()), line.strip()) for line in message.removeprefix("error: ").splitlines()]
+    lines = [(indent, text) for indent, text in lines if text and not _NOISE.match(text)]
+    leaves = []  # (indent, position, text): what is left of each line once its key or class is taken off
+    for i, (indent, text) in enumerate(lines):
+        match = _KEY.match(text) or _CLASS.match(text)
+        rest = match.group(2) if match else text.removeprefix("- ")
+        if rest:
+            leaves.append((indent + (1 if match else 0), i, rest))
+    if not leaves:
+        return message.strip()
+    depth, position, leaf = max(leaves, key=lambda leaf: (leaf[0], -leaf[1]))
+    keys: list[str] = []
+    parent_class = None
+    for indent, text in reversed(lines[: position + 1]):
+        if indent >= depth:
+            continue
+        depth = indent
+        if key := _KEY.match(text):
+            keys[:0] = [k for k in key.group(1).split(".") if k != "init_args"]
+        elif (cls := _CLASS.match(text)) and not keys and parent_class is None:
+            parent_class = cls.group(1)
+    head = f"{'.'.join(keys)}: " if keys else ""
+    return head + leaf + (f" (class_path {parent_class})" if parent_class else "")
 
 
 def _chain(err: BaseException | None) -> Iterator[BaseException]:

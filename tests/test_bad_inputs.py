@@ -786,3 +786,20 @@ def test_a_pairwise_judge_for_on_policy_training_says_a_scoring_one_is_needed(mo
     with pytest.raises(UserInputError, match=re.escape(f"model.judge: function(fn='{THIS}:pairwise_tie', "
                                                        "pairwise=True) only compares two completions (prefer); ")):
         build(judge=judge)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--model.init_args.judge", "my.pkg.NoSuchJudge"], "model.judge: No module named 'my' (class_path my.pkg.NoSuchJudge)"),
+    (["--model.init_args.samples_per_promt", "4"],
+     "model: Option 'samples_per_promt' is not accepted (class_path lightning_pref.PolicyGradientModule)"),
+    (["--model.init_args.kl.estimator", "k4"], "model.kl.estimator: Expected a typing.Literal['k1', 'k2', 'k3']. Got "
+                                               "value: k4"),
+    (["--data.batch_size", "abc"], "data.batch_size: Expected a <class 'int'>. Got value: abc"),
+])
+def test_a_parser_error_is_one_line_naming_the_option(capsys, args, expected):
+    """jsonargparse wrote the whole usage and then its tree of union attempts (25 to 125 lines) for a mistyped
+    class path, option name or value inside the module; now the error that ends it, after its option."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs/grpo.yaml"), *args])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {expected}"]
