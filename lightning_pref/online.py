@@ -36,7 +36,7 @@ from lightning_pref.data.chat import ChatTemplate
 from lightning_pref.data.collate import PreferenceCollator
 from lightning_pref.data.prompts import encode_completion
 from lightning_pref.data.tokenize import Encoded
-from lightning_pref.errors import UserInputError
+from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.judges.base import Judge, check_scoring
 from lightning_pref.models import ModelSpec
 from lightning_pref.module import PreferenceModule
@@ -126,6 +126,20 @@ class OnPolicyModule(PreferenceModule):
                                  "the same completion every time); set it to true")
         check_sampling_count(self.generation)
         super().on_fit_start()
+        self._rollouts = self._pairs_kept = 0
+
+    def on_train_end(self) -> None:
+        # A tie weighs 0 on its step; a whole run of them is a run that changed nothing, and says so.
+        if not getattr(self, "_rollouts", 0):
+            return
+        kept = torch.tensor(float(self._pairs_kept), device=self.device)
+        if self.trainer.world_size > 1:
+            kept = self.trainer.strategy.reduce(kept, reduce_op="sum")
+        if kept == 0:
+            gap = f" or differed by less than model.min_gap {self.hparams.min_gap}" if self.hparams.min_gap else ""
+            raise TrainingError(f"model.judge: no step of this run kept a pair ({self._rollouts} rollouts: every "
+                                f"prompt's samples scored the same{gap}), so the policy is unchanged; check that the "
+                                "judge tells completions apart (train/judge/score, train/judge/ties in the logs)")
 
     def configure_callbacks(self) -> list[Callback]:
         """``iterative`` mode's rounds, as a callback whose state (the round files) is checkpointed."""
@@ -200,6 +214,7 @@ class OnPolicyModule(PreferenceModule):
             return super().training_step(batch, batch_idx)
         prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
         examples, metrics = self.sample_pairs(prompts, batch.prompts, self._seed(int(batch.index[0])))
+        self._rollouts, self._pairs_kept = self._rollouts + 1, self._pairs_kept + int(metrics["pairs"])
         pairs = PreferenceCollator(self.tokenizer.pad_token_id, packing=batch.packing)(examples)
         self.runnable_layout(pairs)
         pairs = self.transfer_batch_to_device(pairs, self.device, 0)

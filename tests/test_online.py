@@ -170,12 +170,19 @@ def test_iterative_rounds_write_pairs_and_resume_in_their_round(tmp_path):
     assert (resumed / "round_3.jsonl").exists()
 
 
-def test_a_step_where_every_prompt_tied_reports_no_loss_or_accuracy(tmp_path):
+def test_a_step_where_every_prompt_tied_reports_no_loss_or_accuracy(tmp_path, capsys):
     """Every completion scores the same: no pair is kept, the step still runs (weight 0) and logs its judge
-    metrics, but no loss or reward accuracy that would read as if a pair had been learnt."""
-    main(["fit", "--config", ONLINE, "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1",
-          "--data.batch_size", "4", "--trainer.default_root_dir", str(tmp_path), "--progress_bar.refresh_rate", "0",
-          "--model.init_args.judge.init_args.fn", "tests.support:constant_score"])
+    metrics, but no loss or reward accuracy that would read as if a pair had been learnt; a run of nothing but
+    such steps ends with one line saying the policy is unchanged (was: exit 0, as if it had trained)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", ONLINE, "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1",
+              "--data.batch_size", "4", "--trainer.default_root_dir", str(tmp_path), "--progress_bar.refresh_rate",
+              "0", "--model.init_args.judge.init_args.fn", "tests.support:constant_score"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: model.judge: no step of this run kept a pair (2 rollouts: every prompt's samples scored the same), so "
+        "the policy is unchanged; check that the judge tells completions apart (train/judge/score, train/judge/ties "
+        "in the logs)")
     rows = [r for r in _metrics(tmp_path) if r.get("train/judge/score")]
     assert len(rows) == 2
     assert all(float(r["train/judge/ties"]) == 1.0 and float(r["train/pairs"]) == 0.0 for r in rows)
