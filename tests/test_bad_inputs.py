@@ -803,3 +803,20 @@ def test_a_parser_error_is_one_line_naming_the_option(capsys, args, expected):
         main(["fit", "--config", str(REPO / "configs/grpo.yaml"), *args])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {expected}"]
+
+
+def test_training_prompts_are_counted_like_pairs(tmp_path, tokenizer, capsys):
+    """On-policy and RL prompts: rows dropped by ``data.on_invalid: drop`` and prompts cut to ``data.max_length``
+    were silent, and the summary table had no row for them (was: a title over an empty table, printed twice)."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a" * 40}, {"prompt": ""}, {"prompt": "short"}])
+    dm = _data(tokenizer, train=str(path), val=None, train_data="prompts", on_invalid="drop", max_length=16)
+    dm.prepare_data()
+    dm.setup("fit")
+    err = capsys.readouterr().err
+    assert f"data.train: dropped 1 rows of {path} that fail a check (1 empty field; data.on_invalid: drop)" in err
+    assert f"{path}:2: field 'prompt' is empty" in err
+    assert f"data.train: cut 1 of 2 prompts of {path} to data.max_length 16 tokens" in err
+    assert err.count("preference data") == 1 and "│ train │ p.jsonl │ prompts │    2 │ 1 empty field │" in err
+    stats = dm.stats["train"]
+    assert (stats.kept, stats.dropped, stats.length_max) == (2, {"empty field": 1}, 16)
+    assert [len(p.ids) for p in dm.train_prompts] == [16, 5]

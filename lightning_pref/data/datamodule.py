@@ -204,10 +204,10 @@ class PreferenceDataModule(LightningDataModule):
                 "data.predict: no prompts to generate for; give data.predict (a file of prompts, or a preference "
                 "file) or data.val"
             )
-        self.prompts = prepare_prompts(read_source(path, field), self.tokenizer, self.options, field)
+        self.prompts, _ = prepare_prompts(read_source(path, field), self.tokenizer, self.options, field)
 
     def _build(self) -> None:
-        if self.datasets:
+        if self.datasets or self.train_prompts:  # built (prepare_data, then setup, in the same process)
             return
         train = read_source(self.paths["train"], "data.train")
         selections: dict[str, tuple[Source, list[int], tuple]] = {}
@@ -230,7 +230,8 @@ class PreferenceDataModule(LightningDataModule):
                 selections["val"] = (val, list(range(len(val.rows))), ("all",))
         if self.hparams.train_data != "pairs":  # on-policy: the prompts are the training data (the file may hold
             source, indices, _ = selections.pop("train")  # nothing else); pairs come from the policy
-            self.train_prompts = prepare_prompts(source, self.tokenizer, self.options, "data.train", indices)
+            self.train_prompts, self.stats["train"] = prepare_prompts(source, self.tokenizer, self.options,
+                                                                      "data.train", indices)
         tokenizer_key = tokenized_cache.tokenizer_fingerprint(self.tokenizer) if self.hparams.cache else ""
         for split, (source, indices, selection) in selections.items():
             table, self.stats[split] = self._encode(source, indices, selection, tokenizer_key, f"data.{split}")

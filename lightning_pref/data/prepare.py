@@ -106,16 +106,22 @@ def prepare(
             f"{field}: dropped {dropped['identical']} pairs of {source.name} whose chosen and rejected are "
             "identical (data.on_identical: keep keeps them, error stops at the first)", style="yellow",
         )
-    if invalid:
-        reasons = {r: n for r, n in dropped.items() if r not in ("identical", "truncated")}
-        console.print(
-            f"{field}: dropped {sum(reasons.values())} rows of {source.name} that fail a check "
-            f"({', '.join(f'{n} {r}' for r, n in reasons.items())}; data.on_invalid: drop); the first:",
-            style="yellow",
-        )
-        for message in invalid:
-            console.print(f"  {message}", style="yellow")
+    report_invalid(field, source.name, dropped, invalid)
     return columns, stats
+
+
+def report_invalid(field: str, source: str, dropped: dict[str, int], invalid: list[str]) -> None:
+    """Print how many rows ``data.on_invalid: drop`` skipped, by reason, and the first ones' errors (the counts of
+    ``dropped`` that are not failed checks, identical and truncated pairs, are reported on their own)."""
+    if not invalid:
+        return
+    reasons = {r: n for r, n in dropped.items() if r not in ("identical", "truncated")}
+    console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+    console.print(f"{field}: dropped {sum(reasons.values())} rows of {source} that fail a check "
+                  f"({', '.join(f'{n} {r}' for r, n in reasons.items())}; data.on_invalid: drop); the first:",
+                  style="yellow")
+    for message in invalid:
+        console.print(f"  {message}", style="yellow")
 
 
 def prompt_and_texts(

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
 from lightning_pref.data.chat import ChatTemplate, require_template
 from lightning_pref.data.formats import FIELDS, Layout, detect, extract
-from lightning_pref.data.prepare import Options, prompt_and_texts
+from lightning_pref.data.prepare import SHOW_DROPPED, Options, prompt_and_texts, report_invalid
 from lightning_pref.data.sources import Source
+from lightning_pref.data.stats import SplitStats
 from lightning_pref.data.tokenize import encode_prompt, encode_response, truncate
 from lightning_pref.errors import RowError, UserInputError
 from lightning_pref.layout import left_pad
@@ -45,9 +47,10 @@ class PromptExample:
 def prepare_prompts(
     source: Source, tokenizer: PreTrainedTokenizerBase, options: Options, field: str,
     indices: Sequence[int] | None = None,
-) -> list[PromptExample]:
+) -> tuple[list[PromptExample], SplitStats]:
     """Encode the prompt of every row of ``source`` (or of the rows ``indices``), in file order (see the module
-    docstring).
+    docstring), and count them (rows dropped by ``data.on_invalid: drop``, printed with the first errors as for
+    pairs; prompts cut to ``data.max_length`` / ``data.max_prompt_length``, printed with how many).
 
     Raises:
         UserInputError: a row without a usable prompt (naming file, line and field; ``data.on_invalid: drop``
@@ -78,7 +81,9 @@ def prepare_prompts(
         require_template(tokenizer, f"{field}: {source.name}")
         chat = ChatTemplate(tokenizer)
     out: list[PromptExample] = []
-    dropped: list[str] = []
+    dropped: dict[str, int] = {}
+    invalid: list[str] = []  # the first few dropped rows' errors, to show where
+    cut = 0
     for index in range(len(source.rows)) if indices is None else indices:
         where = source.locate(index)
         try:
@@ -95,17 +100,28 @@ def prepare_prompts(
         except RowError as err:
             if options.on_invalid != "drop":
                 raise RowError(f"{err} (or set data.on_invalid: drop to skip such rows)", err.reason) from None
-            dropped.append(str(err))
+            dropped[err.reason] = dropped.get(err.reason, 0) + 1
+            if len(invalid) < SHOW_DROPPED:
+                invalid.append(str(err))
             continue
         ids = encode_prompt(tokenizer, text)
         bos = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
         head = max(chat.head(messages, text, ids) if chat and messages else 0, int(bos))
+        whole = len(ids)
         ids, _ = truncate(ids, [[]], options.max_length, options.max_prompt_length, head, bos)
+        cut += len(ids) < whole
         out.append(PromptExample(ids, messages if messages is not None else text, index))
     if not out:
-        first = f"; the first: {dropped[0]}" if dropped else ""
+        first = f"; the first: {invalid[0]}" if invalid else ""
         raise UserInputError(f"{field}: no prompts left in {source.name}{first}")
-    return out
+    report_invalid(field, source.name, dropped, invalid)
+    if cut:
+        limit = (f"data.max_prompt_length {options.max_prompt_length}" if options.max_prompt_length
+                 else f"data.max_length {options.max_length}")
+        Console(stderr=True, soft_wrap=True, markup=False, highlight=False).print(
+            f"{field}: cut {cut} of {len(out)} prompts of {source.name} to {limit} tokens (each keeps its start "
+            "and its end, next to the completion)", style="yellow")
+    return out, SplitStats.build(source.name, layout.describe(), [len(p.ids) for p in out], dropped)
 
 
 def _prompt_only(chat: ChatTemplate | None, values: dict[str, Any], where: str) -> tuple[Any, str]:
