@@ -820,3 +820,22 @@ def test_training_prompts_are_counted_like_pairs(tmp_path, tokenizer, capsys):
     stats = dm.stats["train"]
     assert (stats.kept, stats.dropped, stats.length_max) == (2, {"empty field": 1}, 16)
     assert [len(p.ids) for p in dm.train_prompts] == [16, 5]
+
+
+@pytest.mark.parametrize(("first", "expected"), [
+    ({"prompt": None}, "p.jsonl:1: field 'prompt' must be a string, got null"),
+    ({"prompt": 5}, "p.jsonl:1: field 'prompt' must be a string, got a number"),
+    ({"prompt": "p", "chosen": ["good answer"], "rejected": "bad"}, "p.jsonl:1: field 'chosen' must be a string, got "
+                                                                    "a list (or set data.on_invalid"),
+])
+def test_a_wrong_type_in_the_first_row_is_named_at_its_line(tmp_path, first, expected):
+    """Was: "the data is conversational (lists of role/content messages) but tokenizer ... has no chat template",
+    with no line: the first row's value decided the format, and anything not a string counted as messages."""
+    from lightning_pref.models import load_tokenizer
+
+    second = {"prompt": "ok"} if "chosen" not in first else {"prompt": "p", "chosen": "a", "rejected": "b"}
+    path = write_jsonl(tmp_path / "p.jsonl", [first, second])
+    train_data = "pairs" if "chosen" in first else "prompts"
+    dm = _data(load_tokenizer("byte"), train=str(path), val=None, train_data=train_data, cache=False)
+    with pytest.raises(UserInputError, match=re.escape(f"{tmp_path}/{expected}")):
+        dm.setup("fit")

@@ -125,7 +125,7 @@ def detect(
                 f"{name}: cannot tell the data format from its columns {columns}{mapped}: expected fields {EXPECTED}. "
                 "Rename yours with data.columns, e.g. {prompt: question, chosen: response_j, rejected: response_k}"
             )
-        if fmt == "standard" and _is_messages(first.get(actual["chosen"])):
+        if fmt == "standard" and is_messages(first.get(actual["chosen"])):
             fmt = "conversational"
     elif requested in FIELDS:
         fmt = requested
@@ -141,7 +141,7 @@ def detect(
         raise UserInputError(f"data.format: unknown format {requested!r}; choose auto or one of {list(FIELDS)}")
     fields = fields or FIELDS[fmt]
     response = fields[0] if fmt == "unpaired" else "chosen"  # completion, or messages
-    conversational = fmt == "conversational" or (fmt != "standard" and _is_messages(first.get(actual[response])))
+    conversational = fmt == "conversational" or (fmt != "standard" and is_messages(first.get(actual[response])))
     hh = False
     if fmt == "implicit_prompt" and not conversational:
         looks_hh = all(str(first.get(actual[k])).startswith(HH_START) for k in ("chosen", "rejected"))
@@ -213,7 +213,8 @@ def _number(value: Any, where: str, name: str) -> float | None:
 
 def _text(value: Any, where: str, name: str) -> str:
     if not isinstance(value, str):
-        hint = "; set data.format conversational for message lists" if isinstance(value, list) else ""
+        hint = "; set data.format conversational for message lists" if isinstance(value, list) and value and \
+            is_messages(value) else ""
         raise RowError(f"{where}: {name} must be a string, got {_kind(value)}{hint}", "wrong type")
     if not value.strip():
         raise RowError(f"{where}: {name} is empty; every example needs a non-empty prompt and response", "empty field")
@@ -286,8 +287,13 @@ def _split_completion(messages: Messages, where: str, column: str) -> tuple[Mess
     return messages[:-1], messages[-1:]
 
 
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) or isinstance(value, dict) and bool({"role", "from"} & set(value))
+def is_messages(value: Any) -> bool:
+    """Whether a value is a conversation: a list of message objects, or one message object (a list of strings, a
+    null or a number is a value of the wrong type, for the row's checks to name, not a reason to want a chat
+    template)."""
+    if isinstance(value, list):
+        return all(isinstance(m, dict) for m in value)
+    return isinstance(value, dict) and bool({"role", "from"} & set(value))
 
 
 def _alias(key: str, column: str) -> str:

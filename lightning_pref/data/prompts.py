@@ -24,7 +24,7 @@ from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
 from lightning_pref.data.chat import ChatTemplate, require_template
-from lightning_pref.data.formats import FIELDS, Layout, detect, extract
+from lightning_pref.data.formats import FIELDS, Layout, detect, extract, is_messages
 from lightning_pref.data.prepare import SHOW_DROPPED, Options, prompt_and_texts, report_invalid
 from lightning_pref.data.sources import Source
 from lightning_pref.data.stats import SplitStats
@@ -70,7 +70,7 @@ def prepare_prompts(
     elif prompt_column in columns or messages_column in columns:
         key, column = ("prompt", prompt_column) if prompt_column in columns else ("messages", messages_column)
         first = source.rows[0].get(column)
-        layout = Layout("prompts", {key: column}, conversational=not isinstance(first, str))
+        layout = Layout("prompts", {key: column}, conversational=key == "messages" or is_messages(first))
     else:
         raise UserInputError(
             f"{field}: {source.name} has no prompts: expected a 'prompt' column (text or messages), a 'messages' "
