@@ -95,6 +95,9 @@ class BaseModule(LightningModule):
     # What training batches are, linked to the data module by the CLI (``pairs``; on-policy: ``prompts`` or
     # ``rounds``, see ``PreferenceDataModule``).
     train_data: str = "pairs"
+    # What validation batches are, linked likewise: ``pairs``, or ``prompts`` for a module that validates what its
+    # policy writes (RL).
+    val_data: str = "pairs"
     # Model FLOPs of the last training batch, for Lightning's ThroughputMonitor (lightning_pref.throughput).
     flops_per_batch: int | None = None
     flop_params: int = 0  # N of the estimate, counted before sharding

@@ -129,6 +129,24 @@ def check_new_log_dirs(trainer: Trainer) -> None:
                 "new version_N")
 
 
+#: What a command writes in its log directory before it runs anything (LightningCLI's config, the logger's
+#: hyperparameters, :class:`RunRecord`'s record): a directory holding nothing else has no results in it.
+_METADATA = frozenset({"config.yaml", "hparams.yaml", RUN_RECORD})
+
+
+def discard_unused_log_dir(trainer: Trainer) -> None:
+    """Remove the log directory of a command that was refused before it wrote anything but its metadata."""
+    logger = trainer.logger
+    log_dir = Path(logger.log_dir) if trainer.is_global_zero and getattr(logger, "log_dir", None) else None
+    if log_dir is None or not log_dir.is_dir():
+        return
+    entries = list(log_dir.iterdir())
+    if all(entry.is_file() and entry.name in _METADATA for entry in entries):
+        for entry in entries:
+            entry.unlink()
+        log_dir.rmdir()
+
+
 def _absolute(path: str | Path | None) -> str | None:
     return str(Path(path).absolute()) if path else None
 

@@ -41,6 +41,7 @@ from lightning_pref.runs import (
     check_kind,
     check_matches,
     check_new_log_dirs,
+    discard_unused_log_dir,
     first_line,
     is_sharded_checkpoint,
     last_checkpoint,
@@ -179,6 +180,7 @@ class LightningPrefCLI(LightningCLI):
         parser.set_defaults({"model": {"class_path": DEFAULT_MODULE}})
         parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
         parser.link_arguments("model.train_data", "data.train_data", apply_on="instantiate")
+        parser.link_arguments("model.val_data", "data.val_data", apply_on="instantiate")
         # Always-on callbacks, configurable as --checkpoint.*, --progress_bar.*, --predictions.*, --summary.*,
         # --throughput.*: a last.ckpt to resume or validate from, a progress bar showing loss and reward accuracy,
         # predict's JSONL, the summary at the end of fit, and real tokens/s (and MFU) in the logs.
@@ -275,6 +277,16 @@ class LightningPrefCLI(LightningCLI):
         trainer = self._instantiate_trainer(trainer_config, callbacks)  # LightningCLI's: adds the config callback
         check_new_log_dirs(trainer)
         return trainer
+
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """As LightningCLI; a command refused once the trainer had started (a check in a hook) takes back the log
+        directory it had only begun, so refused tries do not pile up as ``version_N`` or ``validate-N``."""
+        try:
+            super()._run_subcommand(subcommand)
+        except UserInputError:
+            discard_unused_log_dir(self.trainer)
+            raise
 
 
 def _option_of(cls: type, config: Any, prefix: str = "") -> str | None:

@@ -647,6 +647,7 @@ def test_rl_max_steps_between_rollouts_is_refused(capsys, tmp_path):
                                      "--trainer.default_root_dir", str(tmp_path)])
     assert "trainer.max_steps: 6" in line and "model.ppo_epochs 2 x model.minibatches 2" in line
     assert line.endswith("use 4 or 8"), line
+    assert not list(tmp_path.glob("lightning_logs/version_*"))  # the refused run takes back its directory
 
 
 @pytest.mark.parametrize(("prompts", "minibatches", "completions"), [(None, 16, "8 completions (2 prompts x"),
@@ -697,8 +698,8 @@ def test_validate_or_test_without_held_out_pairs_is_one_line(runs, tmp_path, cap
     line = _one_line_exit_2(capsys, [subcommand, "--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path",
                                      str(runs["dpo"] / "checkpoints/last.ckpt"), "--data.train", str(runs["pairs"]),
                                      "--data.val", "null"])
-    assert line == (f"error: data.val: {subcommand} measures held-out pairs and there are none; give data.val (a "
-                    "preference file) or data.val_fraction")
+    assert line == (f"error: data.val: {subcommand} measures held-out data and there is none; give data.val or "
+                    "data.val_fraction")
 
 
 @pytest.mark.parametrize("case", ["predict through a file", "predict onto a directory", "evaluate through a file",
@@ -839,3 +840,12 @@ def test_a_wrong_type_in_the_first_row_is_named_at_its_line(tmp_path, first, exp
     dm = _data(load_tokenizer("byte"), train=str(path), val=None, train_data=train_data, cache=False)
     with pytest.raises(UserInputError, match=re.escape(f"{tmp_path}/{expected}")):
         dm.setup("fit")
+
+
+def test_data_val_with_validation_turned_off_is_refused(capsys, tmp_path):
+    """The on-policy and RL configs set ``trainer.limit_val_batches: 0``: a ``data.val`` given to them was read and
+    never used."""
+    line = _one_line_exit_2(capsys, ["fit", "--config", str(REPO / "configs/online_dpo.yaml"), "--data.val",
+                                     str(REPO / "lightning_pref/assets/synthetic_val.jsonl"),
+                                     "--trainer.default_root_dir", str(tmp_path)])
+    assert line.startswith("error: data.val: ") and "would be ignored: trainer.limit_val_batches is 0" in line, line

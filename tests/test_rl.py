@@ -409,3 +409,45 @@ def test_a_fixed_kl_coefficient_changed_on_resume_is_the_new_one(tmp_path):
     assert [float(r["train/kl_coef"]) for r in rows] == [0.5]
     resumed = torch.load(tmp_path / "b/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=False)
     assert resumed["kl_state"] == {"coef": 0.5}
+
+
+def prompt_number(prompt: str, completion: str) -> float:
+    """A judge that scores the held-out prompt ("p3" -> 3), whatever the policy wrote (training prompts: 0)."""
+    return float(prompt[1:]) if prompt[1:].isdigit() else 0.0
+
+
+def test_validation_judges_what_the_policy_writes_for_held_out_prompts(tmp_path, capsys):
+    """``data.val`` with RL: one completion per held-out prompt, judged, exact means over the epoch (3 prompts in
+    batches of 2 and 1: the mean of the batch means would be 2.25). Was: loaded and silently never used. And
+    ``validate`` of the checkpoint measures the same, or refuses ``limit_val_batches: 0`` (which the RL configs set)
+    instead of measuring nothing."""
+    import sys
+
+    from lightning_pref.cli import main
+
+    val = write_jsonl(tmp_path / "val.jsonl", [{"prompt": f"p{i}"} for i in (1, 2, 3)])
+    common = ["--model.init_args.judge.init_args.fn", "tests.test_rl:prompt_number", "--data.val", str(val),
+              "--data.batch_size", "2", "--model.init_args.generation.max_new_tokens", "4"]
+    _fit_config("grpo", tmp_path / "fit", *common, "--trainer.max_steps", "4", "--trainer.limit_val_batches", "1.0",
+                "--trainer.val_check_interval", "1", "--trainer.num_sanity_val_steps", "0")
+    with open(next((tmp_path / "fit").glob("lightning_logs/version_0/metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/judge/score")]
+    assert [float(r["val/judge/score"]) for r in rows] == [2.0]
+    assert 1 <= float(rows[0]["val/completions/tokens"]) <= 4
+    checkpoint = next((tmp_path / "fit").glob("lightning_logs/version_0/checkpoints/last.ckpt"))
+    argv, sys.argv = sys.argv, ["lightning-pref"]
+    try:
+        validate = ["validate", "--config", str(REPO / "configs/grpo.yaml"), "--ckpt_path", str(checkpoint), *common]
+        with pytest.raises(SystemExit) as exit_info:
+            main(validate)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "error: trainer.limit_val_batches: 0 (the on-policy and RL configs set it), so validate would measure "
+            "nothing and exit 0; pass --trainer.limit_val_batches 1.0")
+        main([*validate, "--trainer.limit_val_batches", "1.0"])
+    finally:
+        sys.argv = argv
+    assert [p.name for p in checkpoint.parents[1].glob("validate*")] == ["validate"]  # the refused one left none
+    measured = checkpoint.parents[1] / "validate/metrics.csv"
+    with open(measured) as f:
+        assert [float(r["val/judge/score"]) for r in csv.DictReader(f) if r["val/judge/score"]] == [2.0]

@@ -102,6 +102,8 @@ class PreferenceDataModule(LightningDataModule):
             ``prompts``, batches of ``train``'s prompts (online on-policy training; ``train`` may be a prompt-only
             file); ``rounds``, pairs from the files :meth:`train_from` points at, sampled from ``train``'s prompts
             (iterative on-policy training).
+        val_data: what validation batches are (linked from the module by the CLI): ``pairs`` from ``val``, or
+            ``prompts``, batches of ``val``'s prompts (a module that validates what its policy writes, RL).
         packing: ``true`` lays the sequences end to end in rows (:func:`lightning_pref.layout.row_bins`), each with its
             own positions and attention (identical log-probs, no compute on padding) where the model supports
             it (elsewhere batches are padded again, with an info line saying why: see
@@ -133,6 +135,7 @@ class PreferenceDataModule(LightningDataModule):
         cache_dir: str | None = None,
         predict: str | None = None,
         train_data: Literal["pairs", "prompts", "rounds"] = "pairs",
+        val_data: Literal["pairs", "prompts"] = "pairs",
         packing: Packing = "auto",
     ) -> None:
         super().__init__()
@@ -157,6 +160,7 @@ class PreferenceDataModule(LightningDataModule):
         check_choice("data.on_identical", on_identical, ("warn", "error", "keep"))
         check_choice("data.on_invalid", on_invalid, ("error", "drop"))
         check_choice("data.train_data", train_data, ("pairs", "prompts", "rounds"))
+        check_choice("data.val_data", val_data, ("pairs", "prompts"))
         if cache_dir is not None and not cache:
             refuse_unused("data.cache_dir", cache_dir, "data.cache is false, so nothing is cached; drop cache_dir")
         if group_by_length and train_data == "prompts":
@@ -178,6 +182,7 @@ class PreferenceDataModule(LightningDataModule):
         self.stats: dict[str, SplitStats] = {}
         self.prompts: list[PromptExample] = []  # what predict and evaluate generate for
         self.train_prompts: list[PromptExample] = []  # on-policy training: what the policy samples for
+        self.val_prompts: list[PromptExample] = []  # validation of what the policy writes (val_data: prompts)
 
     def prepare_data(self) -> None:
         # Runs on one process per node before setup: with the cache on, the splits are tokenized once here and
@@ -190,9 +195,19 @@ class PreferenceDataModule(LightningDataModule):
             self._build_prompts()
             return
         self._build()
-        if stage in ("validate", "test") and "val" not in self.datasets:  # Lightning would run nothing, exit 0
-            raise UserInputError(f"data.val: {getattr(stage, 'value', stage)} measures held-out pairs and there are none; give data.val (a "
-                                 "preference file) or data.val_fraction")
+        stage = getattr(stage, "value", stage)
+        limit = {"fit": "limit_val_batches", "validate": "limit_val_batches", "test": "limit_test_batches"}.get(stage)
+        if limit and self.trainer is not None and getattr(self.trainer, limit) == 0:  # Lightning would skip it
+            if stage == "fit" and self.hparams.val is not None:
+                refuse_unused("data.val", self.hparams.val, "trainer.limit_val_batches is 0 (the on-policy and RL "
+                              "configs set it), so no validation runs; set trainer.limit_val_batches (e.g. 1.0) or "
+                              "drop data.val")
+            if stage != "fit":
+                raise UserInputError(f"trainer.{limit}: 0 (the on-policy and RL configs set it), so {stage} would "
+                                     f"measure nothing and exit 0; pass --trainer.{limit} 1.0")
+        if stage in ("validate", "test") and not self._has_val:  # Lightning would run nothing, exit 0
+            raise UserInputError(f"data.val: {stage} measures held-out data and there is none; give data.val or "
+                                 "data.val_fraction")
 
     def _build_prompts(self) -> None:
         """The prompts of ``predict`` (default: of the validation data), in file order."""
@@ -207,7 +222,7 @@ class PreferenceDataModule(LightningDataModule):
         self.prompts, _ = prepare_prompts(read_source(path, field), self.tokenizer, self.options, field)
 
     def _build(self) -> None:
-        if self.datasets or self.train_prompts:  # built (prepare_data, then setup, in the same process)
+        if self.datasets or self.train_prompts or self.val_prompts:  # built (prepare_data, then setup, alike)
             return
         train = read_source(self.paths["train"], "data.train")
         selections: dict[str, tuple[Source, list[int], tuple]] = {}
@@ -232,6 +247,10 @@ class PreferenceDataModule(LightningDataModule):
             source, indices, _ = selections.pop("train")  # nothing else); pairs come from the policy
             self.train_prompts, self.stats["train"] = prepare_prompts(source, self.tokenizer, self.options,
                                                                       "data.train", indices)
+        if self.hparams.val_data == "prompts" and "val" in selections:
+            source, indices, _ = selections.pop("val")
+            self.val_prompts, self.stats["val"] = prepare_prompts(source, self.tokenizer, self.options, "data.val",
+                                                                  indices)
         tokenizer_key = tokenized_cache.tokenizer_fingerprint(self.tokenizer) if self.hparams.cache else ""
         for split, (source, indices, selection) in selections.items():
             table, self.stats[split] = self._encode(source, indices, selection, tokenizer_key, f"data.{split}")
@@ -285,7 +304,13 @@ class PreferenceDataModule(LightningDataModule):
                                    num_workers=self.hparams.num_workers)
         return self._loader("train", train=True)
 
+    @property
+    def _has_val(self) -> bool:
+        return "val" in self.datasets or bool(self.val_prompts)
+
     def val_dataloader(self) -> DataLoader | list:
+        if self.val_prompts:
+            return self._prompt_loader(self.val_prompts, self.hparams.packing)
         return self._loader("val", train=False) if "val" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader | list:
@@ -294,11 +319,15 @@ class PreferenceDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Left-padded prompt batches in input order, split across processes (duplicates padded in to even out
         the processes carry weight 0 and are written once)."""
+        return self._prompt_loader(self.prompts)
+
+    def _prompt_loader(self, prompts: list[PromptExample], packing: bool | str = False) -> DataLoader:
         trainer = self.trainer
         world = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else {}
-        dataset = PromptDataset(self.prompts)
+        dataset = PromptDataset(prompts)
         return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=EvalSampler(dataset, **world),
-                          collate_fn=PromptCollator(self.tokenizer.pad_token_id), num_workers=self.hparams.num_workers)
+                          collate_fn=PromptCollator(self.tokenizer.pad_token_id, packing),
+                          num_workers=self.hparams.num_workers)
 
 
 class PromptDataset(Dataset):

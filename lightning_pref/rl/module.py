@@ -43,6 +43,7 @@ from lightning_pref import layout
 from lightning_pref.checks import check_range
 from lightning_pref.errors import UserInputError
 from lightning_pref.judges.base import Judge, check_scoring
+from lightning_pref.metrics import ExactMeans
 from lightning_pref.models import (
     ModelSpec,
     enable_activation_checkpointing,
@@ -61,6 +62,8 @@ from lightning_pref.rollout import Rollout, check_sampling_count, roll_out
 from lightning_pref.types import PreferenceBatch, PromptBatch
 
 _PROGRESS_BAR = ("train/judge/score", "train/objective/kl")
+#: Validated and tested: what the policy writes for held-out prompts, judged.
+_HELD_OUT = ("judge/score", "completions/eos_rate", "completions/tokens")
 
 
 @dataclass
@@ -130,6 +133,7 @@ class PolicyGradientModule(PolicyModule):
     plugin_registries = {"judge": JUDGES, "estimator": ADVANTAGES}
     not_hparams = (*PolicyModule.not_hparams, "judge", "estimator", "kl", "critic", "ptx")
     train_data = "prompts"
+    val_data = "prompts"
 
     def __init__(
         self,
@@ -171,6 +175,7 @@ class PolicyGradientModule(PolicyModule):
         self.ptx: PtxData | None = None
         #: checkpointed: the adaptive KL coefficient, so a resumed run continues with the one it had
         self.kl_state: dict[str, float] = {"coef": kl.coef}
+        self.val_metrics, self.test_metrics = ExactMeans(_HELD_OUT), ExactMeans(_HELD_OUT)
 
     checkpointed_state = ("kl_state",)
 
@@ -311,6 +316,27 @@ class PolicyGradientModule(PolicyModule):
         self.log_metrics("train", metrics, len(prompts), _PROGRESS_BAR)
         self.flops_per_batch = self.flop_params * experience.tokens * (
             2 * (1 + self.reference.passes) + 6 * self.hparams.ppo_epochs)
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self._held_out(batch, "val")
+
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self._held_out(batch, "test")
+
+    def _held_out(self, batch: PromptBatch, stage: str) -> None:
+        """What the policy writes for held-out prompts, judged: one completion of each at the sampling temperature,
+        seeded by the prompt's row (not by the step), so that every validation judges the same draws; exact means
+        over the epoch on every device (a prompt a distributed sampler padded in weighs 0)."""
+        prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+        rollout = roll_out(self.sampler, self.policy.lm, self.judge, prompts, batch.prompts, 1,
+                           self.generation.seed + 10_007 * int(batch.index[0]), self.hparams.eos_penalty)
+        weights = batch.weights.to(self.device) if batch.weights is not None else None
+        values = {"judge/score": rollout.scores.flatten(), "completions/eos_rate": rollout.completions.eos.float(),
+                  "completions/tokens": rollout.completions.lengths.float()}
+        metrics = getattr(self, f"{stage}_metrics").update({k: (v.to(self.device), weights) for k, v in values.items()})
+        for key, metric in metrics.items():
+            self.log(f"{stage}/{key}", metric, on_step=False, on_epoch=True, batch_size=len(prompts),
+                     prog_bar=key == "judge/score")
 
     def roll_out(self, prompts: list[list[int]], values: list[Any], seed: int) -> Rollout:
         """``samples_per_prompt`` completions of each prompt by the current policy, judged, with each sampled
