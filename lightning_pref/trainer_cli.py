@@ -216,6 +216,11 @@ class LightningPrefCLI(LightningCLI):
             check_matches(checkpoint, config.model, path, self.argv)
             if subcommand != "fit":
                 log_beside_run(config.trainer, path, subcommand)
+            steps, done = config.trainer.get("max_steps", -1), checkpoint.get("global_step", 0)
+            if subcommand == "fit" and steps not in (None, -1) and done >= steps:  # Lightning: exit 0, nothing run
+                raise UserInputError(f"trainer.max_steps: {steps}, and {path} is at step {done} already, so nothing "
+                                     "is left to train; raise trainer.max_steps (it counts the whole run, the resumed "
+                                     "steps included)")
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI rebuilds the trained model: it reads the checkpoint's hyperparameters into the model

@@ -849,3 +849,14 @@ def test_data_val_with_validation_turned_off_is_refused(capsys, tmp_path):
                                      str(REPO / "lightning_pref/assets/synthetic_val.jsonl"),
                                      "--trainer.default_root_dir", str(tmp_path)])
     assert line.startswith("error: data.val: ") and "would be ignored: trainer.limit_val_batches is 0" in line, line
+
+
+def test_resuming_a_run_already_at_max_steps_is_one_line(runs, capsys, tmp_path):
+    """Was: exit 0 having trained nothing, and a new version_N without a run record."""
+    line = _one_line_exit_2(capsys, ["fit", "--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path",
+                                     str(runs["dpo"] / "checkpoints/last.ckpt"), "--data.train", str(runs["pairs"]),
+                                     "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path)])
+    assert line == (f"error: trainer.max_steps: 1, and {runs['dpo'] / 'checkpoints/last.ckpt'} is at step 1 already, "
+                    "so nothing is left to train; raise trainer.max_steps (it counts the whole run, the resumed steps "
+                    "included)")
+    assert not list(tmp_path.iterdir())
