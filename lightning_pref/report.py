@@ -29,6 +29,7 @@ from lightning_pref.errors import UserInputError
 
 #: Written into every PNG (as its ``Software`` text chunk) and into report.html, to recognize our own files.
 GENERATOR = "lightning-pref report"
+_RUN_META = "lightning-pref-run"  # report.html says which run it is of: another run's report is never replaced
 OVERVIEW = "report_overview.png"
 #: What each command run with a logger records in its log directory (:class:`lightning_pref.runs.RunRecord`):
 #: which command it was, and for a resumed ``fit`` the checkpoint and step it resumed from.
@@ -486,9 +487,18 @@ def render_html(
     body = "\n".join(parts)
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f'<meta name="generator" content="{GENERATOR}">\n<title>report: {e(run_dir.name)}</title>\n'
+        f'<meta name="generator" content="{GENERATOR}">\n<meta name="{_RUN_META}" content="{e(str(run_dir.resolve()))}">\n'
+        f'<title>report: {e(run_dir.name)}</title>\n'
         f"<style>{_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
     )
+
+
+def _reported_run(page: Path) -> str | None:
+    """The run an earlier ``report.html`` was written for (``None``: no such page, or one from before it said)."""
+    if not page.is_file():
+        return None
+    found = re.search(rf'<meta name="{_RUN_META}" content="([^"]*)">', page.read_text(encoding="utf-8", errors="replace"))
+    return html.unescape(found.group(1)) if found else None
 
 
 def _check_replaceable(path: Path) -> None:
@@ -520,10 +530,17 @@ def write_report(run_dir: str, output_dir: str | None = None) -> Report:
     page = render_html(run, series, pngs, plots, config, completions, resumed)
 
     files = {**pngs, **({OVERVIEW: overview} if overview else {}), "report.html": page.encode()}
+    other = _reported_run(out / "report.html")
+    if other is not None and other != str(run.resolve()):  # its plots would be mixed with this run's
+        raise UserInputError(f"--output_dir: {out} holds the report of another run ({other}); choose another "
+                             "directory (a run's report goes beside it by default)")
     for name in files:  # all checked before anything is written
         _check_replaceable(out / name)
     out.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
         (out / name).write_bytes(content)
+    for stale in set(out.glob("report_*.png")) - {out / name for name in files}:  # this run's plots it no longer has
+        if GENERATOR.encode() in stale.read_bytes():
+            stale.unlink()
     return Report(run, out / "report.html", [out / n for n in pngs], out / OVERVIEW if overview else None, resumed)
 

@@ -210,6 +210,27 @@ def test_regenerates_its_own_files_but_never_replaces_others(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["report.html"]  # nothing half-written
 
 
+@needs_matplotlib
+def test_never_replaces_another_runs_report_and_drops_its_own_stale_plots(tmp_path, capsys):
+    """A report into another run's directory replaced that run's report.html and left a mix of the two runs'
+    plots; a rerun of the same run whose metrics lost a family left that family's old plot beside the new page."""
+    _write_metrics(tmp_path / "a", ["train/loss", "val/loss", "train/judge/score"])
+    _write_metrics(tmp_path / "b", ["train/loss", "val/loss"])
+    _report(str(tmp_path / "a"))
+    assert (tmp_path / "a/report_metric_judge.png").exists()
+    before = _tree_digest(tmp_path / "a")
+    with pytest.raises(SystemExit) as exit_info:
+        _report(str(tmp_path / "b"), "--output_dir", str(tmp_path / "a"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --output_dir: {tmp_path / 'a'} holds the report of another run ({(tmp_path / 'a').resolve()}); "
+                   "choose another directory (a run's report goes beside it by default)")
+    assert _tree_digest(tmp_path / "a") == before
+    _write_metrics(tmp_path / "a", ["train/loss", "val/loss"])  # the judge family is gone from the metrics
+    _report(str(tmp_path / "a"))
+    assert not (tmp_path / "a/report_metric_judge.png").exists() and (tmp_path / "a/report_loss.png").exists()
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "file", "bad_cell", "bad_completions"])
 def test_bad_input_is_one_line(tmp_path, capsys, case):
     run = tmp_path / "run"
