@@ -176,6 +176,23 @@ def test_csv_label_strings_name_the_row(tmp_path, tokenizer):
         dm.setup("fit")
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("prompt,chosen,rejected\na,b,c\nd,e,f\ng,h,i,j\n", "cannot read {path} as csv: Error tokenizing data. C error: "
+                                                          "Expected 3 fields in line 4, saw 4"),
+    ("", "{path} contains no records"),
+    ("prompt,chosen,rejected\n", "{path} contains no records"),
+])
+def test_an_unreadable_or_empty_csv_says_why(tmp_path, tokenizer, text, expected):
+    """Was: "An error occurred while generating the dataset" (datasets' wrapper of the reader's error, which names
+    the line), and for a header-only file 'Instruction "train" corresponds to no data!'."""
+    path = tmp_path / "pairs.csv"
+    path.write_text(text)
+    dm = PreferenceDataModule(train=str(path), tokenizer=tokenizer, cache=False)
+    with pytest.raises(UserInputError) as info:
+        dm.setup("fit")
+    assert str(info.value) == "data.train: " + expected.format(path=path)
+
+
 def test_unknown_sharegpt_speaker(tmp_path, tokenizer):
     tokenizer.chat_template = TEMPLATE
     record = {"prompt": [{"from": "human", "value": "hi"}], "chosen": [{"from": "bot", "value": "a"}],

@@ -149,6 +149,10 @@ def _read_arrow_file(file: Path, path: str, field: str) -> Source:
     try:
         dataset = reader(str(file))
     except Exception as err:  # broad on purpose: pyarrow/pandas raise many types; the user needs the file named
+        while (err.__cause__ or err.__context__) is not None:  # datasets wraps the reader's error (which names the
+            err = err.__cause__ or err.__context__  # line) in "An error occurred while generating the dataset"
+        if "corresponds to no data" in str(err) or "No columns to parse" in str(err):  # a header only, or nothing
+            raise UserInputError(f"{field}: {path} contains no records") from None
         raise UserInputError(f"{field}: cannot read {path} as {ARROW_SUFFIXES[file.suffix]}: {_first_line(err)}") from None
     return _dataset_source(dataset, path, field, _file_fingerprint(file))
 
