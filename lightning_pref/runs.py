@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pydoc
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -289,6 +290,8 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     if not Path(path).is_file():
         raise UserInputError(f"--ckpt_path: no checkpoint file at {path}")
     try:
+        if not zipfile.is_zipfile(path):  # torch's own message would advise re-saving it with torch.save
+            raise ValueError("not a PyTorch archive, which every .ckpt that fit saves is")
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as err:  # noqa: BLE001 - zip, pickle and I/O errors all mean the same to the user
         raise UserInputError(

@@ -860,3 +860,27 @@ def test_resuming_a_run_already_at_max_steps_is_one_line(runs, capsys, tmp_path)
                     "so nothing is left to train; raise trainer.max_steps (it counts the whole run, the resumed steps "
                     "included)")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_file_that_is_no_checkpoint_is_not_told_to_re_save_it(capsys, tmp_path):
+    """Was: torch's advice ('please torch.save your checkpoint with this option') quoted for a YAML or text file."""
+    bad = tmp_path / "bad.ckpt"
+    bad.write_text("model: not a checkpoint\n")
+    line = _one_line_exit_2(capsys, ["validate", "--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path", str(bad)])
+    assert line == (f"error: --ckpt_path: {bad} is not a readable checkpoint (not a PyTorch archive, which every .ckpt "
+                    "that fit saves is); it may be truncated by an interrupted save or copy: use another one (e.g. an "
+                    "earlier epoch=...ckpt)")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:7"])
+def test_a_judge_device_this_machine_lacks_names_the_option(tmp_path, device):
+    """Was: torch's "Torch not compiled with CUDA enabled" or its list of device types, naming no option."""
+    from lightning_pref.reward.export import save_reward_model
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that device")
+    reward = RewardModule(TINY, tokenizer="byte")
+    reward.configure_model()
+    save_reward_model(reward, tmp_path / "rm")
+    with pytest.raises(UserInputError, match=re.escape(f"judge.device: cannot put the reward model on {device!r} (")):
+        RewardModelJudge(str(tmp_path / "rm"), device=device)

@@ -294,3 +294,24 @@ def test_template_that_cannot_render_a_row(tmp_path, tokenizer, capsys):
     assert "bad.jsonl:2: the chat template cannot render this conversation: roles must alternate" in message
     assert dm.stats["train"].kept == 1 and dm.stats["train"].dropped == {"template error": 1}
     assert "d.jsonl:2: the chat template cannot render" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "gzip"])
+def test_a_jsonl_file_in_another_encoding_says_which(tmp_path, tokenizer, encoding):
+    """A BOM is read past, as in CSV (was: 'invalid JSON (Unexpected UTF-8 BOM (decode using utf-8-sig))'); UTF-16
+    and gzip without .gz name themselves (were: 'not UTF-8 text ... iconv -f latin1', the wrong fix)."""
+    import gzip
+
+    text = "".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(2))
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(gzip.compress(text.encode()) if encoding == "gzip" else text.encode(encoding))
+    dm = PreferenceDataModule(train=str(path), tokenizer=tokenizer, cache=False, val=None)
+    if encoding == "utf-8-sig":
+        dm.setup("fit")
+        assert dm.stats["train"].kept == 2
+        return
+    expected = {"utf-16": "UTF-16 text, not UTF-8 JSON lines; save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)",
+                "gzip": "gzip-compressed, not UTF-8 JSON lines; name it pairs.jsonl.gz, or decompress it"}[encoding]
+    with pytest.raises(UserInputError) as info:
+        dm.setup("fit")
+    assert str(info.value) == f"{path}: {expected}"

@@ -104,8 +104,12 @@ def _read_json(file: Path, path: str, field: str) -> Source:
         raw = gzip.decompress(file.read_bytes()) if file.suffix == ".gz" else file.read_bytes()
     except (OSError, EOFError) as err:  # a broken or truncated .gz
         raise UserInputError(f"{field}: cannot read {path} as {_suffix(file)}: {_first_line(err)}") from None
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or raw[:2] == b"\x1f\x8b":  # the fix is not latin1's
+        what, fix = (("gzip-compressed", f"name it {file.name}.gz, or decompress it") if raw[:2] == b"\x1f\x8b"
+                     else ("UTF-16 text", "save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)"))
+        raise UserInputError(f"{path}: {what}, not UTF-8 JSON lines; {fix}")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a BOM (editors on Windows write one) is not data
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise UserInputError(

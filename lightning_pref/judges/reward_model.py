@@ -55,7 +55,11 @@ class RewardModelJudge(Judge):
         model = load_reward_model(path, "judge.path")  # the model first: it says what a wrong directory is
         self.tokenizer = read_tokenizer(path, "judge.path", "a reward model directory holds its tokenizer "
                                         "(lightning-pref export writes it)")
-        self.scorer = RewardScorer(model.eval()).to(device)
+        try:
+            self.scorer = RewardScorer(model.eval()).to(device)
+        except (RuntimeError, AssertionError) as err:  # no such device here (torch's message names no option)
+            raise UserInputError(f"judge.device: cannot put the reward model on {device!r} "
+                                 f"({str(err).strip().splitlines()[0]}); use cpu, or a device this machine has") from None
         self.chat = ChatTemplate(self.tokenizer) if getattr(self.tokenizer, "chat_template", None) else None
         config = model.config
         self.stats = (getattr(config, "reward_mean", None), getattr(config, "reward_std", None))
