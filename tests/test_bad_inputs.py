@@ -68,6 +68,31 @@ Precision and non-finite losses
 Layout metrics
     ``train/padding_fraction`` of a model that cannot pack (policy or reward model) -> the padded layout that ran
         (a reward model logged the packed rows it never ran)
+Found by a QA sweep of the RL stage, on-policy training, judges and the commands after training (this file's tail;
+RL behaviour in ``tests/test_rl.py``, reports in ``tests/test_report.py``, data in ``tests/test_data_errors.py``)
+    RL: ``trainer.max_steps`` between rollouts -> ``... not a whole number of training batches of 4 updates each
+        (model.ppo_epochs 2 x model.minibatches 2); use 4 or 8`` (was: ran past it); more minibatches than a rollout
+        has completions, the epoch's last batch included -> refused (was: silently fewer); a judge score beyond
+        float32 or an int beyond any float -> one line (was: a NaN loss blamed on the data; OverflowError)
+    a pairwise-only judge for on-policy or RL training -> ``model.judge: ... only compares two completions`` when
+        built (was: "score raised NotImplementedError ... fix the judge" after the models were built)
+    a logger ``version`` an earlier run used -> refused before Lightning deletes its metrics.csv (was: deleted, then
+        a traceback); ``--ckpt_path`` a directory or ``best`` -> one line (was: tracebacks); ``validate``/``test``
+        without held-out data, or with ``limit_val_batches: 0`` -> one line (was: exit 0, nothing measured);
+        ``data.val`` with ``limit_val_batches: 0`` -> refused (was: ignored); resuming at ``max_steps`` -> one line
+        (was: exit 0, nothing trained); a refused command takes back the log directory it had begun
+    output paths through a file, or a directory for ``--predictions.path`` -> one line before any work (was:
+        tracebacks after generating); a file that is no PyTorch archive as ``--ckpt_path`` -> no torch.save advice
+    a two-label classifier as reward backbone, a model directory without tokenizer files, ``judge.device`` this
+        machine lacks -> one line naming the option (were: tracebacks, a message cut off at "from one of:", torch's
+        words); jsonargparse's errors (a mistyped class path, option name or Literal value) -> one line, the
+        deepest error after its option (was: usage and a 25-125 line tree)
+    prompts for on-policy/RL: dropped rows and prompts cut to ``max_length`` counted and printed, a summary row
+        (were: silent); a first row of the wrong type -> named at its line (was: "conversational ... no chat
+        template"); a CSV the reader refuses -> its own error with the line; empty or header-only -> "contains no
+        records"; a JSONL with a BOM is read; UTF-16 or gzip without .gz -> named
+    a margin beyond float32 -> refused at its row; an on-policy run in which no step kept a pair -> an error saying
+        the policy is unchanged (was: exit 0)
 Test hygiene
     the suite leaves the checkout as it found it (``tests/conftest.py`` compares ``git status`` before and after)
 """
