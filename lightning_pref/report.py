@@ -487,7 +487,8 @@ def render_html(
     body = "\n".join(parts)
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f'<meta name="generator" content="{GENERATOR}">\n<meta name="{_RUN_META}" content="{e(str(run_dir.resolve()))}">\n'
+        f'<meta name="generator" content="{GENERATOR}">\n'
+        f'<meta name="{_RUN_META}" content="{e(str(run_dir.resolve()))}">\n'
         f'<title>report: {e(run_dir.name)}</title>\n'
         f"<style>{_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
     )
@@ -497,7 +498,8 @@ def _reported_run(page: Path) -> str | None:
     """The run an earlier ``report.html`` was written for (``None``: no such page, or one from before it said)."""
     if not page.is_file():
         return None
-    found = re.search(rf'<meta name="{_RUN_META}" content="([^"]*)">', page.read_text(encoding="utf-8", errors="replace"))
+    text = page.read_text(encoding="utf-8", errors="replace")
+    found = re.search(rf'<meta name="{_RUN_META}" content="([^"]*)">', text)
     return html.unescape(found.group(1)) if found else None
 
 

@@ -126,8 +126,8 @@ def check_new_log_dirs(trainer: Trainer) -> None:
         if log_dir and Path(log_dir).is_dir() and any(Path(log_dir).iterdir()):
             raise UserInputError(
                 f"trainer.logger: {log_dir} already holds a run's files, which this run would replace (its logger "
-                "deletes metrics.csv); give the logger another version, or none: each run, resumed ones too, then gets a "
-                "new version_N")
+                "deletes metrics.csv); give the logger another version, or none: each run, resumed ones too, then "
+                "gets a new version_N")
 
 
 #: What a command writes in its log directory before it runs anything (LightningCLI's config, the logger's

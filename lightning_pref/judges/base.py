@@ -74,7 +74,8 @@ def judge_scores(judge: Judge, prompts: Sequence[Prompt], completions: Sequence[
             )
         if abs(number) > FLOAT32_MAX:  # training holds scores in float32: it would be inf, and the loss NaN
             raise UserInputError(f"judge {name}: score returned {value!r} for completion {i}, beyond float32's "
-                                 f"range (±{FLOAT32_MAX:.3g}) in which scores are trained on; scale the judge's scores")
+                                 f"range (±{FLOAT32_MAX:.3g}) in which scores are trained on; scale the judge's "
+                                 "scores")
         out.append(number)
     return out
 

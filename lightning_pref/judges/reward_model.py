@@ -58,8 +58,9 @@ class RewardModelJudge(Judge):
         try:
             self.scorer = RewardScorer(model.eval()).to(device)
         except (RuntimeError, AssertionError) as err:  # no such device here (torch's message names no option)
-            raise UserInputError(f"judge.device: cannot put the reward model on {device!r} "
-                                 f"({str(err).strip().splitlines()[0]}); use cpu, or a device this machine has") from None
+            why = str(err).strip().splitlines()[0]
+            raise UserInputError(f"judge.device: cannot put the reward model on {device!r} ({why}); use cpu, or a "
+                                 "device this machine has") from None
         self.chat = ChatTemplate(self.tokenizer) if getattr(self.tokenizer, "chat_template", None) else None
         config = model.config
         self.stats = (getattr(config, "reward_mean", None), getattr(config, "reward_std", None))

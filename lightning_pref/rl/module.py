@@ -219,13 +219,15 @@ class PolicyGradientModule(PolicyModule):
         # Checked before the first rollout: every minibatch needs a completion, in the epoch's last batch too
         loader, k = self.trainer.train_dataloader, self.hparams.samples_per_prompt
         size, samples = getattr(loader, "batch_size", None), len(getattr(loader, "sampler", ()))
-        if size is not None and samples and self.hparams.minibatches > min(size, samples % size or size) * k:
-            prompts = min(size, samples % size or size)
+        if size is None or not samples:
+            return
+        prompts = min(size, samples % size or size)  # the smallest batch: the epoch's last, or a full one
+        if self.hparams.minibatches > prompts * k:
             last = " in the epoch's last batch" if prompts < size else ""
             raise UserInputError(
                 f"model.minibatches: {self.hparams.minibatches} minibatches cannot split a rollout of {prompts * k} "
-                f"completions ({prompts} prompt{'s' if prompts > 1 else ''}{last} x model.samples_per_prompt {k}); use model.minibatches <= "
-                f"{prompts * k}, or a data.batch_size that leaves more prompts")
+                f"completions ({prompts} prompt{'s' if prompts > 1 else ''}{last} x model.samples_per_prompt {k}); "
+                f"use model.minibatches <= {prompts * k}, or a data.batch_size that leaves more prompts")
 
     @property
     def updates_per_batch(self) -> int:
@@ -471,7 +473,8 @@ class PolicyGradientModule(PolicyModule):
         initial = ((checkpoint.get("hyper_parameters") or {}).get("kl") or {}).get("coef")
         if initial is not None and initial != self.kl_options.coef and self._trainer is not None:
             rank_zero_info(f"lightning-pref: model.kl.coef {self.kl_options.coef} is the initial coefficient of an "
-                           f"adaptive KL (model.kl.target); the resumed run continues from the checkpoint's {saved:.6g}")
+                           "adaptive KL (model.kl.target); the resumed run continues from the checkpoint's "
+                           f"{saved:.6g}")
         self.kl_controller.value = saved
 
 
