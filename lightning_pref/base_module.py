@@ -264,6 +264,8 @@ class BaseModule(LightningModule):
         # The factories run only now: an argument they refuse (a negative lr, say) is one line naming the option.
         try:
             optimizer = self.optimizer_factory(parameters)
+        except UserInputError:  # the CLI's builder has named the option already
+            raise
         except ValueError as err:
             raise UserInputError(f"model.optimizer: {err}") from None
         _check_eps(optimizer, self._trainer.precision if self._trainer is not None else None)
@@ -272,10 +274,12 @@ class BaseModule(LightningModule):
             return optimizer
         try:
             scheduler = self.scheduler_factory(optimizer)
+            if hasattr(scheduler, "set_total_steps"):  # e.g. WarmupDecay: schedules that span the whole run
+                scheduler.set_total_steps(self.total_updates())
+        except UserInputError:  # the CLI's builder has named the option already
+            raise
         except ValueError as err:
             raise UserInputError(f"model.scheduler: {err}") from None
-        if hasattr(scheduler, "set_total_steps"):  # e.g. WarmupDecay: schedules that span the whole run
-            scheduler.set_total_steps(self.total_updates())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -292,6 +296,13 @@ class BaseModule(LightningModule):
         # parts in eval mode by overriding ``train``.
         self.train()
         self._finite_batches = 0
+        trainer = self.trainer  # Lightning takes these as given: a negative accumulation flips every update's sign
+        if not (isinstance(trainer.accumulate_grad_batches, int) and trainer.accumulate_grad_batches >= 1):
+            raise UserInputError(f"trainer.accumulate_grad_batches: must be an integer >= 1, got "
+                                 f"{trainer.accumulate_grad_batches!r} (1: no accumulation)")
+        if trainer.gradient_clip_val is not None and not trainer.gradient_clip_val >= 0:  # Lightning skips it
+            raise UserInputError(f"trainer.gradient_clip_val: must be >= 0, got {trainer.gradient_clip_val} (0 or "
+                                 "null: no clipping)")
         steps, per_batch = self.trainer.max_steps, self.updates_per_batch
         if steps != -1 and steps % per_batch:  # Lightning stops only between batches: the run would go past it
             whole = f"{steps - steps % per_batch} or {steps - steps % per_batch + per_batch}".removeprefix("0 or ")

@@ -175,7 +175,12 @@ class AdapterReference(Reference):
         except ImportError:
             raise UserInputError("model.reference_mode: 'adapter' needs peft: pip install 'lightning-pref[peft]'") from None
         config = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear", **(lora or {})}
-        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **config))
+        try:
+            return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **config))
+        except (TypeError, ValueError) as err:  # an unknown option (alpha for lora_alpha), r 0, no such module
+            why = str(err).strip().splitlines()[0]
+            raise UserInputError(f"model.lora: {why}; its keys are peft.LoraConfig's (r, lora_alpha, lora_dropout, "
+                                 "target_modules, ...), and target_modules names the model's own modules") from None
 
     @torch.no_grad()
     def logps(self, policy: SequenceScorer, batch: PreferenceBatch,

@@ -39,8 +39,18 @@ class WarmupDecay(LambdaLR):
     ) -> None:
         if warmup < 0 or not 0.0 <= min_ratio <= 1.0:
             raise ValueError(f"WarmupDecay: warmup must be >= 0 and min_ratio in [0, 1], got {warmup}, {min_ratio}")
+        if warmup >= 1 and warmup != int(warmup):  # 1.5 would be read as 1 step
+            raise ValueError(f"WarmupDecay: warmup {warmup} is neither a fraction of the run (< 1) nor a number of "
+                             "steps (a whole number)")
         self.warmup, self.decay, self.min_ratio, self.total_steps = warmup, decay, min_ratio, total_steps
         super().__init__(optimizer, self.factor)
+        self._check_warmup()
+
+    def _check_warmup(self) -> None:
+        if self.total_steps and self.warmup >= 1 and self.warmup >= self.total_steps:  # the peak is never reached
+            raise ValueError(f"WarmupDecay: warmup {int(self.warmup)} steps is not shorter than the run's "
+                             f"{self.total_steps} optimizer steps, so the learning rate never reaches its peak; "
+                             "shorten warmup (or give a fraction of the run, e.g. 0.1)")
 
     def set_total_steps(self, total_steps: int) -> None:
         """Fill in the run's length when it was left unset (and redo the learning rate of the current step,
@@ -48,6 +58,7 @@ class WarmupDecay(LambdaLR):
         if self.total_steps is not None:
             return
         self.total_steps = int(total_steps)
+        self._check_warmup()
         self._last_lr = [base * self.factor(self.last_epoch) for base in self.base_lrs]
         for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
             group["lr"] = lr

@@ -142,6 +142,11 @@ def condense_parser_error(message: str) -> str:
     if not leaves:
         return message.strip()
     depth, position, leaf = max(leaves, key=lambda leaf: (leaf[0], -leaf[1]))
+    alternatives = [leaf]  # the union's other members tried at the same place: "a bool or one of auto, shared"
+    for indent, i, text in leaves:
+        if i > position and indent == depth and all(lines[j][0] >= depth for j in range(position, i)):
+            alternatives.append(text.removeprefix("Expected a ") if leaf.startswith("Expected a ") else text)
+    leaf = " or ".join(alternatives)
     keys: list[str] = []
     parent_class = None
     for indent, text in reversed(lines[: position + 1]):

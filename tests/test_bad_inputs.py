@@ -909,3 +909,37 @@ def test_a_judge_device_this_machine_lacks_names_the_option(tmp_path, device):
     save_reward_model(reward, tmp_path / "rm")
     with pytest.raises(UserInputError, match=re.escape(f"judge.device: cannot put the reward model on {device!r} (")):
         RewardModelJudge(str(tmp_path / "rm"), device=device)
+
+
+_SCHEDULE = ["--model.scheduler", "lightning_pref.schedules.WarmupDecay"]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    # was: every update uphill (Lightning divides the loss by -1), exit 0; 0 was a ZeroDivisionError
+    (["--trainer.accumulate_grad_batches", "-1"], "trainer.accumulate_grad_batches: must be an integer >= 1, got -1"),
+    (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches: must be an integer >= 1, got 0"),
+    (["--trainer.gradient_clip_val", "-1"], "trainer.gradient_clip_val: must be >= 0, got -1"),  # was: no clipping
+    # were: peft's tracebacks
+    (["--model.reference_mode", "adapter", "--model.lora", "{r: 4, alpha: 8}"],
+     "model.lora: LoraConfig.__init__() got an unexpected keyword argument 'alpha'; its keys are peft.LoraConfig's"),
+    (["--model.reference_mode", "adapter", "--model.lora", "{target_modules: [q_prj]}"],
+     "model.lora: Target modules {'q_prj'} not found in the base model."),
+    # were: accepted, maximising DPO or learning nothing, exit 0
+    (["--model.loss", "weighted", "--model.loss.terms", "{dpo: -1.0, nll: 1.0}"],
+     "model.loss: weighted: weights must be finite and >= 0 (a negative one maximises its loss), got {'dpo': -1.0}"),
+    (["--model.loss", "weighted", "--model.loss.terms", "{dpo: 0.0}"], "model.loss: weighted: every weight is 0"),
+    (["--model.loss", "kto", "--model.loss.desirable_weight", "0", "--model.loss.undesirable_weight", "0",
+      "--data.unpair", "true"], "model.loss: kto: desirable_weight and undesirable_weight are both 0"),
+    # was: a warmup the run never finished (lr 2e-6 of a 1e-3 peak), exit 0; 1.5 read as 1 step
+    ([*_SCHEDULE, "--model.scheduler.warmup", "500"], "model.scheduler: WarmupDecay: warmup 500 steps is not shorter "
+                                                      "than the run's 2 optimizer steps"),
+    ([*_SCHEDULE, "--model.scheduler.warmup", "1.5"], "model.scheduler: WarmupDecay: warmup 1.5 is neither"),
+    # was: the option named twice
+    ([*_SCHEDULE, "--model.scheduler.min_ratio", "2"], "model.scheduler: WarmupDecay: warmup must be >= 0"),
+    # was: "Expected a <class 'bool'>", the first member of the union only
+    (["--data.packing", "maybe"], "data.packing: Expected a <class 'bool'> or typing.Literal['auto', 'shared']"),
+])
+def test_offline_training_options_that_would_mislead_are_one_line(capsys, tmp_path, args, expected):
+    line = _one_line_exit_2(capsys, ["fit", "--config", str(REPO / "configs/dpo.yaml"), "--trainer.max_steps", "2",
+                                     "--trainer.default_root_dir", str(tmp_path), *args])
+    assert line.startswith(f"error: {expected}"), line

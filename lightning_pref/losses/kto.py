@@ -49,6 +49,9 @@ class KTOLoss(PreferenceLoss):
             raise ValueError(f"kto: desirable_weight must be >= 0, got {desirable_weight}")
         if undesirable_weight < 0:
             raise ValueError(f"kto: undesirable_weight must be >= 0, got {undesirable_weight}")
+        if desirable_weight == undesirable_weight == 0:
+            raise ValueError("kto: desirable_weight and undesirable_weight are both 0, so the loss is 0 and nothing "
+                             "is learnt; give one of them a weight > 0")
         self.beta = beta
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_pref.errors import UserInputError
 from lightning_pref.losses.base import PreferenceLoss
 from lightning_pref.registry import get_loss, register_loss
 from lightning_pref.types import LossOutput, SequenceLogps
@@ -49,6 +50,10 @@ class WeightedLoss(PreferenceLoss):
             raise ValueError("weighted: terms must name at least one loss, e.g. {'dpo': 1.0, 'nll': 1.0}")
         if unknown := sorted(set(term_args) - set(terms)):
             raise ValueError(f"weighted: term_args names {unknown}, which are not in terms {sorted(terms)}")
+        if bad := {name: w for name, w in terms.items() if not 0 <= w < float("inf")}:  # NaN fails both
+            raise ValueError(f"weighted: weights must be finite and >= 0 (a negative one maximises its loss), got {bad}")
+        if not any(terms.values()):
+            raise ValueError(f"weighted: every weight is 0, so the loss is 0 and nothing is learnt; got {dict(terms)}")
         self.weights = dict(terms)  # a copy: the default mapping is shared between instances
         self.terms = nn.ModuleDict({name: get_loss(name, **term_args.get(name, {})) for name in terms})
         losses = list(self.terms.values())
@@ -66,9 +71,9 @@ class WeightedLoss(PreferenceLoss):
         }
         shapes = {name: tuple(out.losses.shape) for name, out in outputs.items()}
         if len(set(shapes.values())) > 1:
-            raise ValueError(
-                f"weighted: terms give per-example losses of different shapes {shapes}; only terms that score "
-                "the same examples can be summed (e.g. paired losses with nll, not kto with nll)"
+            raise UserInputError(  # known only once a batch is scored: one line, not a traceback from the step
+                f"model.loss: weighted: terms give per-example losses of different shapes {shapes}; only terms that "
+                "score the same examples can be summed (e.g. paired losses with nll, not kto with nll)"
             )
         losses = sum(self.weights[name] * out.losses for name, out in outputs.items())
         metrics: dict[str, Tensor] = {}
