@@ -11,6 +11,7 @@ from torch import Tensor
 from lightning_pref import kl, layout
 from lightning_pref.errors import UserInputError
 from lightning_pref.losses import DPOLoss, PreferenceLoss
+from lightning_pref.losses.base import checked_call
 from lightning_pref.metrics import PreferenceMetrics, batch_means, per_example
 from lightning_pref.models import ModelSpec
 from lightning_pref.policy import PolicyModule
@@ -97,7 +98,7 @@ class PreferenceModule(PolicyModule):
                 f"{stage} batch is unpaired; use paired data or an unpaired loss such as kto"
             )
         policy, reference, kl_baseline = self(batch)
-        out = self.loss(policy, reference, kl_baseline=kl_baseline)
+        out = checked_call(self.loss, policy, reference, kl_baseline)
         loss = out.losses.mean()
         values = per_example(out, policy, batch.paired, batch.weights)
         batch_size = batch.num_chosen if batch.paired else batch.num_sequences

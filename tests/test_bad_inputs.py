@@ -943,3 +943,45 @@ def test_offline_training_options_that_would_mislead_are_one_line(capsys, tmp_pa
     line = _one_line_exit_2(capsys, ["fit", "--config", str(REPO / "configs/dpo.yaml"), "--trainer.max_steps", "2",
                                      "--trainer.default_root_dir", str(tmp_path), *args])
     assert line.startswith(f"error: {expected}"), line
+
+
+class _ContractBreaker(DPOLoss):
+    """DPO whose output is bent one way per ``how``: what a hand-written plugin gets wrong."""
+
+    requires_reference = True
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def forward(self, policy, reference, *, kl_baseline=None):
+        from lightning_pref.types import LossOutput
+
+        if self.how == "needs what it declined":
+            raise ValueError("this loss requires reference log-probs, got reference=None")
+        out = super().forward(policy, reference, kl_baseline=kl_baseline)
+        return {
+            "scalar": LossOutput(out.losses.mean(), out.chosen_rewards, out.rejected_rewards),
+            "tuple": (out.losses, out.chosen_rewards, out.rejected_rewards),
+            "detached": LossOutput(out.losses.detach(), out.chosen_rewards, out.rejected_rewards),
+            "one reward": LossOutput(out.losses, out.chosen_rewards[:1], out.rejected_rewards),
+        }[self.how]
+
+
+@pytest.mark.parametrize(("how", "expected"), [
+    ("scalar", "returned losses of shape (); one per pair (3)"),  # was: IndexError in the metrics
+    ("tuple", "forward returned a tuple; a loss returns a LossOutput"),  # was: AttributeError
+    ("detached", "returned losses that do not depend on the policy's log-probs"),  # was: RuntimeError in backward
+    ("one reward", "returned chosen_rewards of shape (1,); one per chosen sequence (3)"),  # was: exit 0, 1 example
+    ("needs what it declined", "this loss requires reference log-probs, got reference=None"),  # was: a traceback
+])
+def test_a_loss_plugin_breaking_the_contract_is_one_line_naming_it(how, expected):
+    from lightning_pref.losses.base import checked_call
+    from lightning_pref.types import SequenceLogps
+
+    tokens = torch.ones(3)
+    policy = SequenceLogps(torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True), tokens, tokens)
+    reference = SequenceLogps(torch.randn(3), torch.randn(3), tokens, tokens)
+    with pytest.raises(UserInputError, match=re.escape("model.loss: _ContractBreaker")) as info:
+        checked_call(_ContractBreaker(how), policy, reference, None)
+    assert expected in str(info.value), str(info.value)

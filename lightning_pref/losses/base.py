@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
+from lightning_pref.errors import UserInputError
 from lightning_pref.registry import Recorded
 from lightning_pref.types import LossOutput, SequenceLogps
 
@@ -82,3 +84,39 @@ class PreferenceLoss(Recorded, nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_") and k != "training")
 
+
+
+def checked_call(loss: PreferenceLoss, policy: SequenceLogps, reference: SequenceLogps | None,
+                 kl_baseline: Tensor | None) -> LossOutput:
+    """``loss(policy, reference, kl_baseline=...)``, its output held to the contract where it enters training: a
+    :class:`LossOutput` with one loss per pair (or per example, unpaired), a reward per chosen and per rejected
+    sequence, and losses that depend on the policy while gradients are on. A plugin breaking it was a traceback
+    deep in the metrics or the backward, or (rewards of the wrong length) wrong metrics, exit 0.
+
+    Raises:
+        UserInputError: naming the loss and what it returned; also for a ``ValueError`` the loss raises (e.g.
+            reading a reference it declared it does not need).
+    """
+    name = f"model.loss: {type(loss).__name__}"
+    try:
+        out = loss(policy, reference, kl_baseline=kl_baseline)
+    except UserInputError:
+        raise
+    except ValueError as err:
+        raise UserInputError(f"{name}: {str(err).strip().splitlines()[0]}") from None
+    if not isinstance(out, LossOutput):
+        raise UserInputError(f"{name}.forward returned a {type(out).__name__}; a loss returns a LossOutput (losses, "
+                             "chosen_rewards, rejected_rewards, metrics)")
+    pairs, sequences = len(policy.chosen), len(policy.chosen) + len(policy.rejected)
+    if out.losses.ndim != 1 or len(out.losses) not in (pairs, sequences):
+        raise UserInputError(f"{name} returned losses of shape {tuple(out.losses.shape)}; one per pair ({pairs}) or, "
+                             f"unpaired, per example ({sequences}), unreduced (the module takes their mean)")
+    for side, rewards, expected in (("chosen", out.chosen_rewards, pairs), ("rejected", out.rejected_rewards,
+                                                                           len(policy.rejected))):
+        if tuple(rewards.shape) != (expected,):
+            raise UserInputError(f"{name} returned {side}_rewards of shape {tuple(rewards.shape)}; one per {side} "
+                                 f"sequence ({expected}) expected")
+    if torch.is_grad_enabled() and policy.chosen.requires_grad and not out.losses.requires_grad:
+        raise UserInputError(f"{name} returned losses that do not depend on the policy's log-probs (detached?), so "
+                             "nothing would be learnt")
+    return out
