@@ -280,6 +280,14 @@ class BaseModule(LightningModule):
             raise
         except ValueError as err:
             raise UserInputError(f"model.scheduler: {err}") from None
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):  # steps on a metric, once an epoch
+            monitor = getattr(scheduler, "monitor", None)  # lightning.pytorch.cli.ReduceLROnPlateau's
+            if not monitor:
+                raise UserInputError("model.scheduler: ReduceLROnPlateau steps on a logged metric and this one names "
+                                     "none; use lightning.pytorch.cli.ReduceLROnPlateau with init_args.monitor (e.g. "
+                                     "val/loss)")
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": monitor,
+                                                             "interval": "epoch"}}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:

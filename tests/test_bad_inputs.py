@@ -936,6 +936,10 @@ _SCHEDULE = ["--model.scheduler", "lightning_pref.schedules.WarmupDecay"]
     ([*_SCHEDULE, "--model.scheduler.warmup", "1.5"], "model.scheduler: WarmupDecay: warmup 1.5 is neither"),
     # was: the option named twice
     ([*_SCHEDULE, "--model.scheduler.min_ratio", "2"], "model.scheduler: WarmupDecay: warmup must be >= 0"),
+    # was: Lightning's "The lr scheduler dict must include a monitor ...", a fix in code the user cannot change
+    (["--model.scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"],
+     "model.scheduler: ReduceLROnPlateau steps on a logged metric and this one names none; use "
+     "lightning.pytorch.cli.ReduceLROnPlateau with init_args.monitor"),
     # was: "Expected a <class 'bool'>", the first member of the union only
     (["--data.packing", "maybe"], "data.packing: Expected a <class 'bool'> or typing.Literal['auto', 'shared']"),
 ])
@@ -985,3 +989,14 @@ def test_a_loss_plugin_breaking_the_contract_is_one_line_naming_it(how, expected
     with pytest.raises(UserInputError, match=re.escape("model.loss: _ContractBreaker")) as info:
         checked_call(_ContractBreaker(how), policy, reference, None)
     assert expected in str(info.value), str(info.value)
+
+
+def test_reduce_lr_on_plateau_with_a_monitor_steps_on_it(tmp_path):
+    """Was refused by Lightning whatever was given (the module never passed the monitor on)."""
+    main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--trainer.max_epochs", "2", "--trainer.max_steps", "-1",
+          "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir",
+          str(tmp_path), "--model.scheduler", "lightning.pytorch.cli.ReduceLROnPlateau", "--model.scheduler.monitor",
+          "train/loss", "--progress_bar.refresh_rate", "0"])
+    checkpoint = torch.load(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=False)
+    state = checkpoint["lr_schedulers"][0]
+    assert math.isfinite(state["best"]) and state["last_epoch"] == 2  # stepped on train/loss at each epoch's end
