@@ -89,7 +89,8 @@ class ProgressBar(RichProgressBar):
         super().on_validation_end(trainer, pl_module)
         if self.lines and super().is_enabled and trainer.is_global_zero and not trainer.sanity_checking:
             metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            self._print_line(f"validation at step {trainer.global_step - 1}", metrics)
+            fitting = trainer.state.fn == "fit"  # validate/test of a checkpoint: no step of this process to name
+            self._print_line(f"validation at step {trainer.global_step - 1}" if fitting else "validation", metrics)
 
     @staticmethod
     def _print_line(head: str, metrics: dict[str, Any]) -> None:

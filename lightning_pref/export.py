@@ -34,7 +34,7 @@ _NO_ADAPTER = ("--adapter_only: this model has no LoRA adapter (it was not train
 def _check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     out = check_output_path("--output_dir", output_dir, "directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserInputError(f"--output_dir: {out} exists and is not empty; choose another or pass --overwrite")
+        raise UserInputError(f"--output_dir: {out} exists and is not empty; choose another or pass --overwrite true")
     out.mkdir(parents=True, exist_ok=True)
     return out
 

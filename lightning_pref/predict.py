@@ -102,7 +102,7 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             check_output_path("--predictions.path", target, "file")
         if trainer.is_global_zero and target.exists() and not self.overwrite:
-            raise UserInputError(f"--predictions.path: {target} exists; choose another or pass --predictions.overwrite")
+            raise UserInputError(f"--predictions.path: {target} exists; choose another or pass --predictions.overwrite true")
         self._mine, self.records, self.written = [], [], None
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):

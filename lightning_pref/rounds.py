@@ -41,6 +41,9 @@ class IterativeRounds(Callback):
         self.prepare(trainer, pl_module, trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        last = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+        if last or trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step:
+            return  # no epoch follows to train the next round: sampling and judging it would be wasted
         self.prepare(trainer, pl_module, trainer.current_epoch + 1)
 
     def prepare(self, trainer: Trainer, module: LightningModule, round_index: int) -> None:

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_pref.cli import main
 from lightning_pref.data.tokenize import encode_prompt
-from lightning_pref.export import export_checkpoint, load_policy_from_checkpoint
+from lightning_pref.export import load_policy_from_checkpoint
 from lightning_pref.models import load_tokenizer
 from tests.support import REPO
 
@@ -54,9 +54,10 @@ def test_export_refuses_non_empty_dir_unless_overwrite(checkpoint, tmp_path, cap
     (out / "keep.txt").write_text("user data")
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--ckpt_path", checkpoint, "--output_dir", str(out)])
-    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.rstrip().endswith("pass --overwrite true")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    export_checkpoint(checkpoint, str(out), overwrite=True)
+    main(["export", "--ckpt_path", checkpoint, "--output_dir", str(out), *err.split("pass ")[-1].split()])  # as told
     assert (out / "config.json").is_file() and (out / "keep.txt").read_text() == "user data"
 
 

@@ -151,23 +151,25 @@ def test_every_pairwise_loss_trains_online(tmp_path, loss):
 
 
 def test_iterative_rounds_write_pairs_and_resume_in_their_round(tmp_path):
-    """Rounds of 8 prompts, one epoch each: round_0.jsonl, round_1.jsonl ... in the run directory; the round
-    files go in checkpoints, and a resumed run trains its round's file."""
+    """Rounds of 8 prompts, one epoch each: round_0.jsonl, round_1.jsonl ... in the run directory, the next one
+    sampled at each epoch's end but the last (was: one more round after the last epoch, sampled and judged for
+    nothing); the round files go in checkpoints, and a resumed run trains its round's file."""
     base = ["fit", "--config", ONLINE, "--model.init_args.mode", "iterative", "--model.init_args.round_prompts", "8",
             "--trainer.reload_dataloaders_every_n_epochs", "1", "--trainer.max_steps", "-1", "--data.batch_size", "4",
             "--trainer.default_root_dir", str(tmp_path), "--progress_bar.refresh_rate", "0"]
-    main([*base, "--trainer.max_epochs", "2"])
+    main([*base, "--trainer.max_epochs", "2", "--checkpoint.save_top_k", "-1"])
     run = tmp_path / "lightning_logs/version_0"
     rounds = sorted(p.name for p in run.glob("round_*.jsonl"))
-    assert rounds == ["round_0.jsonl", "round_1.jsonl", "round_2.jsonl"]  # the next round is ready at epoch end
+    assert rounds == ["round_0.jsonl", "round_1.jsonl"]  # round 1 was ready at epoch 0's end; none after the last
     records = [json.loads(x) for x in (run / "round_0.jsonl").open()]
     assert records and all(r["chosen_score"] > r["rejected_score"] for r in records)
-    checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
-    assert checkpoint["epoch"] == 1 and set(checkpoint["callbacks"]["IterativeRounds"]["round_files"]) == {0, 1, 2}
-    main([*base, "--trainer.max_epochs", "3", "--ckpt_path", "last"])  # resumes in round 2, with its file
+    checkpoint = torch.load(run / "checkpoints/epoch=0-step=2.ckpt", weights_only=False)
+    assert checkpoint["epoch"] == 0 and set(checkpoint["callbacks"]["IterativeRounds"]["round_files"]) == {0, 1}
+    main([*base, "--trainer.max_epochs", "3", "--ckpt_path", str(run / "checkpoints/epoch=0-step=2.ckpt")])
+    # resumes in round 1, with the interrupted run's file
     resumed = tmp_path / "lightning_logs/version_1"
-    assert not (resumed / "round_2.jsonl").exists()  # round 2's file came from the interrupted run
-    assert (resumed / "round_3.jsonl").exists()
+    assert not (resumed / "round_1.jsonl").exists()  # round 1's file came from the interrupted run
+    assert (resumed / "round_2.jsonl").exists() and not (resumed / "round_3.jsonl").exists()
 
 
 def test_a_step_where_every_prompt_tied_reports_no_loss_or_accuracy(tmp_path, capsys):

@@ -445,6 +445,8 @@ def test_validation_judges_what_the_policy_writes_for_held_out_prompts(tmp_path,
             "error: trainer.limit_val_batches: 0 (the on-policy and RL configs set it), so validate would measure "
             "nothing and exit 0; pass --trainer.limit_val_batches 1.0")
         main([*validate, "--trainer.limit_val_batches", "1.0"])
+        lines = capsys.readouterr().out.splitlines()
+        assert any(line.startswith("validation  val/completions/eos_rate") for line in lines), lines  # was: "at step -1"
     finally:
         sys.argv = argv
     assert [p.name for p in checkpoint.parents[1].glob("validate*")] == ["validate"]  # the refused one left none

@@ -449,7 +449,7 @@ class PolicyGradientModule(PolicyModule):
             "loss/policy": float(_masked_mean(surrogate.detach(), mask)),
             "policy/approxkl": float(_masked_mean(0.5 * log_ratio**2, mask)),
             "policy/clipfrac": float(_masked_mean(((ratio.detach() - 1).abs() > hp.clip).float(), mask)),
-            "val/ratio": float(_masked_mean(ratio.detach(), mask)),
+            "policy/ratio": float(_masked_mean(ratio.detach(), mask)),  # TRL's val/ratio; val/ is a stage here
             "objective/entropy": float(_masked_mean(_widen(current.entropy, width), mask)),
         }
         if self.kl_options.placement == "loss" and experience.reference_logps is not None:
