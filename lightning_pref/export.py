@@ -23,6 +23,7 @@ from lightning_pref.models import DtypeName, load_configured, model_tokenizer, q
 from lightning_pref.module import PreferenceModule
 from lightning_pref.reference import AdapterReference
 from lightning_pref.reward.export import load_reward_from_checkpoint, save_reward_model
+from lightning_pref.runs import read_checkpoint
 
 _POLICY_PREFIX = "policy."
 
@@ -107,21 +108,6 @@ def _unsharded(module: PreferenceModule, state_dict: dict[str, torch.Tensor]) ->
     return model
 
 
-def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """A checkpoint written by ``lightning-pref fit`` (policy or reward model), read to CPU."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise UserInputError(f"--ckpt_path: no checkpoint file at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - zip, pickle and I/O errors all mean the same to the user
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserInputError(f"--ckpt_path: {path} is not a readable checkpoint ({first})") from None
-    if not {"policy", "backbone"} & set(checkpoint.get("hyper_parameters", {})):
-        raise UserInputError(f"--ckpt_path: {path} was not written by lightning-pref (no model in its hparams)")
-    return checkpoint
-
-
 def load_policy_from_checkpoint(ckpt_path: str | Path | dict[str, Any]) -> Policy:
     """The policy of a checkpoint (a path, or the checkpoint already read), loaded as the run loaded it (its
     tokenizer, seed, loading arguments, adapters) with the trained weights, in the dtype it was trained in.
@@ -129,7 +115,7 @@ def load_policy_from_checkpoint(ckpt_path: str | Path | dict[str, Any]) -> Polic
     Neither the reference nor the loss is built: any reference mode and any loss (including ones whose plugin is
     not installed here) export the same way.
     """
-    checkpoint = ckpt_path if isinstance(ckpt_path, dict) else read_checkpoint(ckpt_path)
+    checkpoint = ckpt_path if isinstance(ckpt_path, dict) else read_checkpoint(ckpt_path, mmap=False)
     hp = checkpoint.get("hyper_parameters", {})
     if "policy" not in hp:
         raise UserInputError("--ckpt_path: the checkpoint holds no policy (a reward model's? it exports as one)")
@@ -160,7 +146,7 @@ def export_checkpoint(
         dtype: dtype of the saved weights, e.g. ``bfloat16`` for half the size; ``None`` = as trained (fp32
             master weights under ``32-true``/``*-mixed``, which keep updates too small for bf16).
     """
-    checkpoint = read_checkpoint(ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path, mmap=False)
     if adapter_only and checkpoint["hyper_parameters"].get("reference_mode") != "adapter":  # before any writing
         raise UserInputError(_NO_ADAPTER)
     out = _check_output_dir(output_dir, overwrite)

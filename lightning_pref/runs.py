@@ -279,20 +279,24 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return (Path(path) / "meta.pt").is_file()
 
 
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """A lightning-pref checkpoint, read memory-mapped (cheap even for large ones); one line when it is missing,
-    truncated or someone else's (Lightning would fail deep inside ``torch.load``)."""
+def read_checkpoint(path: str | Path, mmap: bool = True) -> dict[str, Any]:
+    """A lightning-pref checkpoint (policy or reward model), read to CPU, memory-mapped unless ``mmap`` is false
+    (cheap even for large ones); one line when it is missing, a directory, truncated or someone else's (Lightning
+    and ``torch.load`` would fail deep inside, or advise re-saving it)."""
+    if is_sharded_checkpoint(path):  # the training commands hand these to Lightning before reading them here
+        raise UserInputError(f"--ckpt_path: {path} is a sharded (FSDP) checkpoint, and this command reads a single "
+                             ".ckpt file")
     if Path(path).is_dir():
         inside = next((c for c in (Path(path) / "checkpoints/last.ckpt", Path(path) / "last.ckpt") if c.is_file()),
                       None)
-        hint = f", e.g. {inside}" if inside is not None else " (a .ckpt file, or a sharded checkpoint's directory)"
+        hint = f", e.g. {inside}" if inside is not None else " (a .ckpt file)"
         raise UserInputError(f"--ckpt_path: {path} is a directory, not a checkpoint; give a checkpoint in it{hint}")
     if not Path(path).is_file():
         raise UserInputError(f"--ckpt_path: no checkpoint file at {path}")
     try:
         if not zipfile.is_zipfile(path):  # torch's own message would advise re-saving it with torch.save
             raise ValueError("not a PyTorch archive, which every .ckpt that fit saves is")
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
     except Exception as err:  # noqa: BLE001 - zip, pickle and I/O errors all mean the same to the user
         raise UserInputError(
             f"--ckpt_path: {path} is not a readable checkpoint ({first_line(err)}); it may be truncated by an "

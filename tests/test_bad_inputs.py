@@ -887,11 +887,15 @@ def test_resuming_a_run_already_at_max_steps_is_one_line(runs, capsys, tmp_path)
     assert not list(tmp_path.iterdir())
 
 
-def test_a_file_that_is_no_checkpoint_is_not_told_to_re_save_it(capsys, tmp_path):
-    """Was: torch's advice ('please torch.save your checkpoint with this option') quoted for a YAML or text file."""
+@pytest.mark.parametrize("subcommand", ["validate", "export"])
+def test_a_file_that_is_no_checkpoint_is_not_told_to_re_save_it(capsys, tmp_path, subcommand):
+    """Was: torch's advice ('please torch.save your checkpoint with this option') quoted for a YAML or text file;
+    export read checkpoints with a reader of its own that kept it."""
     bad = tmp_path / "bad.ckpt"
     bad.write_text("model: not a checkpoint\n")
-    line = _one_line_exit_2(capsys, ["validate", "--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path", str(bad)])
+    where = ["--output_dir", str(tmp_path / "out")] if subcommand == "export" else [
+        "--config", str(REPO / "configs/dpo.yaml")]
+    line = _one_line_exit_2(capsys, [subcommand, *where, "--ckpt_path", str(bad)])
     assert line == (f"error: --ckpt_path: {bad} is not a readable checkpoint (not a PyTorch archive, which every .ckpt "
                     "that fit saves is); it may be truncated by an interrupted save or copy: use another one (e.g. an "
                     "earlier epoch=...ckpt)")
