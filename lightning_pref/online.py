@@ -212,7 +212,7 @@ class OnPolicyModule(PreferenceModule):
     def training_step(self, batch: PreferenceBatch | PromptBatch, batch_idx: int) -> Tensor:
         if not isinstance(batch, PromptBatch):  # iterative: a round's pairs, trained on offline
             return super().training_step(batch, batch_idx)
-        prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+        prompts = batch.token_ids()
         examples, metrics = self.sample_pairs(prompts, batch.prompts, self._seed(int(batch.index[0])))
         self._rollouts, self._pairs_kept = self._rollouts + 1, self._pairs_kept + int(metrics["pairs"])
         pairs = PreferenceCollator(self.tokenizer.pad_token_id, packing=batch.packing)(examples)

@@ -279,7 +279,7 @@ class PolicyModule(BaseModule):
         """Completions of a batch of prompts as records for :class:`~lightning_pref.predict.PredictionWriter`;
         each batch is seeded by ``model.generation.seed`` plus its first prompt's index."""
         seed = self.generation.seed + int(batch.index[0])
-        prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+        prompts = batch.token_ids()
         policy, reference = self.complete(prompts, seed)
         return {"index": batch.index.tolist(), "weights": batch.weights.tolist(),
                 "records": prediction_records(batch.prompts, policy, reference)}

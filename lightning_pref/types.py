@@ -185,3 +185,7 @@ class PromptBatch:
     weights: Tensor | None = None  # (B,) 0 for duplicates a distributed sampler padded in
     # ``data.packing``: how batches built from these prompts' completions are laid out (on-policy pairs).
     packing: bool | str = False
+
+    def token_ids(self) -> list[list[int]]:
+        """Each prompt's own token ids, its left padding dropped (what the sampler continues). # [B][P_b]"""
+        return [row[mask.bool()].tolist() for row, mask in zip(self.input_ids, self.attention_mask, strict=True)]

@@ -305,7 +305,7 @@ class PolicyGradientModule(PolicyModule):
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         start = time.perf_counter()
-        prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+        prompts = batch.token_ids()
         rollout = self.roll_out(prompts, batch.prompts, self._seed(int(batch.index[0])))
         experience = self.experience(rollout, batch.packing)
         metrics = self.update(experience)
@@ -329,7 +329,7 @@ class PolicyGradientModule(PolicyModule):
         """What the policy writes for held-out prompts, judged: one completion of each at the sampling temperature,
         seeded by the prompt's row (not by the step), so that every validation judges the same draws; exact means
         over the epoch on every device (a prompt a distributed sampler padded in weighs 0)."""
-        prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+        prompts = batch.token_ids()
         rollout = roll_out(self.sampler, self.policy.lm, self.judge, prompts, batch.prompts, 1,
                            self.generation.seed + 10_007 * int(batch.index[0]), self.hparams.eos_penalty)
         weights = batch.weights.to(self.device) if batch.weights is not None else None
