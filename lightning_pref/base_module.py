@@ -311,7 +311,7 @@ class BaseModule(LightningModule):
         if trainer.gradient_clip_val is not None and not trainer.gradient_clip_val >= 0:  # Lightning skips it
             raise UserInputError(f"trainer.gradient_clip_val: must be >= 0, got {trainer.gradient_clip_val} (0 or "
                                  "null: no clipping)")
-        steps, per_batch = self.trainer.max_steps, self.updates_per_batch
+        steps, per_batch = trainer.max_steps, self.updates_per_batch
         if steps != -1 and steps % per_batch:  # Lightning stops only between batches: the run would go past it
             whole = f"{steps - steps % per_batch} or {steps - steps % per_batch + per_batch}".removeprefix("0 or ")
             raise UserInputError(f"trainer.max_steps: {steps} optimizer updates is not a whole number of training "

@@ -95,6 +95,7 @@ class OnPolicyModule(PreferenceModule):
         super().__init__(policy, **kwargs)
         self.judge = self.plugin(judge, JUDGES, None, "model.judge")
         check_scoring(self.judge, "model.judge", "a prompt's pair is its best- and worst-scored samples")
+        self._rollouts = self._pairs_kept = 0  # this run's online steps and the pairs they kept (on_train_end)
         if samples_per_prompt < 2:
             raise UserInputError(f"model.samples_per_prompt: a pair needs >= 2 samples per prompt, got {samples_per_prompt}")
         if self.hparams.reference_mode == "precomputed":
@@ -130,7 +131,7 @@ class OnPolicyModule(PreferenceModule):
 
     def on_train_end(self) -> None:
         # A tie weighs 0 on its step; a whole run of them is a run that changed nothing, and says so.
-        if not getattr(self, "_rollouts", 0):
+        if not self._rollouts:
             return
         kept = torch.tensor(float(self._pairs_kept), device=self.device)
         if self.trainer.world_size > 1:

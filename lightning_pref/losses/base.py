@@ -85,7 +85,6 @@ class PreferenceLoss(Recorded, nn.Module):
         return ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_") and k != "training")
 
 
-
 def checked_call(loss: PreferenceLoss, policy: SequenceLogps, reference: SequenceLogps | None,
                  kl_baseline: Tensor | None) -> LossOutput:
     """``loss(policy, reference, kl_baseline=...)``, its output held to the contract where it enters training: a
