@@ -288,7 +288,6 @@ class LightningPrefCLI(LightningCLI):
         check_new_log_dirs(trainer)
         return trainer
 
-
     def _run_subcommand(self, subcommand: str) -> None:
         """As LightningCLI; a command refused once the trainer had started (a check in a hook) takes back the log
         directory it had only begun, so refused tries do not pile up as ``version_N`` or ``validate-N``."""
