@@ -273,6 +273,24 @@ def test_critic_of_a_policy_given_as_a_directory_has_one_value_head(tmp_path):
     assert values.shape == (3,) and torch.equal(values, torch.zeros(3)) and rows.tolist() == [0, 0, 0]
 
 
+def test_critic_of_smollm2_given_as_a_directory_values_real_text_from_zero(smollm2):
+    """The critic-from-a-directory fix on the real model: SmolLM2's body with a one-label head, zero at the start,
+    one value per completion token of a real prompt (its own tokenizer, its chat template)."""
+    module = PolicyGradientModule(str(smollm2), judge=NoShoutingJudge(),
+                                  generation=GenerationOptions(max_new_tokens=4, do_sample=True),
+                                  optimizer=partial(torch.optim.AdamW, lr=1e-6))
+    module.configure_model()
+    assert module.critic.head.out_features == 1
+    prompt = module.tokenizer.apply_chat_template([{"role": "user", "content": "How do I boil an egg?"}],
+                                                  add_generation_prompt=True, tokenize=False)
+    ids = module.tokenizer(prompt + "Put it in water.", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    response = torch.zeros_like(ids)
+    response[:, len(module.tokenizer(prompt, add_special_tokens=False)["input_ids"]):] = 1
+    with torch.no_grad():
+        values, rows = module.critic.values(ids, torch.ones_like(ids), response)
+    assert values.shape == (int(response.sum()),) and torch.equal(values, torch.zeros_like(values))
+
+
 def test_critic_refuses_a_model_with_another_tokenizer(tmp_path, smollm2):
     with pytest.raises(UserInputError, match="another tokenizer"):
         _module(critic={"model": str(smollm2)}).configure_model()
