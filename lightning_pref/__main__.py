@@ -1,5 +1,5 @@
 """``python -m lightning_pref ...`` is the ``lightning-pref`` command (multi-process launchers re-run it)."""
 
-from lightning_pref.cli import main
+from lightning_pref.cli import console
 
-main()
+console()

@@ -316,9 +316,13 @@ ALWAYS_ON = {"checkpoint": "enable_checkpointing", "progress_bar": "enable_progr
              "summary": None, "throughput": None, "model_summary": "enable_model_summary"}
 
 
-def run(args: list[str] | None) -> None:
+def run(args: list[str] | None) -> bool:
     """Run a training subcommand; ``args`` as the command line gives them (``None``: LightningCLI reads
-    ``sys.argv``, which multi-process launchers re-run)."""
+    ``sys.argv``, which multi-process launchers re-run).
+
+    Returns:
+        Whether this process took part in a distributed run (its process group is down again on return).
+    """
     quiet_console()
     load_plugins()  # third-party plugins' classes are known by class name too (--model.loss MyLoss)
     try:
@@ -330,8 +334,10 @@ def run(args: list[str] | None) -> None:
     except MisconfigurationException as err:  # Lightning's own refusal of a setting: one line too
         raise UserInputError(str(err)) from None
     finally:
-        # Lightning leaves the process group up; left to interpreter exit, gloo's threads can be destroyed while
-        # still joinable, and the process aborts ("terminate called without an active exception", exit 134)
-        # after a run that finished: seen in about one DDP run in six on CPU.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Lightning leaves the process group up: taken down, so that a script's next command starts afresh. Its
+        # gloo worker threads live on (the device mesh and sharded parameters still hold the group), which is why
+        # the command ends without finalizing the interpreter after such a run (`cli.console`).
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:
             torch.distributed.destroy_process_group()
+    return distributed

@@ -102,6 +102,15 @@ class RecordLosses(Callback):
         path.write_text(json.dumps(self.losses))
 
 
+class PrintAtExit(Callback):
+    """At the end of ``fit``: an exit handler that prints ``exit handler rank R`` to stdout, unflushed."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        import atexit
+
+        atexit.register(lambda: print(f"exit handler rank {trainer.global_rank}", end=""))
+
+
 class RecordPrompts(Callback):
     """Write the prompt indices of this rank's on-policy training batches to ``<directory>/prompts_rank<R>.json``."""
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import glob
+import threading
+import time
 
 import pytest
 import torch
 import yaml
 
+from lightning_pref import cli
 from lightning_pref.cli import main
 from tests.support import REPO, TINY
 
@@ -315,3 +318,34 @@ def test_listings_and_help_start_without_the_training_stack(argv):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_command_ends_a_distributed_run_without_finalizing_the_interpreter(monkeypatch):
+    """After a distributed run ``lightning-pref`` joins the process's threads, runs its exit handlers, and ends
+    with ``os._exit(0)``: gloo's worker threads outlive the process group and release a collective's tensors
+    after it has returned, and one doing so during interpreter finalization aborts a finished run (exit 134,
+    "terminate called without an active exception"; 6 of 129 2-process FSDP2 runs on this machine, none of
+    60 with this ending). Any other command ends as Python does."""
+    ended: list[object] = []
+
+    class Ended(Exception):
+        pass
+
+    def _exit(status: int) -> None:
+        ended.append(("os._exit", status))
+        raise Ended
+
+    worker = threading.Thread(target=lambda: (time.sleep(0.2), ended.append("thread")))
+    monkeypatch.setattr(cli.threading, "enumerate", lambda: [threading.main_thread(), worker])
+    monkeypatch.setattr(cli.atexit, "_run_exitfuncs", lambda: ended.append("exit handlers"))
+    monkeypatch.setattr(cli.os, "_exit", _exit)
+    monkeypatch.setattr(cli, "main", lambda: True)
+    worker.start()
+    with pytest.raises(Ended):
+        cli.console()
+    assert ended == ["thread", "exit handlers", ("os._exit", 0)]
+
+    ended.clear()
+    monkeypatch.setattr(cli, "main", lambda: False)
+    cli.console()  # returns: the interpreter is finalized as usual
+    assert ended == []

@@ -299,16 +299,33 @@ def test_policy_gradient_under_ddp_makes_the_single_process_updates(tmp_path):
 
 
 def test_a_run_takes_its_process_group_down(data, tmp_path, monkeypatch):
-    """The CLI destroys the process group a distributed run set up: left to interpreter exit, gloo's threads
-    could be destroyed while joinable and abort a finished run (exit 134, about one DDP run in six on CPU)."""
+    """The CLI destroys the process group a distributed run set up, so that a script's next command starts
+    afresh."""
     from lightning_pref.cli import main
 
     monkeypatch.chdir(tmp_path)
     # Lightning sets MASTER_PORT & co. in this process: restored after, or later tests' runs all take that one port.
     with mock.patch.dict(os.environ):
-        main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--config", str(REPO / "configs/strategy/ddp.yaml"),
-              "--trainer.devices", "1", "--trainer.accelerator", "cpu", "--data.train", str(data["train"]),
-              "--data.val", "null", "--data.batch_size", "4", "--trainer.max_steps", "1",
-              "--progress_bar.refresh_rate", "0", "--trainer.default_root_dir", str(tmp_path)])
+        distributed = main([
+            "fit", "--config", str(REPO / "configs/dpo.yaml"), "--config", str(REPO / "configs/strategy/ddp.yaml"),
+            "--trainer.devices", "1", "--trainer.accelerator", "cpu", "--data.train", str(data["train"]),
+            "--data.val", "null", "--data.batch_size", "4", "--trainer.max_steps", "1",
+            "--progress_bar.refresh_rate", "0", "--trainer.default_root_dir", str(tmp_path),
+        ])
     assert (tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt").is_file()  # the run ran to its end
     assert not torch.distributed.is_initialized()
+    assert distributed  # so the command ends as a distributed run's must (cli.console)
+
+
+def test_a_distributed_command_still_runs_exit_handlers_and_flushes_on_every_rank(data, tmp_path):
+    """The command ends a 2-process run without finalizing the interpreter (``cli.console``): its exit handlers
+    and unflushed output are not lost, on either rank."""
+    result = _cli(
+        "fit", "--config", str(REPO / "configs/dpo.yaml"), *_strategy("ddp"), "--trainer.accelerator", "cpu",
+        "--data.train", str(data["train"]), "--data.val", "null", "--data.batch_size", "4",
+        "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path), "--progress_bar.refresh_rate", "0",
+        "--trainer.callbacks+=tests.support.PrintAtExit",
+    )
+    for rank in (0, 1):
+        assert f"exit handler rank {rank}" in result.stdout
+    assert (tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt").is_file()
