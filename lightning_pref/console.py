@@ -128,16 +128,28 @@ class RunSummary(Callback):
     """At the end of ``fit`` (rank 0): the final validation metrics, where the checkpoints are, and the commands
     that come next (export, report). Always on in the CLI; the same lines every run, so scripts can read them."""
 
+    def __init__(self) -> None:
+        self.validated_at: int | None = None  # optimizer steps done at the last validation of this fit
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self.validated_at = trainer.global_step
+
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         log_dir = trainer.log_dir  # a collective under several processes: every rank asks
         if not trainer.is_global_zero:
             return
         console = Console(highlight=False, soft_wrap=True)
         metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
-        if metrics:
-            # the step as metrics.csv labels it (its index, from 0), and the steps done
-            table = Table(title=f"final validation (step {trainer.global_step - 1}, after {trainer.global_step} "
-                                "optimizer steps)", title_justify="left")
+        if metrics and self.validated_at is not None:
+            # the step as metrics.csv labels it (its index, from 0), and the steps done; a run whose max_steps
+            # falls between validations trained on after its last one, and the title says so
+            steps = self.validated_at
+            title = (f"final validation (step {steps - 1}, after {steps} optimizer steps)"
+                     if steps == trainer.global_step else
+                     f"last validation (step {steps - 1}, after {steps} of the run's {trainer.global_step} optimizer "
+                     "steps; `lightning-pref validate` of last.ckpt measures the end)")
+            table = Table(title=title, title_justify="left")
             table.add_column("metric")
             table.add_column("value", justify="right")
             for key, value in metrics.items():

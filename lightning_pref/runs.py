@@ -15,6 +15,7 @@ import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from rich.console import Console
@@ -306,6 +307,22 @@ def read_checkpoint(path: str | Path, mmap: bool = True) -> dict[str, Any]:
     if not {"policy", "backbone"} & set(hparams):
         raise UserInputError(f"--ckpt_path: {path} was not written by lightning-pref fit (no model in its hparams)")
     return checkpoint
+
+
+class Checkpoints(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (``--checkpoint.*``), which also saves ``last.ckpt`` when training ends on
+    a step it has not saved (the ``epoch=...-step=...ckpt`` files stay those of its schedule: by then Lightning
+    counts the stopped epoch as done, and would name the file after the next one).
+
+    Lightning saves after each validation when a run validates within its epoch, so a run whose ``max_steps``
+    fell between two validations ended with checkpoints of its last validation, steps behind the policy it had
+    trained, and the ``export`` command printed at the end exported that older policy.
+    """
+
+    def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
+        if self._should_skip_saving_checkpoint(trainer):  # already saved at this step, or not fitting
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 #: Modules that write text: what ``predict`` and ``evaluate`` need.

@@ -23,7 +23,6 @@ import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
@@ -36,6 +35,7 @@ from lightning_pref.predict import PredictionWriter
 from lightning_pref.registry import REGISTRIES, UnknownPluginError, load_plugins
 from lightning_pref.runs import (
     DEFAULT_MODULE,
+    Checkpoints,
     RunRecord,
     SaveRunConfig,
     check_kind,
@@ -189,7 +189,7 @@ class LightningPrefCLI(LightningCLI):
         # Always-on callbacks, configurable as --checkpoint.*, --progress_bar.*, --predictions.*, --summary.*,
         # --throughput.*: a last.ckpt to resume or validate from, a progress bar showing loss and reward accuracy,
         # predict's JSONL, the summary at the end of fit, and real tokens/s (and MFU) in the logs.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoints, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(ProgressBar, "progress_bar")
         parser.add_lightning_class_args(PredictionWriter, "predictions")

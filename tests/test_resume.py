@@ -55,7 +55,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, kill_at, uninterrupted):
 
     expected = torch.load(full_root / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=False)
     got = torch.load(tmp_path / "killed/lightning_logs/version_1/checkpoints/last.ckpt", weights_only=False)
-    assert got["global_step"] == expected["global_step"] == 9
+    assert got["global_step"] == expected["global_step"] == 10  # the step after the last every_n_train_steps
     for key, value in expected["state_dict"].items():
         assert torch.equal(got["state_dict"][key], value), key
     reference_losses = _losses(full_root / "lightning_logs/version_0/metrics.csv")
@@ -208,3 +208,19 @@ def test_progress_bar_total_after_a_resume_mid_epoch(tmp_path, accumulate):
     assert [count for _, count, _ in shown[: batches - 2 * accumulate]] == list(range(2 * accumulate + 1, batches + 1))
     assert all(count <= total == batches for _, count, total in shown[: batches - 2 * accumulate])
     assert shown[-1][0] == 6
+
+
+def test_training_ends_with_a_checkpoint_of_its_last_step(tmp_path):
+    """Validating every 2 steps and stopping at 3: Lightning saved after validations only, so ``last.ckpt`` (and
+    the export command printed) held step 2's policy, and the summary titled step 1's metrics "final". Now the
+    end of training saves its step, and the summary says which step its metrics measured."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", generate(24, seed=2)[0])
+    val = write_jsonl(tmp_path / "val.jsonl", generate(6, seed=3)[0])
+    run = _fit(tmp_path / "run", data, "--data.val", str(val), "--trainer.val_check_interval", "2",
+               "--trainer.max_steps", "3", "--checkpoint.every_n_train_steps", "null")
+    assert run.returncode == 0, run.stderr[-2000:]
+    checkpoints = tmp_path / "run/lightning_logs/version_0/checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    console = " ".join((run.stdout + run.stderr).split())
+    assert "last validation (step 1, after 2 of the run's 3 optimizer steps;" in console
