@@ -224,3 +224,23 @@ def test_training_ends_with_a_checkpoint_of_its_last_step(tmp_path):
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
     console = " ".join((run.stdout + run.stderr).split())
     assert "last validation (step 1, after 2 of the run's 3 optimizer steps;" in console
+
+
+@pytest.mark.parametrize("change", [["--data.batch_size", "8"], ["--data.train", "fewer"]], ids=["batch", "data"])
+def test_a_mid_epoch_resume_with_other_batches_is_refused(tmp_path, change):
+    """Stopped after 2 of an epoch's 6 batches of 4, a resume in batches of 8 skipped the rest of the epoch
+    (Lightning restored "2 batches done" of an epoch that now has 3, and the sampler skipped 8 examples: 16 of
+    24 never trained on, exit 0); another data file made the skip meaningless. Both are one line now, and the
+    same resume at the run's own batches works."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", generate(24, seed=2)[0])
+    write_jsonl(tmp_path / "fewer.jsonl", generate(20, seed=2)[0])
+    first = _fit(tmp_path / "run", data, "--trainer.max_steps", "2", "--checkpoint.every_n_train_steps", "null")
+    assert first.returncode == 0, first.stderr[-2000:]
+    change = [str(tmp_path / "fewer.jsonl") if value == "fewer" else value for value in change]
+    refused = _fit(tmp_path / "run", data, "--trainer.max_steps", "4", "--ckpt_path", "last", *change)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    last = refused.stderr.strip().splitlines()[-1]
+    assert "in the middle of an epoch, after 8 examples per process in batches of 4 on 1 process(es) over 24" in last
+    assert "resume with the same data.train, data.batch_size and number of devices" in last
+    same = _fit(tmp_path / "run", data, "--trainer.max_steps", "4", "--ckpt_path", "last")
+    assert same.returncode == 0, same.stderr[-2000:]

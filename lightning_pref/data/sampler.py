@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from lightning_pref.errors import UserInputError
+
 
 class LengthGroupedSampler(Sampler[int]):
     """Shuffled indices in which each run of ``batch_size`` indices has similar lengths.
@@ -118,9 +120,24 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return self.sampler.state_dict()
+        return {**self.sampler.state_dict(), "batch_size": self.batch_size, "processes": self.sampler.num_replicas,
+                "examples": len(self.sampler.dataset)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore the position in the epoch; refused in the middle of an epoch when the batches would not be those
+        the interrupted run counted (Lightning restores its loop's batch count, which then spans other examples)."""
+        if "batch_size" in state:  # earlier checkpoints did not record the batches
+            was = (state["batch_size"], state["processes"], state["examples"])
+            now = (self.batch_size, self.sampler.num_replicas, len(self.sampler.dataset))
+            per_process = -(-was[2] // was[1])  # an epoch's examples per process (padded by repetition)
+            if 0 < state["samples"] < per_process and was != now:
+                raise UserInputError(
+                    f"--ckpt_path: the checkpoint stopped in the middle of an epoch, after {state['samples']} examples "
+                    f"per process in batches of {was[0]} on {was[1]} process(es) over {was[2]} training examples; "
+                    f"this run has batches of {now[0]} on {now[1]} over {now[2]}, so the rest of that epoch would "
+                    "skip or repeat examples: resume with the same data.train, data.batch_size and number of "
+                    "devices, or from a checkpoint at an epoch's end"
+                )
         self.sampler.load_state_dict(state)
 
 
