@@ -103,6 +103,9 @@ class BaseModule(LightningModule):
     flop_params: int = 0  # N of the estimate, counted before sharding
     # Dict attributes a subclass keeps in checkpoints under their own names (e.g. reward statistics).
     checkpointed_state: ClassVar[tuple[str, ...]] = ()
+    # Constructor arguments whose effect a checkpoint carries (the optimizer's and scheduler's states, adapter
+    # weights, a random-init model's seed): a resumed fit cannot change them, so a new value is refused.
+    restored_by_checkpoint: ClassVar[tuple[str, ...]] = ("optimizer", "scheduler", "lora", "init_seed")
 
     def __init__(self, model: ModelSpec, tokenizer: str | None, model_kwargs: dict[str, Any] | None,
                  optimizer: Any, scheduler: Any) -> None:

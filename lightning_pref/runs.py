@@ -339,8 +339,9 @@ def _module_of(class_path: str | None) -> tuple[str, str]:
 
 def check_kind(checkpoint: dict[str, Any], model: Any, path: str, subcommand: str) -> None:
     """Refuse a checkpoint of another kind of model than the subcommand or the config needs, saying what the
-    file is and what was expected: a reward model (which scores text) given to ``predict``/``evaluate``, or a
-    reward-model checkpoint with a policy config (and the reverse), whose options do not even parse together."""
+    file is and what was expected: a reward model (which scores text) given to ``predict``/``evaluate``, a
+    reward-model checkpoint with a policy config (and the reverse), whose options do not even parse together, or
+    a ``fit`` resumed under another module than it was trained with (its loop and state are another's)."""
     hparams = checkpoint["hyper_parameters"]
     trained, trained_field = _module_of(hparams.get("_class_path"))
     trained_field = "model.backbone" if "backbone" in hparams else trained_field
@@ -355,6 +356,12 @@ def check_kind(checkpoint: dict[str, Any], model: Any, path: str, subcommand: st
         raise UserInputError(
             f"--ckpt_path: {path} is a {trained} checkpoint ({trained_field}), but the config is for a {configured} "
             f"({configured_field}); give the config it was trained with (its run directory's config.yaml)"
+        )
+    if subcommand == "fit" and trained != configured:  # e.g. on-policy DPO resumed as offline DPO: another loop
+        raise UserInputError(
+            f"--ckpt_path: {path} is a {trained} checkpoint, but the config trains a {configured}; a resumed fit "
+            "continues the training it was: give the config it was trained with (its run directory's config.yaml), "
+            "or export the model and start the new training from it (--model.policy DIR)"
         )
 
 
@@ -379,6 +386,43 @@ def check_matches(checkpoint: dict[str, Any], model: Any, path: str, argv: list[
             )
         rank_zero_info(f"--ckpt_path: model.{key} {_describe(trained)} from the checkpoint (the config has "
                        f"{_describe(given)})")
+
+
+def check_restored(checkpoint: dict[str, Any], model: Any, path: str, argv: list[str]) -> None:
+    """Refuse, when resuming a fit, a command-line value of an option whose effect the checkpoint carries (the
+    module's ``restored_by_checkpoint``: a new learning rate would be the optimizer state's old one, a new seed
+    would rebuild a random-init reference apart from its policy, a new LoRA alpha would rescale the trained
+    adapter) where it differs from the value trained with: the checkpoint's hyperparameters, else its run's
+    ``config.yaml`` (the optimizer and scheduler). The same value passes: requeue scripts repeat their command."""
+    cls = pydoc.locate(str(_plain(model).get("class_path") or DEFAULT_MODULE))
+    restored = getattr(cls, "restored_by_checkpoint", ())
+    run = run_of(path)
+    run_config = yaml.safe_load((run / "config.yaml").read_text()) if run and (run / "config.yaml").is_file() else {}
+    trained_args = {**_init_args((run_config or {}).get("model") or {}), **checkpoint["hyper_parameters"]}
+    given_args = _init_args(model)
+    for arg in argv:
+        key = arg.removeprefix("--").partition("=")[0]
+        segments = [s for s in key.split(".")[1:] if s != "init_args"] if key.startswith("model.") else []
+        if not segments or segments[0] not in restored or segments[0] not in trained_args:
+            continue
+        given, trained = _walk(given_args, segments), _walk(trained_args, segments)
+        if given != trained:
+            raise UserInputError(
+                f"--{key}: {path} was trained with {trained!r}, and a resumed fit continues with what the "
+                f"checkpoint restores (model.{segments[0]}: its state, not only its settings), so {given!r} cannot "
+                f"take effect: drop --{key}, or export the model and start a new run from it"
+            )
+
+
+def _walk(args: dict[str, Any], segments: list[str]) -> Any:
+    """The value at ``segments`` of a module's arguments, through nested ``init_args`` (``None`` where absent)."""
+    value: Any = args
+    for segment in segments:
+        value = _plain(value)
+        if isinstance(value, dict) and "class_path" in value and segment not in value:
+            value = value.get("init_args") or {}
+        value = value.get(segment) if isinstance(value, dict) else None
+    return _plain(value)
 
 
 def _plain(value: Any) -> Any:

@@ -41,6 +41,7 @@ from lightning_pref.runs import (
     check_kind,
     check_matches,
     check_new_log_dirs,
+    check_restored,
     discard_unused_log_dir,
     first_line,
     is_sharded_checkpoint,
@@ -219,7 +220,9 @@ class LightningPrefCLI(LightningCLI):
             checkpoint = read_checkpoint(path)
             check_kind(checkpoint, config.model, path, subcommand)
             check_matches(checkpoint, config.model, path, self.argv)
-            if subcommand != "fit":
+            if subcommand == "fit":
+                check_restored(checkpoint, config.model, path, self.argv)
+            else:
                 log_beside_run(config.trainer, path, subcommand)
             steps, done = config.trainer.get("max_steps", -1), checkpoint.get("global_step", 0)
             if subcommand == "fit" and steps not in (None, -1) and done >= steps:  # Lightning: exit 0, nothing run

@@ -108,6 +108,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Callback, Trainer
 
 from lightning_pref import OnPolicyModule, PreferenceDataModule, PreferenceModule, packing
@@ -421,6 +422,38 @@ def test_a_checkpoint_of_another_kind_than_the_config_is_one_line(runs, tmp_path
                                      str(tmp_path)])
     trained, configured = ("RewardModule", "PreferenceModule") if run == "reward" else ("PreferenceModule", "RewardModule")
     assert f"is a {trained} checkpoint" in line and f"the config is for a {configured}" in line
+
+
+def test_a_fit_resumed_under_another_module_is_one_line(runs, tmp_path, capsys):
+    """An offline DPO checkpoint resumed with the on-policy config (and the reverse) restored and trained on,
+    exit 0, and ``report`` then joined the two trainings' histories."""
+    line = _one_line_exit_2(capsys, ["fit", "--config", str(REPO / "configs/online_dpo.yaml"), "--ckpt_path",
+                                     str(runs["dpo"] / "checkpoints/last.ckpt"), "--trainer.default_root_dir",
+                                     str(tmp_path)])
+    assert "is a PreferenceModule checkpoint, but the config trains a OnPolicyModule; a resumed fit continues" in line
+
+
+@pytest.mark.parametrize(("option", "value"), [("model.optimizer.init_args.lr", "0.1"), ("model.init_seed", "1"),
+                                               ("model.lora", "{r: 4, lora_alpha: 64}")])
+def test_resuming_with_an_option_the_checkpoint_restores_is_one_line(runs, tmp_path, capsys, option, value):
+    """A new learning rate on resume was the optimizer state's old one while config.yaml recorded the new; a new
+    seed rebuilt a random-init reference apart from its policy; a new LoRA alpha rescaled the trained adapter:
+    all exit 0. The same values as trained are accepted (requeue scripts repeat their command line)."""
+    argv = ["fit", "--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path", str(runs["dpo"] / "checkpoints/last.ckpt"),
+            "--data.train", str(runs["pairs"]), "--data.val", "null", "--data.batch_size", "4",
+            "--trainer.default_root_dir", str(tmp_path), "--progress_bar.refresh_rate", "0"]
+    line = _one_line_exit_2(capsys, [*argv, f"--{option}", value])
+    assert line.startswith(f"error: --{option}: ") and " was trained with " in line and f"drop --{option}," in line
+
+
+def test_resuming_with_the_options_it_was_trained_with_works(runs, tmp_path):
+    trained = yaml.safe_load((runs["dpo"] / "config.yaml").read_text())["model"]  # written flat, as users write it
+    main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path", str(runs["dpo"] / "checkpoints/last.ckpt"),
+          "--data.train", str(runs["pairs"]), "--data.val", "null", "--data.batch_size", "4", "--trainer.max_steps", "2",
+          "--model.optimizer.init_args.lr", str(trained["optimizer"]["init_args"]["lr"]), "--model.init_seed", "0",
+          "--model.lora", "null",
+          "--trainer.default_root_dir", str(tmp_path), "--progress_bar.refresh_rate", "0"])
+    assert torch.load(next(tmp_path.glob("**/last.ckpt")), weights_only=False)["global_step"] == 2
 
 
 def test_predict_with_a_reward_module_is_one_line(runs, tmp_path, capsys):
