@@ -115,9 +115,13 @@ def export(argv: list[str]) -> None:
     from lightning_pref.export import export_checkpoint  # imported on use: torch, transformers and Lightning
 
     out = export_checkpoint(**parse(export_checkpoint, "export", argv))
-    kind = ("AutoModelForSequenceClassification" if "ForSequenceClassification" in (out / "config.json").read_text()
-            else "AutoModelForCausalLM")
-    Console(highlight=False).print(f"exported to {out} (load it with {kind}.from_pretrained)", soft_wrap=True)
+    if not (out / "config.json").is_file():  # adapter_only: peft's files, for the base model named in them
+        how = "peft's AutoPeftModelForCausalLM.from_pretrained, which loads its base model too"
+    elif "ForSequenceClassification" in (out / "config.json").read_text():
+        how = "AutoModelForSequenceClassification.from_pretrained"
+    else:
+        how = "AutoModelForCausalLM.from_pretrained"
+    Console(highlight=False).print(f"exported to {out} (load it with {how})", soft_wrap=True)
 
 
 def report(argv: list[str]) -> None:

@@ -40,6 +40,18 @@ def _check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     return out
 
 
+#: What ``save_pretrained`` writes for a model or a peft adapter: removed before writing into a directory that
+#: holds them (``--overwrite true``), since a stale adapter beside new merged weights is loaded on top of them.
+_MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json", "adapter_model.*", "model*.safetensors",
+                "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def _remove_model_files(out: Path) -> None:
+    for pattern in _MODEL_FILES:
+        for path in out.glob(pattern):
+            path.unlink()
+
+
 class Policy(NamedTuple):
     """A trained policy as it is exported: the ``transformers`` model (a ``peft`` model in adapter mode) and its
     tokenizer."""
@@ -61,6 +73,7 @@ def write_policy(policy: Policy, output_dir: str | Path, adapter_only: bool = Fa
         model = copy.deepcopy(model).merge_and_unload()
     if dtype is not None and getattr(torch, dtype) != next(model.parameters()).dtype:
         model = copy.deepcopy(model).to(getattr(torch, dtype))  # a copy: the module keeps its master weights
+    _remove_model_files(out)
     with quiet_saving():
         model.save_pretrained(out)
     policy.tokenizer.save_pretrained(out)
@@ -151,6 +164,7 @@ def export_checkpoint(
         raise UserInputError(_NO_ADAPTER)
     out = _check_output_dir(output_dir, overwrite)
     if "backbone" in checkpoint["hyper_parameters"]:
+        _remove_model_files(out)
         return save_reward_model(load_reward_from_checkpoint(checkpoint), out, dtype)
     return write_policy(load_policy_from_checkpoint(checkpoint), out, adapter_only, dtype)
 

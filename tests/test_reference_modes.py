@@ -153,3 +153,33 @@ def test_adapter_policy_exports_merged(pairs_file, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, model.policy.model.eval()(ids).logits, rtol=1e-4, atol=1e-5)
     assert not any("lora" in k for k in exported.state_dict())
+
+
+def test_export_of_a_lora_run_through_the_cli_adapter_then_merged_over_it(pairs_file, tmp_path, capsys, monkeypatch):
+    """``export --adapter_only true`` wrote the adapter, then crashed reading a config.json peft does not write
+    (exit 1); exporting the merged model over it with ``--overwrite true`` left the adapter's files beside the
+    merged weights, and transformers loaded the adapter on top of them (logits off by 0.03). Now the adapter
+    export says how to load it, and an overwrite replaces the model files: the same model as a clean export."""
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from lightning_pref.cli import main
+    from tests.support import REPO
+
+    monkeypatch.setattr("sys.argv", ["lightning-pref"])
+    main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--data.train", str(pairs_file), "--data.val", "null",
+          "--data.batch_size", "4", "--trainer.max_steps", "2", "--model.reference_mode", "adapter",
+          "--model.lora", "{r: 4, lora_alpha: 8}", "--trainer.default_root_dir", str(tmp_path / "run"),
+          "--progress_bar.refresh_rate", "0"])
+    ckpt = str(next((tmp_path / "run").glob("**/last.ckpt")))
+    capsys.readouterr()
+    main(["export", "--ckpt_path", ckpt, "--output_dir", str(tmp_path / "out"), "--adapter_only", "true"])
+    assert "(load it with peft's AutoPeftModelForCausalLM.from_pretrained" in capsys.readouterr().out
+    assert (tmp_path / "out/adapter_config.json").is_file()
+    main(["export", "--ckpt_path", ckpt, "--output_dir", str(tmp_path / "out"), "--overwrite", "true"])
+    main(["export", "--ckpt_path", ckpt, "--output_dir", str(tmp_path / "clean")])
+    assert not list((tmp_path / "out").glob("adapter_*"))
+    ids = torch.randint(3, 200, (1, 12))
+    with torch.no_grad():
+        over, clean = (AutoModelForCausalLM.from_pretrained(tmp_path / d).eval()(ids).logits for d in ("out", "clean"))
+    torch.testing.assert_close(over, clean, rtol=0, atol=0)
