@@ -1,5 +1,9 @@
 """User-facing errors: the CLI prints these as one line and exits non-zero, without a traceback."""
 
+from __future__ import annotations
+
+import traceback
+
 
 class UserInputError(ValueError):
     """Bad configuration or data that the user can fix; the message says where and how."""
@@ -20,3 +24,17 @@ class RowError(UserInputError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step and what to do."""
+
+
+def raised_in(owner: str, err: BaseException, fix: str) -> UserInputError:
+    """One line for an exception that a plugin's code raised (a judge, a loss, an estimator: a user's code, most
+    often): the plugin, the error, and the line it came from, rather than a traceback through the training loop.
+
+    Args:
+        owner: the plugin and its method as users know them, e.g. ``"model.loss: MyLoss.forward"``.
+        err: what it raised.
+        fix: what to do, e.g. ``"fix the loss"``.
+    """
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    return UserInputError(f"{owner} raised {type(err).__name__}: {str(err).strip() or '(no message)'}{where}; {fix}")

@@ -101,6 +101,10 @@ class PreferenceModule(PolicyModule):
         out = checked_call(self.loss, policy, reference, kl_baseline)
         loss = out.losses.mean()
         values = per_example(out, policy, batch.paired, batch.weights)
+        clash = sorted(set(out.metrics) & {*values, "loss"})
+        if clash:  # the plugin's value would replace the module's own (or Lightning refuses the second log)
+            raise UserInputError(f"model.loss: {type(self.loss).__name__} returned metrics named {clash}, which the "
+                                 f"module logs itself ({stage}/{clash[0]}); give them names of their own")
         batch_size = batch.num_chosen if batch.paired else batch.num_sequences
         if stage == "train":  # per step: this batch's values, logged as plain tensors in one call; a batch whose
             # every row weighs 0 (an on-policy step where every prompt tied) has no values to report

@@ -123,7 +123,7 @@ from lightning_pref.losses import DPOLoss, SimPOLoss
 from lightning_pref.models import load_causal_lm
 from lightning_pref.reward import RewardModule
 from lightning_pref.rl.module import PolicyGradientModule
-from tests.support import REPO, TINY, NaNAtCall, write_jsonl
+from tests.support import REPO, TINY, NaNAtCall, tiny_fit, write_jsonl
 
 THIS = "tests.test_bad_inputs"
 
@@ -1000,12 +1000,18 @@ class _ContractBreaker(DPOLoss):
 
         if self.how == "needs what it declined":
             raise ValueError("this loss requires reference log-probs, got reference=None")
+        if self.how == "raises":
+            raise RuntimeError("boom")
         out = super().forward(policy, reference, kl_baseline=kl_baseline)
         return {
             "scalar": LossOutput(out.losses.mean(), out.chosen_rewards, out.rejected_rewards),
             "tuple": (out.losses, out.chosen_rewards, out.rejected_rewards),
             "detached": LossOutput(out.losses.detach(), out.chosen_rewards, out.rejected_rewards),
             "one reward": LossOutput(out.losses, out.chosen_rewards[:1], out.rejected_rewards),
+            "list": LossOutput(list(out.losses), out.chosen_rewards, out.rejected_rewards),
+            "nan rewards": LossOutput(out.losses, out.chosen_rewards * torch.nan, out.rejected_rewards),
+            "vector metric": LossOutput(out.losses, out.chosen_rewards, out.rejected_rewards,
+                                        metrics={"mine": out.chosen_rewards.detach()}),
         }[self.how]
 
 
@@ -1015,6 +1021,11 @@ class _ContractBreaker(DPOLoss):
     ("detached", "returned losses that do not depend on the policy's log-probs"),  # was: RuntimeError in backward
     ("one reward", "returned chosen_rewards of shape (1,); one per chosen sequence (3)"),  # was: exit 0, 1 example
     ("needs what it declined", "this loss requires reference log-probs, got reference=None"),  # was: a traceback
+    # found by a QA sweep of plugins: each was a traceback, or (NaN rewards) NaN metrics with exit 0
+    ("raises", "_ContractBreaker.forward raised RuntimeError: boom (at "),
+    ("list", "returned losses as a list; a LossOutput holds tensors"),
+    ("nan rewards", "returned non-finite rewards (nan) with finite losses"),
+    ("vector metric", "returned metrics['mine'] of shape (3,); a metric is one number"),
 ])
 def test_a_loss_plugin_breaking_the_contract_is_one_line_naming_it(how, expected):
     from lightning_pref.losses.base import checked_call
@@ -1025,6 +1036,69 @@ def test_a_loss_plugin_breaking_the_contract_is_one_line_naming_it(how, expected
     reference = SequenceLogps(torch.randn(3), torch.randn(3), tokens, tokens)
     with pytest.raises(UserInputError, match=re.escape("model.loss: _ContractBreaker")) as info:
         checked_call(_ContractBreaker(how), policy, reference, None)
+    assert expected in str(info.value), str(info.value)
+
+
+class _ClashingMetric(DPOLoss):
+    def forward(self, policy, reference, *, kl_baseline=None):
+        out = super().forward(policy, reference, kl_baseline=kl_baseline)
+        out.metrics["rewards/accuracies"] = torch.tensor(-5.0)
+        return out
+
+
+def test_a_loss_metric_named_as_the_modules_own_is_one_line(pairs_file):
+    """It replaced ``train/rewards/accuracies`` (-5.0 at every step, exit 0), and made Lightning refuse the second
+    ``self.log`` of ``val/...`` in words that named neither the loss nor the fix."""
+    module = PreferenceModule(policy=TINY, tokenizer="byte", loss=_ClashingMetric())
+    with pytest.raises(UserInputError, match=re.escape("model.loss: _ClashingMetric returned metrics named "
+                                                       "['rewards/accuracies'], which the module logs itself")):
+        tiny_fit(module, pairs_file, steps=1)
+
+
+@pytest.mark.parametrize(("returns", "expected"), [
+    (lambda c, r: -torch.nn.functional.logsigmoid(c[:, None] - r), "returned shape (4, 4); a reward loss returns one "
+                                                                  "loss per pair (4,)"),  # was: trained, exit 0
+    (lambda c, r: -torch.nn.functional.logsigmoid(c - r).mean(), "returned shape (); a reward loss returns one loss "
+                                                                 "per pair"),  # was: trained, exit 0
+    (lambda c, r: (c - r).detach(), "returned losses that do not depend on the scores"),  # was: RuntimeError
+    (lambda c, r: 0.5, "returned a float; a reward loss returns one loss per pair"),  # was: AttributeError
+    (lambda c, r: 1 / 0, "RewardLossPlugin.forward raised ZeroDivisionError: division by zero (at "),
+])
+def test_a_reward_loss_plugin_breaking_the_contract_is_one_line_naming_it(returns, expected):
+    from lightning_pref.reward.losses import RewardLoss
+    from lightning_pref.reward.losses.base import checked_call
+
+    class RewardLossPlugin(RewardLoss):
+        def forward(self, chosen, rejected, margin=None):
+            return returns(chosen, rejected)
+
+    chosen, rejected = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    with pytest.raises(UserInputError, match=re.escape("model.loss: RewardLossPlugin")) as info:
+        checked_call(RewardLossPlugin(), chosen, rejected, None)
+    assert expected in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(("returns", "expected"), [
+    # per-sequence advantages broadcast along the tokens: trained with exit 0
+    (lambda a: type(a)(a.advantages[:, 0], a.returns[:, 0]), "returned advantages of shape (8,); they are per "
+                                                              "token, laid out like the rewards (8, 5)"),
+    (lambda a: a.advantages, "returned a Tensor; an estimator returns Advantages"),  # was: a ValueError unpacking
+    (lambda a: type(a)(1.0, 0.0), "returned advantages of a float"),  # was: TypeError
+    (lambda a: type(a)(a.advantages * torch.nan, a.returns), "returned non-finite advantages (nan)"),  # blamed data
+    (lambda a: 1 / 0, "EstimatorPlugin.__call__ raised ZeroDivisionError"),  # was: a traceback
+])
+def test_an_advantage_estimator_breaking_the_contract_is_one_line_naming_it(returns, expected):
+    from lightning_pref.rl.advantages import AdvantageEstimator
+    from lightning_pref.rl.advantages.base import checked_call
+    from lightning_pref.rl.advantages.grpo import GRPO
+
+    class EstimatorPlugin(AdvantageEstimator):
+        def __call__(self, rewards, mask, group_size, values=None, reduce=None):
+            return returns(GRPO()(rewards, mask, group_size))
+
+    rewards, mask = torch.randn(8, 5), torch.ones(8, 5, dtype=torch.bool)
+    with pytest.raises(UserInputError, match=re.escape("model.estimator: EstimatorPlugin")) as info:
+        checked_call(EstimatorPlugin(), rewards, mask, 4, None, None)
     assert expected in str(info.value), str(info.value)
 
 

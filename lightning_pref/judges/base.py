@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import inspect
 import math
-import traceback
 from collections.abc import Callable, Sequence, Sized
 from typing import Any, ClassVar
 
 from lightning_pref.checks import FLOAT32_MAX
-from lightning_pref.errors import UserInputError
+from lightning_pref.errors import UserInputError, raised_in
 from lightning_pref.registry import Recorded
 
 #: A prompt as the data gave it: a string, or a list of ``{"role", "content"}`` messages.
@@ -110,9 +109,7 @@ def _call(name: str, method: str, fn: Callable[..., Any], *args: Any) -> Any:
     except UserInputError:
         raise  # already one line (e.g. a scoring judge's own checked output)
     except Exception as err:  # noqa: BLE001 - whatever a judge raises, the user needs its name and where
-        frame = traceback.extract_tb(err.__traceback__)[-1]
-        raise UserInputError(f"judge {name}: {method} raised {type(err).__name__}: {str(err).strip() or '(no message)'} "
-                             f"(at {frame.filename}:{frame.lineno} in {frame.name}); fix the judge") from err
+        raise raised_in(f"judge {name}: {method}", err, "fix the judge") from err
 
 
 def _name(judge: Judge) -> str:

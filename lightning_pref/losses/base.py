@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_pref.errors import UserInputError
+from lightning_pref.errors import UserInputError, raised_in
 from lightning_pref.registry import Recorded
 from lightning_pref.types import LossOutput, SequenceLogps
 
@@ -93,19 +93,25 @@ def checked_call(loss: PreferenceLoss, policy: SequenceLogps, reference: Sequenc
     deep in the metrics or the backward, or (rewards of the wrong length) wrong metrics, exit 0.
 
     Raises:
-        UserInputError: naming the loss and what it returned; also for a ``ValueError`` the loss raises (e.g.
-            reading a reference it declared it does not need).
+        UserInputError: naming the loss and what it returned, or what it raised and where (a ``ValueError``, the
+            loss's own refusal, by its message alone).
     """
     name = f"model.loss: {type(loss).__name__}"
     try:
         out = loss(policy, reference, kl_baseline=kl_baseline)
-    except UserInputError:
+    except (UserInputError, MemoryError, torch.OutOfMemoryError):
         raise
     except ValueError as err:
         raise UserInputError(f"{name}: {str(err).strip().splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 - a plugin's error: its name and line, not a trace through the loop
+        raise raised_in(f"{name}.forward", err, "fix the loss") from err
     if not isinstance(out, LossOutput):
         raise UserInputError(f"{name}.forward returned a {type(out).__name__}; a loss returns a LossOutput (losses, "
                              "chosen_rewards, rejected_rewards, metrics)")
+    for field in ("losses", "chosen_rewards", "rejected_rewards"):
+        if not isinstance(getattr(out, field), Tensor):
+            raise UserInputError(f"{name} returned {field} as a {type(getattr(out, field)).__name__}; a LossOutput "
+                                 "holds tensors")
     pairs, sequences = len(policy.chosen), len(policy.chosen) + len(policy.rejected)
     if out.losses.ndim != 1 or len(out.losses) not in (pairs, sequences):
         raise UserInputError(f"{name} returned losses of shape {tuple(out.losses.shape)}; one per pair ({pairs}) or, "
@@ -118,4 +124,13 @@ def checked_call(loss: PreferenceLoss, policy: SequenceLogps, reference: Sequenc
     if torch.is_grad_enabled() and policy.chosen.requires_grad and not out.losses.requires_grad:
         raise UserInputError(f"{name} returned losses that do not depend on the policy's log-probs (detached?), so "
                              "nothing would be learnt")
+    rewards = torch.cat([out.chosen_rewards.detach().float(), out.rejected_rewards.detach().float()])
+    if bool(out.losses.detach().isfinite().all()) and not bool(rewards.isfinite().all()):  # a non-finite loss
+        # is the module's to handle (model.on_nonfinite); rewards enter only the metrics, NaN as a silent 0
+        raise UserInputError(f"{name} returned non-finite rewards ({rewards[~rewards.isfinite()][0].item()}) with "
+                             "finite losses; the rewards are its implicit rewards, reported as metrics: fix the loss")
+    for key, value in out.metrics.items():
+        if isinstance(value, Tensor) and value.numel() != 1:
+            raise UserInputError(f"{name} returned metrics[{key!r}] of shape {tuple(value.shape)}; a metric is one "
+                                 "number (the module logs its mean over examples and devices)")
     return out

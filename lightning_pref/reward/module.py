@@ -25,6 +25,7 @@ from lightning_pref.metrics import ExactMeans, batch_means
 from lightning_pref.models import DtypeName, ModelSpec
 from lightning_pref.registry import REWARD_LOSSES
 from lightning_pref.reward.losses import BradleyTerryLoss, RewardLoss
+from lightning_pref.reward.losses.base import checked_call
 from lightning_pref.types import PackedRows, PreferenceBatch
 
 #: Validation keys (prefixed ``val/``): exact means over the whole set on all devices. ``*_sq`` are the second
@@ -159,7 +160,7 @@ class RewardModule(BaseModule):
                 "(prompt/chosen/rejected)"
             )
         chosen, rejected = self(batch)
-        losses = self.loss(chosen, rejected, batch.margins)  # (B,)
+        losses = checked_call(self.loss, chosen, rejected, batch.margins)  # (B,)
         weight = batch.weights[: batch.num_chosen] if batch.weights is not None else None
         c, r = chosen.detach().double(), rejected.detach().double()  # float64: variances from moments
         values = {

@@ -54,6 +54,7 @@ from lightning_pref.policy import PolicyModule
 from lightning_pref.reference import check_reference_mode
 from lightning_pref.registry import ADVANTAGES, JUDGES
 from lightning_pref.rl.advantages import GAE, AdvantageEstimator
+from lightning_pref.rl.advantages.base import checked_call
 from lightning_pref.rl.critic import CriticOptions, ValueScorer
 from lightning_pref.rl.kl_penalty import KLController, KLEstimator, kl_estimate
 from lightning_pref.rl.objective import Aggregation, clipped_surrogate, clipped_value_loss, token_weights
@@ -369,7 +370,7 @@ class PolicyGradientModule(PolicyModule):
         values = self.critic_values(batch, width) if self.critic is not None else None
         strategy = self.trainer.strategy if self._trainer is not None else None
         reduce = (lambda t: strategy.reduce(t, reduce_op="sum")) if strategy is not None else None
-        advantages, returns = self.estimator(rewards, mask, k, values, reduce)
+        advantages, returns = checked_call(self.estimator, rewards, mask, k, values, reduce)
         sequence_kl = kl.sum(-1)  # (N,) k1 summed over each completion: its KL estimate
         non_score = -beta * sequence_kl if self.kl_options.placement == "reward" else torch.zeros_like(sequence_kl)
         metrics = {

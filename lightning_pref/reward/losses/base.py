@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
+from lightning_pref.errors import UserInputError, raised_in
 from lightning_pref.registry import Recorded
 
 
@@ -34,3 +36,28 @@ class RewardLoss(Recorded, nn.Module):
             Unreduced losses. # (B,)
         """
         raise NotImplementedError
+
+
+def checked_call(loss: RewardLoss, chosen: Tensor, rejected: Tensor, margin: Tensor | None) -> Tensor:
+    """``loss(chosen, rejected, margin)``, held to the contract where it enters training: one loss per pair that
+    depends on the scores while gradients are on. A plugin breaking it trained another objective (a ``(B, B)``
+    matrix by a broadcasting slip, or a mean), exit 0, or was a traceback in the backward.
+
+    Raises:
+        UserInputError: naming the loss and what it returned or raised.
+    """
+    name = f"model.loss: {type(loss).__name__}"
+    try:
+        losses = loss(chosen, rejected, margin)
+    except (UserInputError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - a plugin's error: its name and line, not a trace through the loop
+        raise raised_in(f"{name}.forward", err, "fix the loss") from err
+    if not isinstance(losses, Tensor) or tuple(losses.shape) != tuple(chosen.shape):
+        got = f"shape {tuple(losses.shape)}" if isinstance(losses, Tensor) else f"a {type(losses).__name__}"
+        raise UserInputError(f"{name} returned {got}; a reward loss returns one loss per pair {tuple(chosen.shape)}, "
+                             "unreduced (the module takes their mean)")
+    if torch.is_grad_enabled() and chosen.requires_grad and not losses.requires_grad:
+        raise UserInputError(f"{name} returned losses that do not depend on the scores (detached?), so nothing "
+                             "would be learnt")
+    return losses
