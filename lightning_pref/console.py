@@ -5,6 +5,7 @@ the model summary, the summary at the end of ``fit``, and the third-party noise 
 from __future__ import annotations
 
 import logging
+import shlex
 import warnings
 from pathlib import Path
 from typing import Any
@@ -157,12 +158,12 @@ class RunSummary(Callback):
             console.print(table)
         checkpoint = trainer.checkpoint_callback
         last = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
-        if last:
+        if last:  # the commands quoted for a shell, to be pasted as they are (paths with spaces)
             console.print(f"checkpoints: {Path(last).parent}", markup=False)
-            console.print(f"export:      lightning-pref export --ckpt_path {last} --output_dir "
-                          f"{Path(last).parent.parent / 'exported'}", markup=False)
+            console.print(f"export:      lightning-pref export --ckpt_path {shlex.quote(str(last))} --output_dir "
+                          f"{shlex.quote(str(Path(last).parent.parent / 'exported'))}", markup=False)
         if log_dir and (Path(log_dir) / "metrics.csv").exists():
-            console.print(f"report:      lightning-pref report {log_dir}", markup=False)
+            console.print(f"report:      lightning-pref report {shlex.quote(str(log_dir))}", markup=False)
 
 
 class _NoTips(logging.Filter):

@@ -288,6 +288,9 @@ def read_checkpoint(path: str | Path, mmap: bool = True) -> dict[str, Any]:
         raise UserInputError(f"--ckpt_path: {path} is a sharded (FSDP) checkpoint, and this command reads a single "
                              ".ckpt file")
     if Path(path).is_dir():
+        if (Path(path) / "config.json").is_file() or (Path(path) / "adapter_config.json").is_file():
+            raise UserInputError(f"--ckpt_path: {path} is a Hugging Face model directory (an export), not a training "
+                                 f"checkpoint; to train or generate from it give --model.policy {path}")
         inside = next((c for c in (Path(path) / "checkpoints/last.ckpt", Path(path) / "last.ckpt") if c.is_file()),
                       None)
         hint = f", e.g. {inside}" if inside is not None else " (a .ckpt file)"
@@ -318,6 +321,11 @@ class Checkpoints(ModelCheckpoint):
     fell between two validations ended with checkpoints of its last validation, steps behind the policy it had
     trained, and the ``export`` command printed at the end exported that older policy.
     """
+
+    @property
+    def state_key(self) -> str:
+        """Lightning's key, under ``ModelCheckpoint``'s name: checkpoints saved before this class resume its state."""
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
     def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
         if self._should_skip_saving_checkpoint(trainer):  # already saved at this step, or not fitting

@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_pref.base_module import BaseModule
+from lightning_pref.checks import check_output_path
 from lightning_pref.console import ModelSummary, ProgressBar, RunSummary, quiet_console
 from lightning_pref.data import PreferenceDataModule
 from lightning_pref.errors import UserInputError
@@ -208,6 +209,8 @@ class LightningPrefCLI(LightningCLI):
         if subcommand is None:
             return
         config = self.config[subcommand]
+        if config.trainer.get("default_root_dir"):  # else Lightning's logger fails on it with a traceback
+            check_output_path("trainer.default_root_dir", config.trainer.default_root_dir, "directory")
         if config.get("ckpt_path") == "last":
             last = last_checkpoint(config, subcommand)
             config["ckpt_path"] = str(last) if last is not None else None

@@ -1111,3 +1111,22 @@ def test_reduce_lr_on_plateau_with_a_monitor_steps_on_it(tmp_path):
     checkpoint = torch.load(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=False)
     state = checkpoint["lr_schedulers"][0]
     assert math.isfinite(state["best"]) and state["last_epoch"] == 2  # stepped on train/loss at each epoch's end
+
+
+def test_a_default_root_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    """Was a 53-line traceback from Lightning's CSV logger."""
+    (tmp_path / "afile").write_text("hi")
+    line = _one_line_exit_2(capsys, ["fit", "--config", str(REPO / "configs/dpo.yaml"), "--trainer.default_root_dir",
+                                     str(tmp_path / "afile")])
+    assert line == f"error: trainer.default_root_dir: {tmp_path / 'afile'} is a file; a directory is written there, " \
+                   "so choose another path"
+    assert (tmp_path / "afile").read_text() == "hi"
+
+
+def test_an_exported_model_as_ckpt_path_says_to_give_it_as_the_policy(runs, tmp_path, capsys):
+    """Was "a directory, not a checkpoint; give a checkpoint in it" of a directory that has none."""
+    main(["export", "--ckpt_path", str(runs["dpo"] / "checkpoints/last.ckpt"), "--output_dir", str(tmp_path / "m")])
+    line = _one_line_exit_2(capsys, ["predict", "--config", str(REPO / "configs/dpo.yaml"), "--ckpt_path",
+                                     str(tmp_path / "m"), "--trainer.default_root_dir", str(tmp_path / "out")])
+    assert f"is a Hugging Face model directory (an export), not a training checkpoint; to train or generate from " \
+           f"it give --model.policy {tmp_path / 'm'}" in line

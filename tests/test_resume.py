@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -216,14 +217,26 @@ def test_training_ends_with_a_checkpoint_of_its_last_step(tmp_path):
     end of training saves its step, and the summary says which step its metrics measured."""
     data = write_jsonl(tmp_path / "pairs.jsonl", generate(24, seed=2)[0])
     val = write_jsonl(tmp_path / "val.jsonl", generate(6, seed=3)[0])
-    run = _fit(tmp_path / "run", data, "--data.val", str(val), "--trainer.val_check_interval", "2",
+    run = _fit(tmp_path / "a run", data, "--data.val", str(val), "--trainer.val_check_interval", "2",
                "--trainer.max_steps", "3", "--checkpoint.every_n_train_steps", "null")
     assert run.returncode == 0, run.stderr[-2000:]
-    checkpoints = tmp_path / "run/lightning_logs/version_0/checkpoints"
+    checkpoints = tmp_path / "a run/lightning_logs/version_0/checkpoints"
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 3
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
     console = " ".join((run.stdout + run.stderr).split())
     assert "last validation (step 1, after 2 of the run's 3 optimizer steps;" in console
+    # the printed export command pastes as it is, the space in the run's path quoted (was: split in two)
+    export = next(line for line in run.stdout.splitlines() if line.startswith("export:"))
+    assert shlex.split(export.removeprefix("export:"))[3] == str(checkpoints / "last.ckpt")
+
+
+def test_the_checkpoint_callback_keeps_lightnings_state_key():
+    """Checkpoints saved under Lightning's ModelCheckpoint resume the callback's state (best path, scores)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_pref.runs import Checkpoints
+
+    assert Checkpoints(every_n_train_steps=3).state_key == ModelCheckpoint(every_n_train_steps=3).state_key
 
 
 @pytest.mark.parametrize("change", [["--data.batch_size", "8"], ["--data.train", "fewer"]], ids=["batch", "data"])
