@@ -15,6 +15,7 @@ import pydoc
 import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import jsonargparse._typehints
@@ -25,12 +26,13 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from omegaconf.errors import OmegaConfBaseException
 
 from lightning_pref.base_module import BaseModule
 from lightning_pref.checks import check_output_path
 from lightning_pref.console import ModelSummary, ProgressBar, RunSummary, quiet_console
 from lightning_pref.data import PreferenceDataModule
-from lightning_pref.errors import UserInputError
+from lightning_pref.errors import UserInputError, raised_in
 from lightning_pref.evaluate import PreferenceTrainer
 from lightning_pref.predict import PredictionWriter
 from lightning_pref.registry import REGISTRIES, UnknownPluginError, load_plugins
@@ -126,6 +128,56 @@ _NOISE = re.compile(r"(?:- )?(Does not validate against any of the Union subtype
                     r"Expected a <class 'NoneType'>|Given value( type)?: .*)$")
 
 
+def _config_files(argv: list[str]) -> list[str]:
+    """The ``--config`` (``-c``) files of a command line, in order."""
+    files = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.removeprefix("--config="))
+    return files
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def check_config_file(path: str) -> None:
+    """Refuse a ``--config`` file that is not a YAML mapping, naming the file, line and column and what is wrong
+    (jsonargparse says "in "<unicode string>", line 2, column 1", or "Unexpected config" for an empty file).
+    Missing files and directories are left to jsonargparse, whose messages name them."""
+    file = Path(path)
+    if not file.is_file():
+        return
+    try:
+        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
+    except UnicodeDecodeError:
+        raise UserInputError(f"--config: {path} is not UTF-8 text; a config is a YAML file") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        tab = " (YAML indents with spaces, not tabs)" if "\t" in str(err) or "cannot start any token" in str(err) \
+            else ""
+        raise UserInputError(f"--config: {path}{where}: {err.problem or err.context}{tab}") from None
+    if data is None:
+        raise UserInputError(f"--config: {path} is empty (or only comments); a config is a YAML mapping of options, "
+                             "e.g. trainer: {max_steps: 100}")
+    if not isinstance(data, dict):
+        raise UserInputError(f"--config: {path} holds a YAML {type(data).__name__}, not a mapping of options (e.g. "
+                             "trainer: {max_steps: 100})")
+
+
 def condense_parser_error(message: str) -> str:
     """One line from jsonargparse's error text: its deepest error, after the option it belongs to (the ``Parser
     key`` lines above it, ``init_args`` left out) and, when a ``class_path`` was being tried, that class. A
@@ -204,7 +256,15 @@ class LightningPrefCLI(LightningCLI):
         config: ``last`` becomes the newest ``last.ckpt`` of earlier runs, and a checkpoint that is missing,
         truncated, not ours, or trained with another policy or loss than the command line gives is one line."""
         self.argv = sys.argv[1:] if args is None else list(args)
-        super().parse_arguments(parser, args)
+        for path in _config_files(self.argv):
+            check_config_file(path)
+        try:
+            super().parse_arguments(parser, args)
+        except OmegaConfBaseException as err:  # an interpolation: omegaconf's multi-line text, then a traceback
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            key = next((line.removeprefix("full_key:").strip() for line in lines if line.startswith("full_key:")), "")
+            raise UserInputError(f"{key.replace('.init_args', '') + ': ' if key else '--config: '}{lines[0]}; an "
+                                 "interpolation ${...} refers to a key of the same config file") from None
         subcommand = self.config.get("subcommand")
         if subcommand is None:
             return
@@ -263,12 +323,18 @@ class LightningPrefCLI(LightningCLI):
         terms) is the one named."""
         try:
             return cls(*args, **kwargs)
-        except UserInputError:
+        except (UserInputError, MemoryError):
             raise
         except (ValueError, UnknownPluginError) as err:
-            config = self.config[self.subcommand] if self.subcommand else self.config
-            option = _option_of(cls, config.as_dict())
-            raise UserInputError(f"{option}: {first_line(err)}" if option else first_line(err)) from err
+            raise UserInputError(f"{self._option_prefix(cls)}{first_line(err)}") from err
+        except Exception as err:  # noqa: BLE001 - e.g. a plugin's KeyError, a term's unexpected argument: the option
+            raise raised_in(f"{self._option_prefix(cls)}{cls.__name__}.__init__", err,
+                            "check the class and its arguments") from err
+
+    def _option_prefix(self, cls: type) -> str:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        option = _option_of(cls, config.as_dict())
+        return f"{option}: " if option else ""
 
     def instantiate_classes(self) -> None:
         """As LightningCLI, but a user error raised while building the classes is its one line, not jsonargparse's

@@ -1130,3 +1130,42 @@ def test_an_exported_model_as_ckpt_path_says_to_give_it_as_the_policy(runs, tmp_
                                      str(tmp_path / "m"), "--trainer.default_root_dir", str(tmp_path / "out")])
     assert f"is a Hugging Face model directory (an export), not a training checkpoint; to train or generate from " \
            f"it give --model.policy {tmp_path / 'm'}" in line
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("model:\n\tloss: dpo\n", "c.yaml:2:1: found character '\\t' that cannot start any token (YAML indents with "
+                              "spaces, not tabs)"),  # was: 'in "<unicode string>", line 2, column 1'
+    ("model:\n  loss: dpo\n  loss: ipo\n", "c.yaml:3:3: key 'loss' is given twice in one mapping"),  # was: no text
+    ("", "c.yaml is empty (or only comments); a config is a YAML mapping"),  # was: "Unexpected config:"
+    ("# a comment\n", "c.yaml is empty (or only comments)"),
+    ("- a\n- b\n", "c.yaml holds a YAML list, not a mapping of options"),  # was: "Unexpected config: - a or b"
+])
+def test_a_config_file_that_is_no_yaml_mapping_is_one_line_naming_it(tmp_path, capsys, text, expected):
+    (tmp_path / "c.yaml").write_text(text)
+    line = _one_line_exit_2(capsys, ["fit", "--config", str(REPO / "configs/dpo.yaml"), "--config",
+                                     str(tmp_path / "c.yaml"), "--trainer.default_root_dir", str(tmp_path)])
+    assert line.startswith(f"error: --config: {tmp_path}/") and expected in line, line
+
+
+def test_a_missing_interpolation_key_is_one_line(tmp_path, capsys):
+    """Was a 124-line omegaconf traceback."""
+    (tmp_path / "c.yaml").write_text("model:\n  loss:\n    class_path: dpo\n    init_args:\n"
+                                     "      beta: ${model.nonexistent}\n")
+    line = _one_line_exit_2(capsys, ["fit", "--config", str(REPO / "configs/dpo.yaml"), "--config",
+                                     str(tmp_path / "c.yaml"), "--trainer.default_root_dir", str(tmp_path)])
+    assert line == "error: model.loss.beta: Interpolation key 'model.nonexistent' not found; an interpolation ${...} " \
+                   "refers to a key of the same config file"
+
+
+@pytest.mark.parametrize(("term_args", "expected"), [
+    ("{dpo: {betta: 0.3}}", "TypeError: DPOLoss.__init__() got an unexpected keyword argument 'betta'"),
+    ("{dpo: {beta: abc}}", "TypeError: '<=' not supported between instances of 'str' and 'int'"),
+])
+def test_a_plugin_constructor_error_names_the_option(tmp_path, capsys, term_args, expected):
+    """A constructor's error other than a ValueError was its bare text ("error: 'oops'"), naming neither the option
+    nor the class."""
+    line = _one_line_exit_2(capsys, ["fit", "--config", str(REPO / "configs/dpo.yaml"), "--model.loss", "weighted",
+                                     "--model.loss.terms", "{dpo: 1.0, nll: 0.2}", "--model.loss.term_args", term_args,
+                                     "--trainer.default_root_dir", str(tmp_path)])
+    assert line.startswith(f"error: model.loss: WeightedLoss.__init__ raised {expected} (at ") and line.endswith(
+        "; check the class and its arguments")
