@@ -93,6 +93,18 @@ RL behaviour in ``tests/test_rl.py``, reports in ``tests/test_report.py``, data 
         records"; a JSONL with a BOM is read; UTF-16 or gzip without .gz -> named
     a margin beyond float32 -> refused at its row; an on-policy run in which no step kept a pair -> an error saying
         the policy is unchanged (was: exit 0)
+Found by a QA sweep of own plugins, config files and a run's life (resume, export; resume and checkpoint
+behaviour in ``tests/test_resume.py``, LoRA export in ``tests/test_reference_modes.py``)
+    a loss, reward loss or advantage estimator that raises -> one line naming it and its line (was: tracebacks);
+        per-sequence advantages ``(N,)``, a reward loss's ``(B, B)`` or mean -> refused (were: trained, exit 0);
+        a loss's NaN rewards with finite losses, a vector metric, a metric named as the module's own -> refused
+        (were: NaN metrics or a replaced ``train/rewards/accuracies``, exit 0; Lightning's words)
+    a constructor's ``TypeError``/``KeyError`` (a weighted loss's ``term_args`` typo) -> names ``model.loss``
+    a ``--config`` with a tab, a key twice, nothing, or a list -> ``--config: c.yaml:2:1: ...`` (was: "in
+        "<unicode string>", line 2, column 1"); a missing interpolation key -> one line (was: a traceback)
+    resuming under another module, or with a new lr, seed or LoRA alpha on the command line -> refused (were:
+        exit 0, the checkpoint's values or a rescaled adapter); ``trainer.default_root_dir`` a file -> one line;
+        an exported model directory as ``--ckpt_path`` -> "give --model.policy DIR"
 Test hygiene
     the suite leaves the checkout as it found it (``tests/conftest.py`` compares ``git status`` before and after)
 """
