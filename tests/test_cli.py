@@ -325,7 +325,7 @@ def test_the_command_ends_a_distributed_run_without_finalizing_the_interpreter(m
     with ``os._exit(0)``: gloo's worker threads outlive the process group and release a collective's tensors
     after it has returned, and one doing so during interpreter finalization aborts a finished run (exit 134,
     "terminate called without an active exception"; 6 of 129 2-process FSDP2 runs on this machine, none of
-    60 with this ending). Any other command ends as Python does."""
+    100 with this ending). Any other command ends as Python does."""
     ended: list[object] = []
 
     class Ended(Exception):
