@@ -5,6 +5,7 @@ experiment the config describes. Used by :mod:`lightning_pref.trainer_cli`; each
 
 from __future__ import annotations
 
+import json
 import os
 import pydoc
 import zipfile
@@ -397,29 +398,49 @@ def check_matches(checkpoint: dict[str, Any], model: Any, path: str, argv: list[
 
 
 def check_restored(checkpoint: dict[str, Any], model: Any, path: str, argv: list[str]) -> None:
-    """Refuse, when resuming a fit, a command-line value of an option whose effect the checkpoint carries (the
-    module's ``restored_by_checkpoint``: a new learning rate would be the optimizer state's old one, a new seed
-    would rebuild a random-init reference apart from its policy, a new LoRA alpha would rescale the trained
-    adapter) where it differs from the value trained with: the checkpoint's hyperparameters, else its run's
-    ``config.yaml`` (the optimizer and scheduler). The same value passes: requeue scripts repeat their command."""
+    """Refuse, when resuming a fit, a value of an option whose effect the checkpoint carries (the module's
+    ``restored_by_checkpoint``: a new learning rate would be the optimizer state's old one, a new seed would
+    rebuild a random-init reference apart from its policy, a new LoRA alpha would rescale the trained adapter)
+    that differs from the value trained with: the checkpoint's hyperparameters, else its run's ``config.yaml``
+    (the optimizer and scheduler; not checked for a checkpoint kept apart from its run). The same values pass:
+    requeue scripts repeat their command line and config."""
     cls = pydoc.locate(str(_plain(model).get("class_path") or DEFAULT_MODULE))
-    restored = getattr(cls, "restored_by_checkpoint", ())
     run = run_of(path)
     run_config = yaml.safe_load((run / "config.yaml").read_text()) if run and (run / "config.yaml").is_file() else {}
     trained_args = {**_init_args((run_config or {}).get("model") or {}), **checkpoint["hyper_parameters"]}
     given_args = _init_args(model)
-    for arg in argv:
-        key = arg.removeprefix("--").partition("=")[0]
-        segments = [s for s in key.split(".")[1:] if s != "init_args"] if key.startswith("model.") else []
-        if not segments or segments[0] not in restored or segments[0] not in trained_args:
+    for option in [o for o in getattr(cls, "restored_by_checkpoint", ()) if o in trained_args]:
+        difference = _first_difference(_json(_walk(given_args, [option])), _json(_walk(trained_args, [option])),
+                                       f"model.{option}")
+        if difference is None:
             continue
-        given, trained = _walk(given_args, segments), _walk(trained_args, segments)
-        if given != trained:
-            raise UserInputError(
-                f"--{key}: {path} was trained with {trained!r}, and a resumed fit continues with what the "
-                f"checkpoint restores (model.{segments[0]}: its state, not only its settings), so {given!r} cannot "
-                f"take effect: drop --{key}, or export the model and start a new run from it"
-            )
+        key, given, trained = difference
+        flag = next((a.partition("=")[0] for a in argv if a.removeprefix("--").replace(".init_args", "").startswith(
+            f"model.{option}")), None)
+        fix = f"drop {flag}" if flag else "give the run's own config (its config.yaml)"
+        raise UserInputError(
+            f"{key}: {path} was trained with {trained!r}, and a resumed fit continues with what the checkpoint "
+            f"restores (model.{option}: its state, not only its settings), so {given!r} from the "
+            f"{'command line' if flag else 'config'} cannot take effect: {fix}, or export the model and start a new "
+            "run from it"
+        )
+
+
+def _json(value: Any) -> Any:
+    """``value`` as JSON would hold it (tuples as lists), for comparing a parsed config with a saved one."""
+    return json.loads(json.dumps(_plain(value), default=str))
+
+
+def _first_difference(given: Any, trained: Any, key: str) -> tuple[str, Any, Any] | None:
+    """The first key (dotted, ``init_args`` left out) at which two config values differ, and the two values there."""
+    if isinstance(given, dict) and isinstance(trained, dict):
+        for name in [*given, *(k for k in trained if k not in given)]:
+            sub = key if name == "init_args" else f"{key}.{name}"
+            found = _first_difference(given.get(name), trained.get(name), sub)
+            if found is not None:
+                return found
+        return None
+    return None if given == trained else (key, given, trained)
 
 
 def _walk(args: dict[str, Any], segments: list[str]) -> Any:

@@ -455,7 +455,18 @@ def test_resuming_with_an_option_the_checkpoint_restores_is_one_line(runs, tmp_p
             "--data.train", str(runs["pairs"]), "--data.val", "null", "--data.batch_size", "4",
             "--trainer.default_root_dir", str(tmp_path), "--progress_bar.refresh_rate", "0"]
     line = _one_line_exit_2(capsys, [*argv, f"--{option}", value])
-    assert line.startswith(f"error: --{option}: ") and " was trained with " in line and f"drop --{option}," in line
+    assert line.startswith(f"error: {option.replace('.init_args', '')}") and " was trained with " in line
+    assert f"from the command line cannot take effect: drop --{option}," in line
+
+
+def test_resuming_with_a_config_file_that_changed_the_learning_rate_is_one_line(runs, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("model:\n  optimizer:\n    class_path: torch.optim.AdamW\n    init_args:\n"
+                                     "      lr: 0.5\n")
+    line = _one_line_exit_2(capsys, [
+        "fit", "--config", str(REPO / "configs/dpo.yaml"), "--config", str(tmp_path / "c.yaml"), "--ckpt_path",
+        str(runs["dpo"] / "checkpoints/last.ckpt"), "--trainer.default_root_dir", str(tmp_path)])
+    assert "error: model.optimizer.lr: " in line and "was trained with 0.001" in line
+    assert "so 0.5 from the config cannot take effect: give the run's own config (its config.yaml)" in line
 
 
 def test_resuming_with_the_options_it_was_trained_with_works(runs, tmp_path):
