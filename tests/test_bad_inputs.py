@@ -870,6 +870,20 @@ def test_a_pairwise_judge_for_on_policy_training_says_a_scoring_one_is_needed(mo
         build(judge=judge)
 
 
+class _NoMethods(Judge):
+    """A judge whose author named its method ``scores``: it defines neither ``score`` nor ``prefer``."""
+
+    def scores_of(self, prompts, completions):
+        return [0.0] * len(completions)
+
+
+def test_a_judge_defining_neither_score_nor_prefer_says_so():
+    """Was described as a judge that "only compares two completions (prefer)"."""
+    with pytest.raises(UserInputError, match=re.escape("model.judge: _NoMethods defines neither score nor prefer; a "
+                                                       "judge overrides score")):
+        OnPolicyModule(TINY, tokenizer="byte", judge=_NoMethods())
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["--model.init_args.judge", "my.pkg.NoSuchJudge"], "model.judge: No module named 'my' (class_path my.pkg.NoSuchJudge)"),
     (["--model.init_args.samples_per_promt", "4"],

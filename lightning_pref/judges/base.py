@@ -47,6 +47,9 @@ class Judge(Recorded):
 
 def check_scoring(judge: Judge, option: str, why: str) -> None:
     """Refuse a judge that only compares (``prefer``) where each completion needs a score of its own (``why``)."""
+    if not judge.scores and type(judge).prefer is Judge.prefer:  # a class that forgot both, or misnamed them
+        raise UserInputError(f"{option}: {_name(judge)} defines neither score nor prefer; a judge overrides score "
+                             "(prompts, completions -> a number each) or prefer (prompts, first, second -> 1, -1 or 0)")
     if not judge.scores:
         raise UserInputError(f"{option}: {_name(judge)} only compares two completions (prefer); {why}, so it needs a "
                              "judge that scores each one (a function judge without pairwise, a reward model, a rule)")
