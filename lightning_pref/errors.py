@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class UserInputError(ValueError):
@@ -38,3 +43,29 @@ def raised_in(owner: str, err: BaseException, fix: str) -> UserInputError:
     frames = traceback.extract_tb(err.__traceback__)
     where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
     return UserInputError(f"{owner} raised {type(err).__name__}: {str(err).strip() or '(no message)'}{where}; {fix}")
+
+
+def call_plugin(owner: str, fix: str, fn: Callable[..., T], *args: Any, refusal: str | None = None,
+                **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``, a plugin's code (a judge, a loss, an estimator: a user's, most often): what it
+    raises is one line (:func:`raised_in` with ``owner`` and ``fix``). Its ``UserInputError`` passes as it is, and
+    so does running out of memory, which is not the plugin's to fix.
+
+    Args:
+        refusal: where a ``ValueError`` is the plugin's own refusal of its input, the prefix of the one line that
+            gives its message alone (e.g. ``"model.loss: MyLoss"``).
+    """
+    try:
+        return fn(*args, **kwargs)
+    except UserInputError:
+        raise
+    except ValueError as err:
+        if refusal is None:
+            raise raised_in(owner, err, fix) from err
+        message = str(err).strip()
+        raise UserInputError(f"{refusal}: {message.splitlines()[0] if message else type(err).__name__}") from None
+    except Exception as err:  # noqa: BLE001 - whatever a plugin raises, the user needs its name and where
+        torch = sys.modules.get("torch")  # not imported by the commands that load no model: no CUDA error then
+        if isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError)):
+            raise
+        raise raised_in(owner, err, fix) from err

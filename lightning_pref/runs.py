@@ -410,8 +410,7 @@ def check_restored(checkpoint: dict[str, Any], model: Any, path: str, argv: list
     trained_args = {**_init_args((run_config or {}).get("model") or {}), **checkpoint["hyper_parameters"]}
     given_args = _init_args(model)
     for option in [o for o in getattr(cls, "restored_by_checkpoint", ()) if o in trained_args]:
-        difference = _first_difference(_json(_walk(given_args, [option])), _json(_walk(trained_args, [option])),
-                                       f"model.{option}")
+        difference = _first_difference(_json(given_args.get(option)), _json(trained_args.get(option)), f"model.{option}")
         if difference is None:
             continue
         key, given, trained = difference
@@ -441,17 +440,6 @@ def _first_difference(given: Any, trained: Any, key: str) -> tuple[str, Any, Any
                 return found
         return None
     return None if given == trained else (key, given, trained)
-
-
-def _walk(args: dict[str, Any], segments: list[str]) -> Any:
-    """The value at ``segments`` of a module's arguments, through nested ``init_args`` (``None`` where absent)."""
-    value: Any = args
-    for segment in segments:
-        value = _plain(value)
-        if isinstance(value, dict) and "class_path" in value and segment not in value:
-            value = value.get("init_args") or {}
-        value = value.get(segment) if isinstance(value, dict) else None
-    return _plain(value)
 
 
 def _plain(value: Any) -> Any:

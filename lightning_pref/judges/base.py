@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence, Sized
+from collections.abc import Sequence, Sized
 from typing import Any, ClassVar
 
 from lightning_pref.checks import FLOAT32_MAX
-from lightning_pref.errors import UserInputError, raised_in
+from lightning_pref.errors import UserInputError, call_plugin
 from lightning_pref.registry import Recorded
 
 #: A prompt as the data gave it: a string, or a list of ``{"role", "content"}`` messages.
@@ -64,7 +64,7 @@ def judge_scores(judge: Judge, prompts: Sequence[Prompt], completions: Sequence[
             naming the judge and the error it raised, and where.
     """
     name = _name(judge)
-    values = _call(name, "score", judge.score, prompts, completions)
+    values = call_plugin(f"judge {name}: score", "fix the judge", judge.score, prompts, completions)
     _check_length(name, "score", values, len(completions))
     out = []
     for i, value in enumerate(values):
@@ -90,7 +90,7 @@ def judge_preferences(judge: Judge, prompts: Sequence[Prompt], first: Sequence[s
             judge and the error it raised, and where.
     """
     name = _name(judge)
-    values = _call(name, "prefer", judge.prefer, prompts, first, second)
+    values = call_plugin(f"judge {name}: prefer", "fix the judge", judge.prefer, prompts, first, second)
     _check_length(name, "prefer", values, len(first))
     out = []
     for i, value in enumerate(values):
@@ -102,17 +102,6 @@ def judge_preferences(judge: Judge, prompts: Sequence[Prompt], first: Sequence[s
             )
         out.append(int(number))
     return out
-
-
-def _call(name: str, method: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)``; an exception raised inside a judge (a user's code, most often) is one line naming the judge,
-    the error and the line of the judge's code it came from, rather than a traceback through the training loop."""
-    try:
-        return fn(*args)
-    except UserInputError:
-        raise  # already one line (e.g. a scoring judge's own checked output)
-    except Exception as err:  # noqa: BLE001 - whatever a judge raises, the user needs its name and where
-        raise raised_in(f"judge {name}: {method}", err, "fix the judge") from err
 
 
 def _name(judge: Judge) -> str:

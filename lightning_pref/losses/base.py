@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_pref.errors import UserInputError, raised_in
+from lightning_pref.errors import UserInputError, call_plugin
 from lightning_pref.registry import Recorded
 from lightning_pref.types import LossOutput, SequenceLogps
 
@@ -97,14 +97,8 @@ def checked_call(loss: PreferenceLoss, policy: SequenceLogps, reference: Sequenc
             loss's own refusal, by its message alone).
     """
     name = f"model.loss: {type(loss).__name__}"
-    try:
-        out = loss(policy, reference, kl_baseline=kl_baseline)
-    except (UserInputError, MemoryError, torch.OutOfMemoryError):
-        raise
-    except ValueError as err:
-        raise UserInputError(f"{name}: {str(err).strip().splitlines()[0]}") from None
-    except Exception as err:  # noqa: BLE001 - a plugin's error: its name and line, not a trace through the loop
-        raise raised_in(f"{name}.forward", err, "fix the loss") from err
+    out = call_plugin(f"{name}.forward", "fix the loss", loss, policy, reference, kl_baseline=kl_baseline,
+                      refusal=name)
     if not isinstance(out, LossOutput):
         raise UserInputError(f"{name}.forward returned a {type(out).__name__}; a loss returns a LossOutput (losses, "
                              "chosen_rewards, rejected_rewards, metrics)")

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_pref.errors import UserInputError, raised_in
+from lightning_pref.errors import UserInputError, call_plugin
 from lightning_pref.registry import Recorded
 
 
@@ -47,12 +47,7 @@ def checked_call(loss: RewardLoss, chosen: Tensor, rejected: Tensor, margin: Ten
         UserInputError: naming the loss and what it returned or raised.
     """
     name = f"model.loss: {type(loss).__name__}"
-    try:
-        losses = loss(chosen, rejected, margin)
-    except (UserInputError, MemoryError, torch.OutOfMemoryError):
-        raise
-    except Exception as err:  # noqa: BLE001 - a plugin's error: its name and line, not a trace through the loop
-        raise raised_in(f"{name}.forward", err, "fix the loss") from err
+    losses = call_plugin(f"{name}.forward", "fix the loss", loss, chosen, rejected, margin)
     if not isinstance(losses, Tensor) or tuple(losses.shape) != tuple(chosen.shape):
         got = f"shape {tuple(losses.shape)}" if isinstance(losses, Tensor) else f"a {type(losses).__name__}"
         raise UserInputError(f"{name} returned {got}; a reward loss returns one loss per pair {tuple(chosen.shape)}, "

@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
-import torch
 from torch import Tensor
 
-from lightning_pref.errors import UserInputError, raised_in
+from lightning_pref.errors import UserInputError, call_plugin
 from lightning_pref.registry import Recorded
 
 #: Sums a tensor over every process (the identity on one process): estimators that normalize over the global
@@ -69,23 +68,19 @@ def checked_call(estimator: AdvantageEstimator, rewards: Tensor, mask: Tensor, g
         UserInputError: naming the estimator and what it returned or raised.
     """
     name = f"model.estimator: {type(estimator).__name__}"
-    try:
-        out = estimator(rewards, mask, group_size, values, reduce)
-    except (UserInputError, MemoryError, torch.OutOfMemoryError):
-        raise
-    except Exception as err:  # noqa: BLE001 - a plugin's error: its name and line, not a trace through the loop
-        raise raised_in(f"{name}.__call__", err, "fix the estimator") from err
+    out = call_plugin(f"{name}.__call__", "fix the estimator", estimator, rewards, mask, group_size, values, reduce)
     if not isinstance(out, Advantages):
         raise UserInputError(f"{name} returned a {type(out).__name__}; an estimator returns Advantages(advantages, "
                              "returns)")
+    # non-finite inputs are model.on_nonfinite's to handle, not the estimator's fault
+    inputs_finite = bool(rewards.isfinite().all()) and (values is None or bool(values.isfinite().all()))
     for field, tensor in zip(Advantages._fields, out, strict=True):
         if not isinstance(tensor, Tensor) or tensor.shape != rewards.shape:
             got = f"shape {tuple(tensor.shape)}" if isinstance(tensor, Tensor) else f"a {type(tensor).__name__}"
             raise UserInputError(f"{name} returned {field} of {got}; they are per token, laid out like the rewards "
                                  f"{tuple(rewards.shape)} (a per-sequence value goes to each of its tokens: "
                                  "per_token(values, mask))")
-        inputs_finite = bool(rewards.isfinite().all()) and (values is None or bool(values.isfinite().all()))
-        if inputs_finite and not bool(tensor.isfinite().all()):  # else the inputs are (model.on_nonfinite's)
+        if inputs_finite and not bool(tensor.isfinite().all()):
             raise UserInputError(f"{name} returned non-finite {field} ({tensor[~tensor.isfinite()][0].item()}); "
                                  "fix the estimator (e.g. a division by a group's zero standard deviation)")
     return out
