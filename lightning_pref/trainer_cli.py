@@ -34,6 +34,7 @@ from lightning_pref.console import ModelSummary, ProgressBar, RunSummary, quiet_
 from lightning_pref.data import PreferenceDataModule
 from lightning_pref.errors import UserInputError, raised_in
 from lightning_pref.evaluate import PreferenceTrainer
+from lightning_pref.host_memory import HostMemory
 from lightning_pref.predict import PredictionWriter
 from lightning_pref.registry import REGISTRIES, UnknownPluginError, load_plugins
 from lightning_pref.runs import (
@@ -241,8 +242,9 @@ class LightningPrefCLI(LightningCLI):
         parser.link_arguments("model.train_data", "data.train_data", apply_on="instantiate")
         parser.link_arguments("model.val_data", "data.val_data", apply_on="instantiate")
         # Always-on callbacks, configurable as --checkpoint.*, --progress_bar.*, --predictions.*, --summary.*,
-        # --throughput.*: a last.ckpt to resume or validate from, a progress bar showing loss and reward accuracy,
-        # predict's JSONL, the summary at the end of fit, and real tokens/s (and MFU) in the logs.
+        # --throughput.*, --host_memory.*: a last.ckpt to resume or validate from, a progress bar showing loss and
+        # reward accuracy, predict's JSONL, the summary at the end of fit, real tokens/s (and MFU) in the logs, and
+        # freed host memory kept for the next step.
         parser.add_lightning_class_args(Checkpoints, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(ProgressBar, "progress_bar")
@@ -250,6 +252,7 @@ class LightningPrefCLI(LightningCLI):
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
         parser.add_lightning_class_args(ModelSummary, "model_summary")
+        parser.add_lightning_class_args(HostMemory, "host_memory")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then settle ``--ckpt_path`` before LightningCLI reads the checkpoint's hyperparameters into the
@@ -385,7 +388,8 @@ def _option_of(cls: type, config: Any, prefix: str = "") -> str | None:
 
 #: Always-on callbacks (configured as ``--<key>.*``), and the Trainer flag that turns each off.
 ALWAYS_ON = {"checkpoint": "enable_checkpointing", "progress_bar": "enable_progress_bar", "predictions": None,
-             "summary": None, "throughput": None, "model_summary": "enable_model_summary"}
+             "summary": None, "throughput": None, "model_summary": "enable_model_summary",
+             "host_memory": None}
 
 
 def run(args: list[str] | None) -> bool:
