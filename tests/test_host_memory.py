@@ -50,7 +50,7 @@ def child(case: str, root: str = "") -> None:
         before = _faults(2)
         callback = HostMemory()
         callback.setup(None, None, "fit")
-        kept = _faults(4)
+        kept = _faults(6)
         callback.teardown(None, None, "fit")
         print(json.dumps({"before": before, "kept": kept, "after": _faults(1)}))
         return
@@ -58,7 +58,7 @@ def child(case: str, root: str = "") -> None:
 
     sys.argv = ["lightning-pref"]
     main(["fit", "--config", str(REPO / "configs/dpo.yaml"), "--trainer.default_root_dir", root,
-          "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--data.batch_size", "4",
+          "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0", "--data.batch_size", "4",
           "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=tests.test_host_memory.BlockFaults",
           *(["--host_memory.keep_freed", case] if case != "default" else [])])
     print(json.dumps({"steps": BlockFaults.seen, "after": _faults(1)}))
@@ -74,7 +74,9 @@ def _run_child(*args: str) -> dict[str, list[int]]:
 def test_a_freed_block_is_reused_while_the_trainer_runs_and_handed_back_after():
     faults = _run_child("callback")
     assert min(faults["before"]) > PAGES // 2, faults  # glibc's default: every block's pages fault in
-    assert max(faults["kept"][-2:]) < PAGES // 10, faults  # the last blocks reuse the first ones' pages
+    # The first blocks fault in as the heap grows (one or two: where the kernel lets it grow differs run to run),
+    # then the blocks reuse their pages.
+    assert sum(f > PAGES // 2 for f in faults["kept"]) <= 3 and max(faults["kept"][-2:]) < PAGES // 10, faults
     assert faults["after"][0] > PAGES // 2, faults  # handed back at teardown
 
 
@@ -82,9 +84,9 @@ def test_a_freed_block_is_reused_while_the_trainer_runs_and_handed_back_after():
 @pytest.mark.parametrize("keep", ["default", "false"])
 def test_the_command_keeps_freed_memory_unless_told_not_to(tmp_path, keep):
     faults = _run_child(keep, str(tmp_path))
-    assert len(faults["steps"]) == 3
+    assert len(faults["steps"]) == 4
     if keep == "default":
-        assert faults["steps"][-1] < PAGES // 10, faults
+        assert sum(f > PAGES // 2 for f in faults["steps"]) <= 2 and faults["steps"][-1] < PAGES // 10, faults
         assert faults["after"][0] > PAGES // 2, faults  # handed back when the command ends
     else:
         assert min(faults["steps"]) > PAGES // 2, faults
