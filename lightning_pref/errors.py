@@ -65,7 +65,13 @@ def call_plugin(owner: str, fix: str, fn: Callable[..., T], *args: Any, refusal:
         message = str(err).strip()
         raise UserInputError(f"{refusal}: {message.splitlines()[0] if message else type(err).__name__}") from None
     except Exception as err:  # noqa: BLE001 - whatever a plugin raises, the user needs its name and where
-        torch = sys.modules.get("torch")  # not imported by the commands that load no model: no CUDA error then
-        if isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError)):
+        if out_of_memory(err):
             raise
         raise raised_in(owner, err, fix) from err
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is running out of host or device memory: not a plugin's or a class's to fix, so it passes
+    as it is where their other errors become one line."""
+    torch = sys.modules.get("torch")  # not imported by the commands that load no model: no CUDA error then
+    return isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))

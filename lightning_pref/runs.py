@@ -384,8 +384,7 @@ def check_matches(checkpoint: dict[str, Any], model: Any, path: str, argv: list[
         trained, given = hparams.get(key), configured.get(key)
         if trained is None or given is None or _plain(trained) == _plain(given):
             continue
-        on_command_line = any(a == f"--model.{key}" or a.startswith((f"--model.{key}.", f"--model.{key}="))
-                              for a in argv)
+        on_command_line = _flag(argv, key) is not None
         if on_command_line or (key in _PLUGIN_KEYS and _class_of(trained) != _class_of(given)):
             fix = f"drop --model.{key}" if on_command_line else "give the run's own config (its config.yaml)"
             raise UserInputError(
@@ -414,8 +413,7 @@ def check_restored(checkpoint: dict[str, Any], model: Any, path: str, argv: list
         if difference is None:
             continue
         key, given, trained = difference
-        flag = next((a.partition("=")[0] for a in argv if a.removeprefix("--").replace(".init_args", "").startswith(
-            f"model.{option}")), None)
+        flag = _flag(argv, option)
         fix = f"drop {flag}" if flag else "give the run's own config (its config.yaml)"
         raise UserInputError(
             f"{key}: {path} was trained with {trained!r}, and a resumed fit continues with what the checkpoint "
@@ -423,6 +421,19 @@ def check_restored(checkpoint: dict[str, Any], model: Any, path: str, argv: list
             f"{'command line' if flag else 'config'} cannot take effect: {fix}, or export the model and start a new "
             "run from it"
         )
+
+
+def _flag(argv: list[str], key: str) -> str | None:
+    """The command line's flag that gives ``model.<key>`` or one of its fields, as typed (``--model.loss``,
+    ``--model.init_args.optimizer.init_args.lr``); ``None`` where only a config file gives it."""
+    for arg in argv:
+        flag = arg.partition("=")[0]
+        if not flag.startswith("--"):  # a value, e.g. a config file named model.loss.yaml
+            continue
+        plain = flag.removeprefix("--").replace(".init_args", "")
+        if plain == f"model.{key}" or plain.startswith(f"model.{key}."):
+            return flag
+    return None
 
 
 def _json(value: Any) -> Any:

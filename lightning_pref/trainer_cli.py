@@ -32,7 +32,7 @@ from lightning_pref.base_module import BaseModule
 from lightning_pref.checks import check_output_path
 from lightning_pref.console import ModelSummary, ProgressBar, RunSummary, quiet_console
 from lightning_pref.data import PreferenceDataModule
-from lightning_pref.errors import UserInputError, raised_in
+from lightning_pref.errors import UserInputError, out_of_memory, raised_in
 from lightning_pref.evaluate import PreferenceTrainer
 from lightning_pref.host_memory import HostMemory
 from lightning_pref.predict import PredictionWriter
@@ -326,11 +326,13 @@ class LightningPrefCLI(LightningCLI):
         terms) is the one named."""
         try:
             return cls(*args, **kwargs)
-        except (UserInputError, MemoryError):
+        except UserInputError:
             raise
         except (ValueError, UnknownPluginError) as err:
             raise UserInputError(f"{self._option_prefix(cls)}{first_line(err)}") from err
         except Exception as err:  # noqa: BLE001 - e.g. a plugin's KeyError, a term's unexpected argument: the option
+            if out_of_memory(err):  # loading a model onto a full device: not the class's arguments
+                raise
             raise raised_in(f"{self._option_prefix(cls)}{cls.__name__}.__init__", err,
                             "check the class and its arguments") from err
 

@@ -115,3 +115,16 @@ def test_a_command_on_a_checkpoint_elsewhere_keeps_lightnings_versions(tmp_path,
     from lightning_pref.report import resolve_run_dir
 
     assert resolve_run_dir(root) == root / "lightning_logs/version_0"
+
+
+def test_an_option_given_on_the_command_line_is_found_in_each_form_users_type():
+    """check_matches and check_restored ask the same question of the command line; they had two tests that had
+    drifted: ``--model.init_args.loss`` was not seen as giving the loss, and check_restored took a value (a config
+    file named ``model.loss.yaml``) for the option."""
+    from lightning_pref.runs import _flag
+
+    assert _flag(["--model.loss", "ipo"], "loss") == "--model.loss"
+    assert _flag(["--model.loss=ipo"], "loss") == "--model.loss"
+    assert _flag(["--model.init_args.loss.init_args.beta", "0.2"], "loss") == "--model.init_args.loss.init_args.beta"
+    assert _flag(["--model.optimizer.lr=0.1"], "optimizer") == "--model.optimizer.lr"
+    assert _flag(["--model.lossy", "1", "--config", "model.loss.yaml"], "loss") is None
