@@ -66,8 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--short-max", type=int, default=128, help="short regime: single-turn rows of at most this many tokens")
     p.add_argument("--full-max", type=int, default=512, help="full regime: rows of at most this many tokens")
     p.add_argument("--gradient-checkpointing", default="true", choices=["true", "false"])
-    p.add_argument("--ours-gradient-checkpointing", default=None, choices=["true", "false"],
-                   help="lightning-pref's setting when it differs from TRL's (e.g. both at their defaults: false)")
+    p.add_argument("--ours-gradient-checkpointing", default=None, type=_checkpointing_arg,
+                   help="lightning-pref's setting when it differs from TRL's (e.g. both at their defaults: false; "
+                        "an integer n: every n-th decoder layer)")
     p.add_argument("--seed", type=int, default=0, help="which rows are drawn")
     p.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON"),
                    help="an interpreter with trl installed (default: $TRL_PYTHON, else this one if it has trl)")
@@ -452,7 +453,7 @@ def _spec(args, model, data, loss, regime, system, rep) -> dict[str, Any]:
     return {"system": system, "loss": loss, "regime": regime, "model": model,
             "data": data["regimes"][regime]["files"][f"{loss}_{system}"], "batch_size": args.batch_size,
             "steps": args.steps, "warmup": args.warmup, "lr": args.lr, "beta": args.beta,
-            "gradient_checkpointing": _checkpointing(args, system) == "true", "workdir": str(work),
+            "gradient_checkpointing": _setting(_checkpointing(args, system)), "workdir": str(work),
             "ours": json.loads(args.ours) if args.ours else None,
             "run_dir": str(work / "runs" / tag), "result": str(work / "runs" / f"{tag}.json"), "tag": tag}
 
@@ -460,6 +461,18 @@ def _spec(args, model, data, loss, regime, system, rep) -> dict[str, Any]:
 def _checkpointing(args: argparse.Namespace, system: str) -> str:
     return (args.ours_gradient_checkpointing or args.gradient_checkpointing) if system == "ours" else (
         args.gradient_checkpointing)
+
+
+def _checkpointing_arg(value: str) -> str:
+    """``true``, ``false`` or a whole number n >= 1 (lightning-pref's ``model.gradient_checkpointing``)."""
+    if value in ("true", "false") or (value.isdigit() and int(value) >= 1):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: true, false or an integer n >= 1 (every n-th layer)")
+
+
+def _setting(value: str) -> bool | int:
+    """The option's value: ``True``/``False``, or n (every n-th decoder layer recomputes)."""
+    return int(value) if value.isdigit() else value == "true"
 
 
 def run_one(spec: dict[str, Any], python: str, env: dict[str, str]) -> dict[str, Any] | None:
@@ -591,19 +604,20 @@ def matmul_rate(model: str) -> dict[str, Any]:
     last = [[m for m in layer.modules() if isinstance(m, torch.nn.Linear)][-1] for layer in layers]
     body = sum(m.weight.numel() for m in linears)
     return {"body_linear_parameters": body, "recomputed_linear_parameters": body - sum(m.weight.numel() for m in last),
-            "head_parameters": head.weight.numel(), "matmul_gflops": best, "matmul_shape": [512, *widest]}
+            "head_parameters": head.weight.numel(), "layers": len(layers), "matmul_gflops": best, "matmul_shape": [512, *widest]}
 
 
-def dpo_matmul_bound(machine: dict[str, Any], ours: dict[str, Any], checkpointing: bool) -> dict[str, float]:
+def dpo_matmul_bound(machine: dict[str, Any], ours: dict[str, Any], checkpointing: bool | int) -> dict[str, float]:
     """The matmul work of lightning-pref's DPO step and its time at ``machine``'s matmul rate: a lower bound on
     any implementation of the same passes over the same tokens (attention, norms, activations and the optimizer
     cost nothing in it). Every linear layer runs on each real token in the policy's forward, the reference's and
     backward (two matmuls); with checkpointing, backward's recompute runs each layer's linears but its last (see
     :func:`matmul_rate`); the LM head on each scored token in the policy's forward, the reference's, its
-    recompute in backward and backward's two matmuls."""
+    recompute in backward and backward's two matmuls. ``checkpointing`` n: every n-th layer recomputes."""
     body = machine["body_linear_parameters"] * 4
     if checkpointing:
-        body += machine["recomputed_linear_parameters"]
+        n, layers = int(checkpointing), machine.get("layers")  # runs before the integer setting did not record it
+        body += machine["recomputed_linear_parameters"] * (1 if n == 1 else math.ceil(layers / n) / layers)
     flops = 2 * (body * ours["real_tokens_per_step"] + machine["head_parameters"] * ours["response_tokens_per_step"] * 5)
     seconds = flops / (machine["matmul_gflops"] * 1e9)
     return {"gflops_per_step": flops / 1e9, "bound_seconds_per_step": seconds,
@@ -649,7 +663,7 @@ def summarize(args, model, data, runs, systems, machine: dict[str, Any] | None =
                 case["speedup_wall"] = statistics.median(case["speedup_wall_runs"])
                 case["peak_rss_vs_trl"] = case["ours"]["train_peak_rss_mb"] / case["trl"]["train_peak_rss_mb"]
             if machine and loss == "dpo" and "ours" in case:
-                case["matmul_bound"] = dpo_matmul_bound(machine, case["ours"], _checkpointing(args, "ours") == "true")
+                case["matmul_bound"] = dpo_matmul_bound(machine, case["ours"], _setting(_checkpointing(args, "ours")))
                 if "trl" in case:
                     case["matmul_bound"]["trl_over_bound"] = (case["trl"]["cpu_seconds_per_step"]
                                                        / case["matmul_bound"]["bound_seconds_per_step"])
@@ -663,8 +677,11 @@ def markdown(s: dict[str, Any]) -> str:
     trl_env = next((c["trl"]["environment"] for c in s["cases"].values() if "trl" in c), {}) or {}
     checkpointing = s["gradient_checkpointing"]
     if isinstance(checkpointing, dict):
-        checkpointing = (f"{checkpointing['ours']} in both" if len(set(checkpointing.values())) == 1 else
-                         f"{checkpointing['ours']} in lightning-pref, {checkpointing['trl']} in TRL")
+        ours = checkpointing["ours"]
+        if ours.isdigit():
+            ours = f"{ours} (every {ours}-th decoder layer, from the first)"
+        checkpointing = (f"{ours} in both" if len(set(checkpointing.values())) == 1 else
+                         f"{ours} in lightning-pref, {checkpointing['trl']} in TRL")
     else:  # results written before the per-system setting
         checkpointing = f"{checkpointing} in both"
     lines = [

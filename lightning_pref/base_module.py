@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
 from lightning_pref import layout
-from lightning_pref.checks import check_choice
+from lightning_pref.checks import check_choice, check_range
 from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.models import (
     DtypeName,
@@ -118,6 +118,9 @@ class BaseModule(LightningModule):
         hp = self.hparams
         if "on_nonfinite" in hp:
             check_choice("model.on_nonfinite", hp.on_nonfinite, ("error", "skip"))
+        if not isinstance(hp.get("gradient_checkpointing", False), bool):
+            check_range("model.gradient_checkpointing", hp.gradient_checkpointing, 1, integer=True,
+                        hint="true checkpoints every decoder layer, an integer n every n-th, false none")
         for name in ("dtype", "reference_dtype"):
             if hp.get(name) is not None:
                 check_choice(f"model.{name}", hp[name], get_args(DtypeName))
@@ -161,7 +164,7 @@ class BaseModule(LightningModule):
         the model's FLOP parameters (counted before any sharding or adapters)."""
         model = self.load_model(spec, self.model_field, model_kwargs=model_kwargs, auto_class=auto_class, **fields)
         if self.hparams.gradient_checkpointing:
-            enable_activation_checkpointing(model)
+            enable_activation_checkpointing(model, int(self.hparams.gradient_checkpointing))
         self.flop_params = flop_parameters(model)
         return model
 

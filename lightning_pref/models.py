@@ -12,11 +12,13 @@ loads ``dtype="auto"``, so a bf16 checkpoint would otherwise train bf16 paramete
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
+import transformers
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -230,14 +232,29 @@ def quiet_saving() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def enable_activation_checkpointing(model: PreTrainedModel) -> None:
-    """Recompute decoder-layer activations in backward (``activation_checkpointing_enable`` in transformers
-    >= 5.x, ``gradient_checkpointing_enable`` before it), non-reentrant."""
+def enable_activation_checkpointing(model: PreTrainedModel, every_n_layers: int = 1,
+                                    field: str = "model.gradient_checkpointing") -> None:
+    """Recompute decoder-layer activations in backward, non-reentrant: every ``every_n_layers``-th layer's, from
+    the first (transformers' ``every_n_layers``); the other layers keep theirs, trading memory back for time.
+
+    Raises:
+        UserInputError: ``every_n_layers > 1`` and this transformers cannot leave layers out (``field`` names
+            the option).
+    """
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers >= 5.x names it activation_checkpointing_enable (gradient_checkpointing_enable warns)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    name = "activation_checkpointing_kwargs" if enable is not None else "gradient_checkpointing_kwargs"
+    enable = enable or model.gradient_checkpointing_enable
+    if every_n_layers == 1:
+        enable(**{name: kwargs})
+        return
+    if "every_n_layers" not in inspect.signature(enable).parameters:
+        raise UserInputError(f"{field}: {every_n_layers} (recompute every {every_n_layers}-th decoder layer) needs "
+                             f"transformers' every_n_layers, which {enable.__name__} of transformers "
+                             f"{transformers.__version__} does not take; upgrade transformers, or set it to true "
+                             "(every layer)")
+    enable(**{name: kwargs}, every_n_layers=every_n_layers)
 
 
 def read_tokenizer(name: str, field: str, fix: str, **kwargs: Any) -> PreTrainedTokenizerBase:

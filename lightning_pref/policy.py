@@ -73,7 +73,10 @@ class PolicyModule(BaseModule):
         chunk_size: response tokens per LM-head chunk when computing log-probs; ``None`` = as many as keep a
             chunk's fp32 logits within 32 MB, at least 256 (1048 at an 8k vocabulary, 256 at 128k).
         response_only_head: apply the LM head only at response positions (same values, less work).
-        gradient_checkpointing: recompute the policy's activations in backward (less memory, ~30% more time).
+        gradient_checkpointing: recompute the policy's decoder-layer activations in backward instead of keeping
+            them (less memory, more time); ``true``: every layer's, an integer ``n``: every n-th layer's, the
+            others keeping theirs (transformers' ``every_n_layers``: memory the recompute would free is traded
+            back for time).
         compile: ``torch.compile`` the policy's forward (in place, so checkpoint keys do not change).
         generation: how completions are sampled (``predict``, ``evaluate``, ``SampleCompletions``).
     """
@@ -101,7 +104,7 @@ class PolicyModule(BaseModule):
         init_seed: int = 0,
         chunk_size: int | None = None,
         response_only_head: bool = True,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | int = False,
         compile: bool = False,
         generation: GenerationOptions | None = None,
     ) -> None:

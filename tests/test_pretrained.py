@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch import Callback
 
 from lightning_pref import PreferenceModule
+from lightning_pref.errors import UserInputError
 from lightning_pref.models import load_causal_lm, parameter_dtype
 from lightning_pref.schedules import WarmupDecay
 from tests.support import TINY, tiny_fit
@@ -89,26 +90,57 @@ def test_bf16_checkpoint_trains_the_configured_dtype(
     assert str(policy_dtype).removeprefix("torch.") in line and "checkpoint bfloat16" in line
 
 
-def test_loaded_policy_trains_in_train_mode_and_checkpointing_runs(tmp_path, tokenizer, pairs_file, monkeypatch):
+@pytest.mark.parametrize(("setting", "checkpointed"), [(True, [0, 1, 2]), (2, [0, 2])])
+def test_loaded_policy_trains_in_train_mode_and_checkpointing_runs(tmp_path, tokenizer, pairs_file, monkeypatch,
+                                                                    setting, checkpointed):
     """from_pretrained returns eval mode; training must still run in train mode, so activation checkpointing
-    (gated on ``training``) really recomputes, while the reference stays in eval mode."""
+    (gated on ``training``) really recomputes, while the reference stays in eval mode. ``true`` checkpoints every
+    decoder layer, an integer n every n-th from the first."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    path = _checkpoint(tmp_path, tokenizer, TINY)
+    path = _checkpoint(tmp_path, tokenizer, {**TINY, "num_hidden_layers": 3})
     calls = []
     original = GradientCheckpointingLayer.__call__
 
     def counting(self, *args, **kwargs):
         if self.gradient_checkpointing and self.training:
-            calls.append(type(self).__name__)
+            calls.append(self.self_attn.layer_idx)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(GradientCheckpointingLayer, "__call__", counting)
     record = Record()
-    _fit(path, pairs_file, callbacks=[record], gradient_checkpointing=True)
+    _fit(path, pairs_file, callbacks=[record], gradient_checkpointing=setting)
     assert record.seen["policy_training"] == {True}
     assert record.seen["reference_training"] == {False}
-    assert calls.count("LlamaDecoderLayer") == TINY["num_hidden_layers"]  # one checkpointed forward per layer
+    assert calls == checkpointed  # one checkpointed forward per checkpointed layer
+
+
+def test_checkpointing_some_layers_gives_the_same_losses(tmp_path, tokenizer, pairs_file):
+    """Recomputing a layer reproduces its activations: every layer, every 2nd or none train alike."""
+    path = _checkpoint(tmp_path, tokenizer, {**TINY, "num_hidden_layers": 3}, dtype=torch.float32)
+    losses = {}
+    for setting in (False, True, 2):
+        torch.manual_seed(0)
+        losses[setting] = _fit(path, pairs_file, steps=3, gradient_checkpointing=setting)[1]
+    assert len(losses[False]) == 3 and losses[False][-1] != losses[False][0]  # it trained
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert losses[2] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_every_nth_layer_is_refused_where_transformers_cannot_leave_layers_out(tmp_path, tokenizer, pairs_file,
+                                                                               monkeypatch):
+    """A transformers whose checkpointing method has no ``every_n_layers`` would checkpoint every layer (or
+    raise a TypeError): one line naming the option instead."""
+    from transformers import PreTrainedModel
+
+    def enable(self, activation_checkpointing_kwargs=None):  # the signature before every_n_layers
+        raise AssertionError("must not be called")
+
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", enable)
+    path = _checkpoint(tmp_path, tokenizer, {**TINY, "num_hidden_layers": 3})
+    with pytest.raises(UserInputError, match=r"^model\.gradient_checkpointing: 2 \(recompute every 2-th decoder layer\) "
+                       r"needs transformers' every_n_layers, .*; upgrade transformers, or set it to true"):
+        _fit(path, pairs_file, gradient_checkpointing=2)
 
 
 _DROPOUT_CONFIGS = {

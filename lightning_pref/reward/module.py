@@ -96,7 +96,8 @@ class RewardModule(BaseModule):
             ``*-mixed``).
         model_kwargs: more ``from_pretrained`` arguments (``attn_implementation``, ``revision``, ...).
         disable_dropout: turn off the backbone's dropout.
-        gradient_checkpointing: recompute activations in backward.
+        gradient_checkpointing: recompute decoder-layer activations in backward; ``true``: every layer's, an
+            integer ``n``: every n-th layer's (as the policy modules' option).
         on_nonfinite: a NaN/inf loss stops training (``error``) or skips that batch on every device (``skip``).
         init_seed: seed of a config-dict backbone's random initialization.
     """
@@ -116,7 +117,7 @@ class RewardModule(BaseModule):
         dtype: DtypeName | None = None,
         model_kwargs: dict[str, Any] | None = None,
         disable_dropout: bool = True,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | int = False,
         on_nonfinite: Literal["error", "skip"] = "error",
         init_seed: int = 0,
     ) -> None:

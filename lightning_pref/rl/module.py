@@ -271,7 +271,7 @@ class PolicyGradientModule(PolicyModule):
             # a trained one-label head, checked (a causal LM would get a random one)
             model = load_reward_model(spec, "model.critic.model", dtype=self.parameter_dtype)
         if self.hparams.gradient_checkpointing:
-            enable_activation_checkpointing(model)
+            enable_activation_checkpointing(model, int(self.hparams.gradient_checkpointing))
         return ValueScorer(model).to(self.device)
 
     def _check_critic_tokenizer(self, spec: str) -> None:
