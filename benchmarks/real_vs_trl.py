@@ -679,7 +679,7 @@ def markdown(s: dict[str, Any]) -> str:
     if isinstance(checkpointing, dict):
         ours = checkpointing["ours"]
         if ours.isdigit():
-            ours = f"{ours} (every {ours}-th decoder layer, from the first)"
+            ours = f"{ours} (one decoder layer in {ours} recomputes, from the first)"
         checkpointing = (f"{ours} in both" if len(set(checkpointing.values())) == 1 else
                          f"{ours} in lightning-pref, {checkpointing['trl']} in TRL")
     else:  # results written before the per-system setting

@@ -250,7 +250,7 @@ def enable_activation_checkpointing(model: PreTrainedModel, every_n_layers: int 
         enable(**{name: kwargs})
         return
     if "every_n_layers" not in inspect.signature(enable).parameters:
-        raise UserInputError(f"{field}: {every_n_layers} (recompute every {every_n_layers}-th decoder layer) needs "
+        raise UserInputError(f"{field}: {every_n_layers} (recompute one decoder layer in {every_n_layers}) needs "
                              f"transformers' every_n_layers, which {enable.__name__} of transformers "
                              f"{transformers.__version__} does not take; upgrade transformers, or set it to true "
                              "(every layer)")

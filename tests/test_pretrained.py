@@ -138,7 +138,7 @@ def test_every_nth_layer_is_refused_where_transformers_cannot_leave_layers_out(t
 
     monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", enable)
     path = _checkpoint(tmp_path, tokenizer, {**TINY, "num_hidden_layers": 3})
-    with pytest.raises(UserInputError, match=r"^model\.gradient_checkpointing: 2 \(recompute every 2-th decoder layer\) "
+    with pytest.raises(UserInputError, match=r"^model\.gradient_checkpointing: 2 \(recompute one decoder layer in 2\) "
                        r"needs transformers' every_n_layers, .*; upgrade transformers, or set it to true"):
         _fit(path, pairs_file, gradient_checkpointing=2)
 
