@@ -163,10 +163,15 @@ class BaseModule(LightningModule):
         """:meth:`load_model` for the model this module trains: also activation checkpointing if configured, and
         the model's FLOP parameters (counted before any sharding or adapters)."""
         model = self.load_model(spec, self.model_field, model_kwargs=model_kwargs, auto_class=auto_class, **fields)
-        if self.hparams.gradient_checkpointing:
-            enable_activation_checkpointing(model, int(self.hparams.gradient_checkpointing))
+        self.checkpoint_activations(model)
         self.flop_params = flop_parameters(model)
         return model
+
+    def checkpoint_activations(self, model: nn.Module) -> None:
+        """Activation checkpointing on ``model`` as ``model.gradient_checkpointing`` says: none (false), every
+        decoder layer (true) or one layer in n (an integer)."""
+        if self.hparams.gradient_checkpointing:
+            enable_activation_checkpointing(model, int(self.hparams.gradient_checkpointing))
 
     def describe_dtype(self, what: str, model: nn.Module) -> str:
         """``<what> parameters <dtype> (<why>; checkpoint <storage dtype>)``: the start-up line, shared by every

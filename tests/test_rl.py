@@ -28,7 +28,8 @@ def _module(**kwargs) -> PolicyGradientModule:
     kwargs.setdefault("judge", NoShoutingJudge())
     kwargs.setdefault("generation", GenerationOptions(max_new_tokens=10, do_sample=True))
     kwargs.setdefault("optimizer", partial(torch.optim.AdamW, lr=1e-3))
-    return PolicyGradientModule(TINY, tokenizer="byte", **kwargs)
+    kwargs.setdefault("policy", TINY)
+    return PolicyGradientModule(tokenizer="byte", **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- estimators
@@ -254,6 +255,18 @@ def test_critic_from_an_exported_reward_model_starts_at_its_score(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(module.critic(ids, mask), exported(ids, mask))
         assert exported(ids, mask).abs().min() > 0
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(True, [True] * 3), (2, [True, False, True])])
+def test_gradient_checkpointing_reaches_the_policy_and_the_critic(setting, expected):
+    """The critic is loaded apart from the policy: it recomputes the same layers (``2``: one decoder layer in 2)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    module = _module(policy={**TINY, "num_hidden_layers": 3}, gradient_checkpointing=setting)
+    module.configure_model()
+    for model in (module.policy, module.critic):
+        layers = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert layers == expected
 
 
 def test_critic_of_a_policy_given_as_a_directory_has_one_value_head(tmp_path):

@@ -46,7 +46,6 @@ from lightning_pref.judges.base import Judge, check_scoring
 from lightning_pref.metrics import ExactMeans
 from lightning_pref.models import (
     ModelSpec,
-    enable_activation_checkpointing,
     load_reward_model,
     read_tokenizer,
 )
@@ -270,8 +269,7 @@ class PolicyGradientModule(PolicyModule):
             self._check_critic_tokenizer(spec)
             # a trained one-label head, checked (a causal LM would get a random one)
             model = load_reward_model(spec, "model.critic.model", dtype=self.parameter_dtype)
-        if self.hparams.gradient_checkpointing:
-            enable_activation_checkpointing(model, int(self.hparams.gradient_checkpointing))
+        self.checkpoint_activations(model)
         return ValueScorer(model).to(self.device)
 
     def _check_critic_tokenizer(self, spec: str) -> None:
