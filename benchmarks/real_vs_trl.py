@@ -604,21 +604,33 @@ def matmul_rate(model: str) -> dict[str, Any]:
     last = [[m for m in layer.modules() if isinstance(m, torch.nn.Linear)][-1] for layer in layers]
     body = sum(m.weight.numel() for m in linears)
     return {"body_linear_parameters": body, "recomputed_linear_parameters": body - sum(m.weight.numel() for m in last),
-            "head_parameters": head.weight.numel(), "layers": len(layers), "matmul_gflops": best, "matmul_shape": [512, *widest]}
+            "head_parameters": head.weight.numel(), "vocab_size": head.weight.shape[0], "layers": len(layers), "matmul_gflops": best, "matmul_shape": [512, *widest]}
+
+
+def _head_recomputed_rows(rows: int, vocab: int) -> int:
+    """Rows whose logits the policy's head recomputes in backward: those before the trailing chunks it keeps
+    (``lightning_pref.head``), scoring ``rows`` tokens in one pass."""
+    from lightning_pref.head import _KEEP_LOGITS, default_chunk_size
+
+    chunk, keep_from = default_chunk_size(vocab), max(0, rows - _KEEP_LOGITS // vocab)
+    return min(rows, -(-keep_from // chunk) * chunk)
 
 
 def dpo_matmul_bound(machine: dict[str, Any], ours: dict[str, Any], checkpointing: bool | int) -> dict[str, float]:
     """The matmul work of lightning-pref's DPO step and its time at ``machine``'s matmul rate: a lower bound on
     any implementation of the same passes over the same tokens (attention, norms, activations and the optimizer
     cost nothing in it). Every linear layer runs on each real token in the policy's forward, the reference's and
-    backward (two matmuls); with checkpointing, backward's recompute runs each layer's linears but its last (see
-    :func:`matmul_rate`); the LM head on each scored token in the policy's forward, the reference's, its
-    recompute in backward and backward's two matmuls. ``checkpointing`` n: every n-th layer recomputes."""
+    backward (two matmuls); with checkpointing, backward's recompute runs each checkpointed layer's linears but its
+    last (see :func:`matmul_rate`); the LM head on each scored token in the policy's forward, the reference's and
+    backward's two matmuls, and again in backward on the tokens whose logits the head did not keep.
+    ``checkpointing`` n: every n-th layer recomputes, from the first, never the top one."""
     body = machine["body_linear_parameters"] * 4
     if checkpointing:
-        n, layers = int(checkpointing), machine.get("layers")  # runs before the integer setting did not record it
-        body += machine["recomputed_linear_parameters"] * (1 if n == 1 else math.ceil(layers / n) / layers)
-    flops = 2 * (body * ours["real_tokens_per_step"] + machine["head_parameters"] * ours["response_tokens_per_step"] * 5)
+        n, layers = int(checkpointing), machine["layers"]
+        body += machine["recomputed_linear_parameters"] * len(range(0, layers - 1, n)) / layers
+    head = machine["head_parameters"] * (4 * ours["response_tokens_per_step"] + _head_recomputed_rows(
+        round(ours["response_tokens_per_step"]), machine["vocab_size"]))
+    flops = 2 * (body * ours["real_tokens_per_step"] + head)
     seconds = flops / (machine["matmul_gflops"] * 1e9)
     return {"gflops_per_step": flops / 1e9, "bound_seconds_per_step": seconds,
             "ours_over_bound": ours["cpu_seconds_per_step"] / seconds}
@@ -740,8 +752,8 @@ def markdown(s: dict[str, Any]) -> str:
         m = s["machine"]
         lines += ["", f"Matmul bound of lightning-pref's DPO step: its matmuls alone (every linear layer on each real "
                   "token in the policy's forward, the reference's, backward's two matmuls and, where checkpointing, "
-                  "the recompute, which stops before each layer's last linear; the LM head on each scored token five "
-                  f"times), at this machine's fp32 matmul rate on one thread ({m['matmul_gflops']:.1f} GFLOP/s, "
+                  "the recompute, which stops before each layer's last linear; the LM head on each scored token four "
+                  "times, and a fifth on those whose logits it does not keep), at this machine's fp32 matmul rate on one thread ({m['matmul_gflops']:.1f} GFLOP/s, "
                   "best of 5 one-second trials of a "
                   f"{m['matmul_shape'][0]} x {m['matmul_shape'][2]} by {m['matmul_shape'][2]} x "
                   f"{m['matmul_shape'][1]} product, measured {m.get('measured', 'before the runs')}). No "

@@ -38,6 +38,10 @@ _CHUNK_LOGITS = 2**23
 _MIN_CHUNK_ROWS = 256
 # Logits per tile of vocabulary columns (4 MB of fp32): see _LinearLogps.
 _TILE_LOGITS = 2**20
+# Logits whose fp32 exponentials the last chunks keep from forward to backward (64 MB), so that backward does
+# not recompute them: one matmul the size of the head's forward saved (SmolLM2 on short HH rows: 193 rows, 9.5M
+# logits, ~2% of a DPO step). They are freed as backward starts, before the model's gradients are allocated.
+_KEEP_LOGITS = 2**24
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -126,9 +130,17 @@ def token_logps(
     """
     out, entropies = [], []
     linear = type(head) is nn.Linear  # quantized or adapter-wrapped heads go through their own forward
+    # Backward takes the chunks last first: the trailing ones within _KEEP_LOGITS keep their exponentials
+    # until then instead of recomputing them (soft-capping's derivative needs the logits: those recompute).
+    keep_from = hidden.shape[0]
+    if linear and transform.softcap is None and torch.is_grad_enabled() and (
+            hidden.requires_grad or any(p.requires_grad for p in head.parameters())):
+        keep_from = max(0, hidden.shape[0] - _KEEP_LOGITS // max(1, head.weight.shape[0]))
+    start = 0
     for h, y in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True):
+        keep, start = start >= keep_from, start + h.shape[0]
         if linear:
-            logp, ent = _LinearLogps.apply(h, head.weight, head.bias, y, transform, entropy)
+            logp, ent = _LinearLogps.apply(h, head.weight, head.bias, y, transform, entropy, keep)
         elif torch.is_grad_enabled() and h.requires_grad:
             # Recompute each chunk's logits in backward rather than keeping all (R, V) activations alive.
             logp = checkpoint(_chunk_logps, head, h, y, transform, use_reentrant=False)
@@ -238,17 +250,20 @@ class _LinearLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor,
-                transform: LogitTransform, entropy: bool = False) -> tuple[Tensor, Tensor]:
+                transform: LogitTransform, entropy: bool = False, keep: bool = False) -> tuple[Tensor, Tensor]:
         device = h.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         ctx.transform = transform
         rows = h.shape[0]
+        kept: list[Tensor] = []  # with keep: each tile's exp(s - m_t) and its running maximum m_t
         picked = h.new_zeros(rows, dtype=torch.float32)  # (C,)
         top = torch.full_like(picked, -torch.inf)  # (C,) running maximum of s
         total = torch.zeros_like(picked)  # (C,) running sum of exp(s - top)
         weighted = torch.zeros_like(picked) if entropy else None  # (C,) running sum of exp(s - top) s
         for columns in _tiles(rows, weight.shape[0]):
-            s = transform.apply_(F.linear(h, *_tile(weight, bias, columns)).float())  # (C, c) fp32
+            z = F.linear(h, *_tile(weight, bias, columns))  # (C, c) in the compute dtype
+            ctx.compute_dtype = z.dtype
+            s = transform.apply_(z.float())  # (C, c) fp32
             inside, at = _in_tile(y, columns, s.shape[1])
             picked = torch.where(inside, s.gather(-1, at[:, None]).squeeze(-1), picked)
             new_top = torch.maximum(top, s.amax(-1))
@@ -258,15 +273,17 @@ class _LinearLogps(torch.autograd.Function):
             if weighted is not None:  # H = lse - sum(e s) / sum e
                 weighted = weighted.mul_(rescale).add_((e * s).sum(-1))
             top = new_top
+            if keep:
+                kept += [e, top]
         lse = total.log() + top  # (C,)
         entropies = lse - weighted / total if weighted is not None else picked.new_zeros(0)  # (C,) or empty
-        ctx.save_for_backward(h, weight, bias, y, lse)
+        ctx.save_for_backward(h, weight, bias, y, lse, *kept)
         ctx.mark_non_differentiable(entropies)
         return picked - lse, entropies
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, _entropy_grad: Tensor | None = None) -> tuple[Tensor | None, ...]:
-        h, weight, bias, y, lse = ctx.saved_tensors
+        h, weight, bias, y, lse, *kept = ctx.saved_tensors
         device, dtype, enabled = ctx.autocast
         transform: LogitTransform = ctx.transform
         g = grad.float()[:, None]  # (C, 1)
@@ -274,25 +291,29 @@ class _LinearLogps(torch.autograd.Function):
         grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None  # (V, H) every row written below
         grad_b = torch.empty_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
         with torch.autocast(device, dtype=dtype, enabled=enabled):
-            for columns in _tiles(h.shape[0], weight.shape[0]):
+            for i, columns in enumerate(_tiles(h.shape[0], weight.shape[0])):
                 w, b = _tile(weight, bias, columns)
-                z = F.linear(h, w, b)  # (C, c) in the forward's compute dtype; becomes the gradient
-                block = z.float()  # z itself under fp32, else a tile-sized fp32 copy
-                if transform.softcap is None:
-                    ds = None
-                    s = block.mul_(transform.factor) if transform.factor != 1.0 else block
-                else:  # s = c tanh(a z / c) / tau; ds/dz = a (1 - tanh^2) / tau
-                    t = block.mul_(transform.scale / transform.softcap).tanh_()
-                    s = t * (transform.softcap / transform.temperature)  # a second tile-sized buffer: t is kept
-                    ds = t.square_().neg_().add_(1).mul_(transform.factor)
-                dz = s.sub_(lse[:, None]).exp_().mul_(-g)  # -g * softmax
+                ds = None
+                if kept:  # softmax = exp(s - m_t) exp(m_t - lse), from the forward's tile: no recompute
+                    e, top = kept[2 * i], kept[2 * i + 1]
+                    dz = e * (top - lse).exp_().mul_(-g[:, 0])[:, None]  # -g * softmax (e stays as saved)
+                else:
+                    z = F.linear(h, w, b)  # (C, c) in the forward's compute dtype; becomes the gradient
+                    block = z.float()  # z itself under fp32, else a tile-sized fp32 copy
+                    if transform.softcap is None:
+                        s = block.mul_(transform.factor) if transform.factor != 1.0 else block
+                    else:  # s = c tanh(a z / c) / tau; ds/dz = a (1 - tanh^2) / tau
+                        t = block.mul_(transform.scale / transform.softcap).tanh_()
+                        s = t * (transform.softcap / transform.temperature)  # a second tile-sized buffer: t is kept
+                        ds = t.square_().neg_().add_(1).mul_(transform.factor)
+                    dz = s.sub_(lse[:, None]).exp_().mul_(-g)  # -g * softmax
                 inside, at = _in_tile(y, columns, dz.shape[1])
                 dz.scatter_add_(-1, at[:, None], torch.where(inside[:, None], g, 0.0))  # + g at the target
                 if ds is not None:
                     dz.mul_(ds)
                 elif transform.factor != 1.0:
                     dz.mul_(transform.factor)
-                dz = dz.to(z.dtype)  # back into the compute dtype (no copy under fp32)
+                dz = dz.to(ctx.compute_dtype)  # back into the compute dtype (no copy under fp32)
                 if grad_h is not None:
                     if w.dtype == dz.dtype == torch.float32:
                         grad_h.addmm_(dz, w)
@@ -305,4 +326,4 @@ class _LinearLogps(torch.autograd.Function):
                         grad_w[columns] = dz.T @ h.to(dz.dtype)
                 if grad_b is not None:
                     grad_b[columns] = dz.sum(0)
-        return grad_h.to(h.dtype) if grad_h is not None else None, grad_w, grad_b, None, None, None
+        return grad_h.to(h.dtype) if grad_h is not None else None, grad_w, grad_b, None, None, None, None

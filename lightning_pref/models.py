@@ -237,6 +237,10 @@ def enable_activation_checkpointing(model: PreTrainedModel, every_n_layers: int 
     """Recompute decoder-layer activations in backward, non-reentrant: every ``every_n_layers``-th layer's, from
     the first (transformers' ``every_n_layers``); the other layers keep theirs, trading memory back for time.
 
+    The top decoder layer always keeps its activations. Its backward runs first, right after the head's, so a
+    checkpoint of it frees them only until backward rebuilds them: the memory it saves is never there at a later,
+    higher point of the step, and the recompute (one layer's forward, 1/L of the model's) is pure cost.
+
     Raises:
         UserInputError: ``every_n_layers > 1`` and this transformers cannot leave layers out (``field`` names
             the option).
@@ -248,13 +252,23 @@ def enable_activation_checkpointing(model: PreTrainedModel, every_n_layers: int 
     enable = enable or model.gradient_checkpointing_enable
     if every_n_layers == 1:
         enable(**{name: kwargs})
-        return
-    if "every_n_layers" not in inspect.signature(enable).parameters:
+    elif "every_n_layers" not in inspect.signature(enable).parameters:
         raise UserInputError(f"{field}: {every_n_layers} (recompute one decoder layer in {every_n_layers}) needs "
                              f"transformers' every_n_layers, which {enable.__name__} of transformers "
                              f"{transformers.__version__} does not take; upgrade transformers, or set it to true "
                              "(every layer)")
-    enable(**{name: kwargs}, every_n_layers=every_n_layers)
+    else:
+        enable(**{name: kwargs}, every_n_layers=every_n_layers)
+    top = top_decoder_layer(model)
+    if top is not None and getattr(top, "gradient_checkpointing", False):
+        top.gradient_checkpointing = False  # transformers' per-layer switch, which enable() has just set
+
+
+def top_decoder_layer(model: nn.Module) -> nn.Module | None:
+    """The last of the decoder's ``layers`` (whose output the head reads), where the model names its decoder."""
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    layers = getattr(decoder, "layers", None)
+    return layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
 
 
 def read_tokenizer(name: str, field: str, fix: str, **kwargs: Any) -> PreTrainedTokenizerBase:

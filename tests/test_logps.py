@@ -89,11 +89,15 @@ def test_chunked_token_logps_value_and_gradient(head_kind, chunk_size):
 @pytest.mark.parametrize("columns", [4, 64])  # 13 tiles (the last of 2 columns), or the vocabulary in one
 @pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(0.5, None, 0.7), LogitTransform(2.0, 3.0, 0.8)],
                          ids=["identity", "scale_temperature", "softcap"])
-def test_fused_head_in_tiles_value_gradient_and_entropy(columns, transform, monkeypatch):
+@pytest.mark.parametrize("kept", [0, 500, 10**6], ids=["recompute", "last_chunk_kept", "all_kept"])
+def test_fused_head_in_tiles_value_gradient_and_entropy(columns, transform, kept, monkeypatch):
     """The fused head over tiles of vocabulary columns (the online logsumexp, each target picked in its tile,
     each tile's rows of the weight's gradient) against autograd on the full logits ``s = T(h W^T + b)``:
-    log-probs, gradients of the hidden states, weight and bias, and each row's entropy."""
+    log-probs, gradients of the hidden states, weight and bias, and each row's entropy; backward recomputing
+    each chunk's tiles, or taking the last chunk's (500 logits: 10 rows) or all chunks' exponentials kept from
+    forward."""
     monkeypatch.setattr("lightning_pref.head._TILE_LOGITS", 10 * columns)  # chunks of 10 rows
+    monkeypatch.setattr("lightning_pref.head._KEEP_LOGITS", kept)
     g = torch.Generator().manual_seed(4)
     head = torch.nn.Linear(16, 50)
     hidden = torch.randn(20, 16, generator=g, requires_grad=True)
@@ -112,6 +116,36 @@ def test_fused_head_in_tiles_value_gradient_and_entropy(columns, transform, monk
     torch.testing.assert_close(entropy, -(s.softmax(-1) * s.log_softmax(-1)).sum(-1).detach())
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(("kept", "recomputed"), [(0, [0, 1, 2]), (50 * 8, [0]), (10**6, [])])
+def test_fused_head_recomputes_only_the_chunks_it_did_not_keep(kept, recomputed, monkeypatch):
+    """Backward recomputes a chunk's logits (one matmul per tile) unless forward kept its exponentials: the
+    trailing chunks whose logits fit within ``_KEEP_LOGITS`` (here 8 of the 10 rows: the last two chunks of 4
+    and 2 rows, not the first of 4), none without gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr("lightning_pref.head._KEEP_LOGITS", kept)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(10, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (10,))
+    logits_of: list[int] = []  # rows of each (rows, 50) matmul result: a chunk's logits
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and out.shape[1:] == (50,):
+                logits_of.append(out.shape[0])
+            return out
+
+    out = token_logps(hidden, head, targets, chunk_size=4)
+    with Record():
+        out.sum().backward()
+    assert logits_of == [[4, 4, 2][i] for i in reversed(recomputed)]  # backward takes the last chunk first
+    with torch.no_grad(), Record():
+        logits_of.clear()
+        token_logps(hidden, head, targets, chunk_size=4)
+    assert logits_of == [4, 4, 2]  # forward: every chunk, once
 
 
 def test_fused_head_under_bf16_autocast_matches_autograd():
