@@ -753,7 +753,7 @@ def markdown(s: dict[str, Any]) -> str:
         lines += ["", f"Matmul bound of lightning-pref's DPO step: its matmuls alone (every linear layer on each real "
                   "token in the policy's forward, the reference's, backward's two matmuls and, where checkpointing, "
                   "the recompute, which stops before each layer's last linear; the LM head on each scored token four "
-                  "times, and a fifth on those whose logits it does not keep), at this machine's fp32 matmul rate on one thread ({m['matmul_gflops']:.1f} GFLOP/s, "
+                  f"times, and a fifth on those whose logits it does not keep), at this machine's fp32 matmul rate on one thread ({m['matmul_gflops']:.1f} GFLOP/s, "
                   "best of 5 one-second trials of a "
                   f"{m['matmul_shape'][0]} x {m['matmul_shape'][2]} by {m['matmul_shape'][2]} x "
                   f"{m['matmul_shape'][1]} product, measured {m.get('measured', 'before the runs')}). No "

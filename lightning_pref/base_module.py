@@ -169,7 +169,7 @@ class BaseModule(LightningModule):
 
     def checkpoint_activations(self, model: nn.Module) -> None:
         """Activation checkpointing on ``model`` as ``model.gradient_checkpointing`` says: none (false), every
-        decoder layer (true) or one layer in n (an integer)."""
+        decoder layer (true) or one layer in n (an integer), the top layer excepted."""
         if self.hparams.gradient_checkpointing:
             enable_activation_checkpointing(model, int(self.hparams.gradient_checkpointing))
 
