@@ -19,8 +19,8 @@ least 256 rows: 1048 rows at an 8k vocabulary, 256 at 128k.
 Backward takes the chunks last first, and the last chunks' tiles are still there: those within ``2**24`` logits
 keep their exponentials ``exp(s - m)`` (with each tile's running maximum ``m``) from forward, so backward turns
 them into the gradient without recomputing the logits: one head-sized matmul less (0.40 to 0.33 s for the head's
-forward and backward on SmolLM2's 193 rows). The memory is freed as backward starts, before any of the model's
-gradients exist. Soft-capped logits recompute: their derivative needs the logits themselves.
+forward and backward on SmolLM2's 193 rows). The head's backward, the first that runs, frees them, before the
+decoder layers' gradients exist. Soft-capped logits recompute: their derivative needs the logits themselves.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ _MIN_CHUNK_ROWS = 256
 _TILE_LOGITS = 2**20
 # Logits whose fp32 exponentials the last chunks keep from forward to backward (64 MB), so that backward does
 # not recompute them: one matmul the size of the head's forward saved (SmolLM2 on short HH rows: 193 rows, 9.5M
-# logits, ~2% of a DPO step). They are freed as backward starts, before the model's gradients are allocated.
+# logits, ~2% of a DPO step). The head's backward, the first that runs, frees them.
 _KEEP_LOGITS = 2**24
 
 

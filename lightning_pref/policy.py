@@ -76,7 +76,7 @@ class PolicyModule(BaseModule):
         gradient_checkpointing: recompute the policy's decoder-layer activations in backward instead of keeping
             them (less memory, more time); ``true``: every layer's, an integer ``n``: every n-th layer's, the
             others keeping theirs (transformers' ``every_n_layers``: memory the recompute would free is traded
-            back for time). Never the top layer's, whose recompute would free no memory at the step's peak
+            back for time). Never the top layer's: its checkpoint frees memory only until backward starts
             (:func:`~lightning_pref.models.enable_activation_checkpointing`).
         compile: ``torch.compile`` the policy's forward (in place, so checkpoint keys do not change).
         generation: how completions are sampled (``predict``, ``evaluate``, ``SampleCompletions``).
