@@ -238,8 +238,8 @@ def enable_activation_checkpointing(model: PreTrainedModel, every_n_layers: int 
     the first (transformers' ``every_n_layers``); the other layers keep theirs, trading memory back for time.
 
     The top decoder layer always keeps its activations. Its backward runs first, right after the head's, so a
-    checkpoint of it frees them only while the rest of the step's forward (a reference's forward, the loss) and
-    the head's backward run, after which backward rebuilds them. Its recompute (1/L of a forward) lowers the
+    checkpoint of it frees them only while the loss and the head's backward run (a preference step scores its
+    reference before the policy), after which backward rebuilds them. Its recompute (1/L of a forward) lowers the
     step's peak only if that stretch holds it, which no measured run's did (SmolLM2 on HH rows, short and full:
     the same peak of allocated bytes with and without it, at the end of backward).
 

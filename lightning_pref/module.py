@@ -71,12 +71,16 @@ class PreferenceModule(PolicyModule):
         """Policy and reference log-probs of a batch (one concatenated forward of chosen and rejected rows), and
         KTO's KL baseline ``z0`` when the loss needs one (``None`` otherwise)."""
         kl_rows = self.kl_rows(batch)
+        # The reference first: nothing of the policy's graph is alive during its forward, and only the loss runs
+        # between the policy's forward and its backward (the top decoder layer's activations, which activation
+        # checkpointing leaves in place, then wait for nothing else; models.enable_activation_checkpointing).
+        reference = self.reference.logps(self.policy, batch, kl_rows) if self.loss.requires_reference else None
         logps, tokens, policy_kl = self.policy(batch.input_ids, batch.attention_mask, batch.response_mask, kl_rows,
                                                batch.packed)
         policy = SequenceLogps.split(logps, tokens, batch.num_chosen)  # (N,) -> (B,), (B,)
-        if not self.loss.requires_reference:
+        if reference is None:
             return policy, None, None
-        ref_logps, reference_kl = self.reference.logps(self.policy, batch, kl_rows)
+        ref_logps, reference_kl = reference
         strategy = self.trainer.strategy if self._trainer is not None else None
         z0 = kl.kl_baseline(policy_kl - reference_kl, strategy) if kl_rows is not None else None
         return policy, SequenceLogps.split(ref_logps.to(logps.dtype), tokens, batch.num_chosen), z0

@@ -135,6 +135,34 @@ def test_precomputed_refuses_kto():
         _module(loss=KTOLoss(), reference_mode="precomputed")
 
 
+@pytest.mark.parametrize("mode", ["model", "adapter"])
+def test_reference_forward_runs_before_the_policys(pairs_file, monkeypatch, mode):
+    """A training step scores the reference first, so that only the loss runs between the policy's forward and
+    its backward: nothing of the policy's graph (the top decoder layer's activations, which checkpointing leaves
+    in place) waits through the reference's forward. ``adapter``: the reference is the policy's own forward with
+    its adapters off, inside the reference's call."""
+    if mode == "adapter":
+        pytest.importorskip("peft")
+    model = _module(reference_mode=mode, **({"lora": {"r": 4, "lora_alpha": 8}} if mode == "adapter" else {}))
+    model.configure_model()
+    events: list[str] = []
+
+    def recorded(method, name):
+        def call(*args, **kwargs):
+            events.append(f"{name} start")
+            try:
+                return method(*args, **kwargs)
+            finally:
+                events.append(f"{name} end")
+        return call
+
+    monkeypatch.setattr(model.reference, "logps", recorded(model.reference.logps, "reference"))
+    monkeypatch.setattr(model.policy, "forward", recorded(model.policy.forward, "policy"))
+    tiny_fit(model, pairs_file, steps=1)
+    inner = ["policy start", "policy end"] if mode == "adapter" else []
+    assert events == ["reference start", *inner, "reference end", "policy start", "policy end"]
+
+
 def test_gradient_checkpointing_gives_the_same_losses(pairs_file):
     assert _losses(pairs_file, gradient_checkpointing=True) == pytest.approx(_losses(pairs_file), rel=1e-5)
 
