@@ -604,16 +604,18 @@ def matmul_rate(model: str) -> dict[str, Any]:
     last = [[m for m in layer.modules() if isinstance(m, torch.nn.Linear)][-1] for layer in layers]
     body = sum(m.weight.numel() for m in linears)
     return {"body_linear_parameters": body, "recomputed_linear_parameters": body - sum(m.weight.numel() for m in last),
-            "head_parameters": head.weight.numel(), "vocab_size": head.weight.shape[0], "layers": len(layers), "matmul_gflops": best, "matmul_shape": [512, *widest]}
+            "head_parameters": head.weight.numel(), "vocab_size": head.weight.shape[0], "layers": len(layers),
+            "matmul_gflops": best, "matmul_shape": [512, *widest]}
 
 
 def _head_recomputed_rows(rows: int, vocab: int) -> int:
     """Rows whose logits the policy's head recomputes in backward: those before the trailing chunks it keeps
     (``lightning_pref.head``), scoring ``rows`` tokens in one pass."""
-    from lightning_pref.head import _KEEP_LOGITS, default_chunk_size
+    from lightning_pref.head import chunks_kept, default_chunk_size
 
-    chunk, keep_from = default_chunk_size(vocab), max(0, rows - _KEEP_LOGITS // vocab)
-    return min(rows, -(-keep_from // chunk) * chunk)
+    chunk = default_chunk_size(vocab)
+    sizes = [min(chunk, rows - start) for start in range(0, rows, chunk)]
+    return sum(size for size, keep in zip(sizes, chunks_kept(sizes, vocab), strict=True) if not keep)
 
 
 def dpo_matmul_bound(machine: dict[str, Any], ours: dict[str, Any], checkpointing: bool | int) -> dict[str, float]:
@@ -753,7 +755,8 @@ def markdown(s: dict[str, Any]) -> str:
         lines += ["", f"Matmul bound of lightning-pref's DPO step: its matmuls alone (every linear layer on each real "
                   "token in the policy's forward, the reference's, backward's two matmuls and, where checkpointing, "
                   "the recompute, which stops before each layer's last linear; the LM head on each scored token four "
-                  f"times, and a fifth on those whose logits it does not keep), at this machine's fp32 matmul rate on one thread ({m['matmul_gflops']:.1f} GFLOP/s, "
+                  "times, and a fifth on those whose logits it does not keep), at this machine's fp32 matmul rate "
+                  f"on one thread ({m['matmul_gflops']:.1f} GFLOP/s, "
                   "best of 5 one-second trials of a "
                   f"{m['matmul_shape'][0]} x {m['matmul_shape'][2]} by {m['matmul_shape'][2]} x "
                   f"{m['matmul_shape'][1]} product, measured {m.get('measured', 'before the runs')}). No "

@@ -26,6 +26,7 @@ decoder layers' gradients exist. Soft-capped logits recompute: their derivative 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -136,15 +137,12 @@ def token_logps(
     """
     out, entropies = [], []
     linear = type(head) is nn.Linear  # quantized or adapter-wrapped heads go through their own forward
-    # Backward takes the chunks last first: the trailing ones within _KEEP_LOGITS keep their exponentials
-    # until then instead of recomputing them (soft-capping's derivative needs the logits: those recompute).
-    keep_from = hidden.shape[0]
-    if linear and transform.softcap is None and torch.is_grad_enabled() and (
-            hidden.requires_grad or any(p.requires_grad for p in head.parameters())):
-        keep_from = max(0, hidden.shape[0] - _KEEP_LOGITS // max(1, head.weight.shape[0]))
-    start = 0
-    for h, y in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True):
-        keep, start = start >= keep_from, start + h.shape[0]
+    chunks = hidden.split(chunk_size)
+    # Soft-capping's derivative needs the logits themselves: those chunks recompute.
+    kept = (chunks_kept([len(h) for h in chunks], head.weight.shape[0])
+            if linear and transform.softcap is None and torch.is_grad_enabled()
+            and (hidden.requires_grad or any(p.requires_grad for p in head.parameters())) else [False] * len(chunks))
+    for h, y, keep in zip(chunks, targets.split(chunk_size), kept, strict=True):
         if linear:
             logp, ent = _LinearLogps.apply(h, head.weight, head.bias, y, transform, entropy, keep)
         elif torch.is_grad_enabled() and h.requires_grad:
@@ -160,6 +158,15 @@ def token_logps(
     if not entropy:
         return logps
     return logps, torch.cat(entropies) if entropies else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def chunks_kept(rows: list[int], vocab: int) -> list[bool]:
+    """For chunks of these many rows each, whether the fused head keeps a chunk's exponentials from forward for
+    backward: the trailing chunks whose logits fit within ``_KEEP_LOGITS`` together (backward takes the chunks
+    last first, so theirs are the tiles still there when it starts)."""
+    keep_from = sum(rows) - _KEEP_LOGITS // max(1, vocab)
+    starts = list(itertools.accumulate(rows, initial=0))[:-1]
+    return [start >= keep_from for start in starts]
 
 
 @contextlib.contextmanager

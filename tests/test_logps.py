@@ -148,6 +148,17 @@ def test_fused_head_recomputes_only_the_chunks_it_did_not_keep(kept, recomputed,
     assert logits_of == [4, 4, 2]  # forward: every chunk, once
 
 
+def test_fused_head_scores_no_rows_with_gradient():
+    """A pass with no scored token (``split`` gives one empty chunk) returns no log-probs and a zero-row
+    gradient, whether or not that chunk keeps its exponentials."""
+    head = torch.nn.Linear(16, 50)
+    hidden = torch.zeros(0, 16, requires_grad=True)
+    logps = token_logps(hidden, head, torch.zeros(0, dtype=torch.long), chunk_size=4)
+    logps.sum().backward()
+    assert logps.shape == (0,) and hidden.grad is not None and hidden.grad.shape == (0, 16)
+    assert head.weight.grad is not None and not head.weight.grad.any()
+
+
 def test_fused_head_under_bf16_autocast_matches_autograd():
     """Under autocast the fused head recomputes its logits in bf16 in backward, as autograd's linear would."""
     g = torch.Generator().manual_seed(1)
