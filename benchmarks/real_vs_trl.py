@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ours-gradient-checkpointing", default=None, type=_checkpointing_arg,
                    help="lightning-pref's setting when it differs from TRL's (e.g. both at their defaults: false; "
                         "an integer n: every n-th decoder layer)")
+    p.add_argument("--ours-checkpointing-method", default="uniform", choices=["uniform", "block"],
+                   help="which layers lightning-pref's integer n recomputes: every n-th from the first "
+                        "(uniform) or the bottom n (block; model.gradient_checkpointing_method)")
     p.add_argument("--seed", type=int, default=0, help="which rows are drawn")
     p.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON"),
                    help="an interpreter with trl installed (default: $TRL_PYTHON, else this one if it has trl)")
@@ -83,7 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-out", default=None, help="--profile: also write the tables to this file")
     p.add_argument("--resummarize", action="store_true", help="rewrite the tables from the runs in --workdir")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.ours_checkpointing_method == "block" and not (args.ours_gradient_checkpointing or "").isdigit():
+        p.error("--ours-checkpointing-method block recomputes the bottom n layers: "
+                "give --ours-gradient-checkpointing n")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -258,7 +265,8 @@ def run_ours(spec: dict[str, Any], profile: dict[str, Any] | None = None) -> dic
         "model": {"policy": spec["model"], "loss": {"class_path": spec["loss"], "init_args": {"beta": spec["beta"]}},
                   "optimizer": {"class_path": "torch.optim.AdamW",
                                 "init_args": {"lr": spec["lr"], "weight_decay": 0.0}},
-                  "gradient_checkpointing": spec["gradient_checkpointing"]},
+                  "gradient_checkpointing": spec["gradient_checkpointing"],
+                  "gradient_checkpointing_method": spec.get("gradient_checkpointing_method", "uniform")},
         "data": {"train": spec["data"], "val": None, "batch_size": spec["batch_size"] * (2 if kto else 1),
                  "max_length": 1024, "seed": SAMPLER_SEED, "cache_dir": str(Path(spec["workdir"]) / "token_cache"),
                  },
@@ -454,6 +462,8 @@ def _spec(args, model, data, loss, regime, system, rep) -> dict[str, Any]:
             "data": data["regimes"][regime]["files"][f"{loss}_{system}"], "batch_size": args.batch_size,
             "steps": args.steps, "warmup": args.warmup, "lr": args.lr, "beta": args.beta,
             "gradient_checkpointing": _setting(_checkpointing(args, system)), "workdir": str(work),
+            "gradient_checkpointing_method": (args.ours_checkpointing_method if system == "ours"
+                                              else "uniform"),
             "ours": json.loads(args.ours) if args.ours else None,
             "run_dir": str(work / "runs" / tag), "result": str(work / "runs" / f"{tag}.json"), "tag": tag}
 
@@ -618,18 +628,21 @@ def _head_recomputed_rows(rows: int, vocab: int) -> int:
     return sum(size for size, keep in zip(sizes, chunks_kept(sizes, vocab), strict=True) if not keep)
 
 
-def dpo_matmul_bound(machine: dict[str, Any], ours: dict[str, Any], checkpointing: bool | int) -> dict[str, float]:
+def dpo_matmul_bound(machine: dict[str, Any], ours: dict[str, Any], checkpointing: bool | int,
+                     method: str = "uniform") -> dict[str, float]:
     """The matmul work of lightning-pref's DPO step and its time at ``machine``'s matmul rate: a lower bound on
     any implementation of the same passes over the same tokens (attention, norms, activations and the optimizer
     cost nothing in it). Every linear layer runs on each real token in the policy's forward, the reference's and
     backward (two matmuls); with checkpointing, backward's recompute runs each checkpointed layer's linears but its
     last (see :func:`matmul_rate`); the LM head on each scored token in the policy's forward, the reference's and
     backward's two matmuls, and again in backward on the tokens whose logits the head did not keep.
-    ``checkpointing`` n: every n-th layer recomputes, from the first, never the top one."""
+    ``checkpointing`` n: every n-th layer recomputes, from the first (``method`` uniform), or the bottom n
+    (block), never the top one."""
     body = machine["body_linear_parameters"] * 4
     if checkpointing:
         n, layers = int(checkpointing), machine["layers"]
-        body += machine["recomputed_linear_parameters"] * len(range(0, layers - 1, n)) / layers
+        recomputed = min(n, layers - 1) if method == "block" else len(range(0, layers - 1, n))
+        body += machine["recomputed_linear_parameters"] * recomputed / layers
     head = machine["head_parameters"] * (4 * ours["response_tokens_per_step"] + _head_recomputed_rows(
         round(ours["response_tokens_per_step"]), machine["vocab_size"]))
     flops = 2 * (body * ours["real_tokens_per_step"] + head)
@@ -643,6 +656,7 @@ def summarize(args, model, data, runs, systems, machine: dict[str, Any] | None =
         "name": args.name, "model": Path(model).name, "data": data, "batch_size_pairs": args.batch_size,
         "warmup_steps": args.warmup, "measured_steps": args.steps, "repeats": args.repeats, "lr": args.lr,
         "beta": args.beta, "gradient_checkpointing": {system: _checkpointing(args, system) for system in SYSTEMS},
+        "gradient_checkpointing_method": args.ours_checkpointing_method,
         "precision": "fp32",
         "threads_per_process": 1, "machine": machine, "cases": {},
     }
@@ -677,7 +691,9 @@ def summarize(args, model, data, runs, systems, machine: dict[str, Any] | None =
                 case["speedup_wall"] = statistics.median(case["speedup_wall_runs"])
                 case["peak_rss_vs_trl"] = case["ours"]["train_peak_rss_mb"] / case["trl"]["train_peak_rss_mb"]
             if machine and loss == "dpo" and "ours" in case:
-                case["matmul_bound"] = dpo_matmul_bound(machine, case["ours"], _setting(_checkpointing(args, "ours")))
+                setting = _setting(_checkpointing(args, "ours"))
+                case["matmul_bound"] = dpo_matmul_bound(machine, case["ours"], setting,
+                                                        args.ours_checkpointing_method)
                 if "trl" in case:
                     case["matmul_bound"]["trl_over_bound"] = (case["trl"]["cpu_seconds_per_step"]
                                                        / case["matmul_bound"]["bound_seconds_per_step"])
@@ -692,7 +708,9 @@ def markdown(s: dict[str, Any]) -> str:
     checkpointing = s["gradient_checkpointing"]
     if isinstance(checkpointing, dict):
         ours = checkpointing["ours"]
-        if ours.isdigit():
+        if ours.isdigit() and s.get("gradient_checkpointing_method") == "block":
+            ours = f"{ours}, block (the bottom {ours} decoder layers recompute)"
+        elif ours.isdigit():
             ours = f"{ours} (one decoder layer in {ours} recomputes, from the first)"
         checkpointing = (f"{ours} in both" if len(set(checkpointing.values())) == 1 else
                          f"{ours} in lightning-pref, {checkpointing['trl']} in TRL")

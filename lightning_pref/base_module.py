@@ -25,6 +25,7 @@ from lightning_pref import layout
 from lightning_pref.checks import check_choice, check_range
 from lightning_pref.errors import TrainingError, UserInputError
 from lightning_pref.models import (
+    CheckpointMethod,
     DtypeName,
     ModelSpec,
     enable_activation_checkpointing,
@@ -120,7 +121,15 @@ class BaseModule(LightningModule):
             check_choice("model.on_nonfinite", hp.on_nonfinite, ("error", "skip"))
         if not isinstance(hp.get("gradient_checkpointing", False), bool):
             check_range("model.gradient_checkpointing", hp.gradient_checkpointing, 1, integer=True,
-                        hint="true checkpoints every decoder layer, an integer n every n-th, false none")
+                        hint="true checkpoints every decoder layer, an integer n every n-th (or the bottom "
+                             "n), false none")
+        method = hp.get("gradient_checkpointing_method", "uniform")
+        check_choice("model.gradient_checkpointing_method", method, get_args(CheckpointMethod))
+        if method == "block" and isinstance(hp.gradient_checkpointing, bool):
+            given = str(hp.gradient_checkpointing).lower()
+            raise UserInputError(f"model.gradient_checkpointing_method: block recomputes the bottom n "
+                                 f"decoder layers, and model.gradient_checkpointing is {given}; set it to n "
+                                 "(an integer >= 1), or the method to uniform")
         for name in ("dtype", "reference_dtype"):
             if hp.get(name) is not None:
                 check_choice(f"model.{name}", hp[name], get_args(DtypeName))
@@ -169,9 +178,12 @@ class BaseModule(LightningModule):
 
     def checkpoint_activations(self, model: nn.Module) -> None:
         """Activation checkpointing on ``model`` as ``model.gradient_checkpointing`` says: none (false), every
-        decoder layer (true) or one layer in n (an integer), the top layer excepted."""
-        if self.hparams.gradient_checkpointing:
-            enable_activation_checkpointing(model, int(self.hparams.gradient_checkpointing))
+        decoder layer (true), or for an integer n one layer in n or the bottom n layers
+        (``model.gradient_checkpointing_method``), the top layer excepted."""
+        hp = self.hparams
+        if hp.gradient_checkpointing:
+            enable_activation_checkpointing(model, int(hp.gradient_checkpointing),
+                                            hp.get("gradient_checkpointing_method", "uniform"))
 
     def describe_dtype(self, what: str, model: nn.Module) -> str:
         """``<what> parameters <dtype> (<why>; checkpoint <storage dtype>)``: the start-up line, shared by every

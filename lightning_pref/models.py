@@ -33,6 +33,9 @@ from lightning_pref.errors import UserInputError
 
 ModelSpec = str | dict[str, Any]
 DtypeName = Literal["float32", "bfloat16", "float16"]
+# Which decoder layers an integer n of activation checkpointing recomputes (Megatron-LM's recompute methods):
+# every n-th from the first, or the bottom n.
+CheckpointMethod = Literal["uniform", "block"]
 
 #: ``from_pretrained`` options that also select which config and tokenizer files are read.
 _TOKENIZER_KWARGS = ("revision", "trust_remote_code", "subfolder", "cache_dir", "token")
@@ -232,10 +235,14 @@ def quiet_saving() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def enable_activation_checkpointing(model: PreTrainedModel, every_n_layers: int = 1,
+def enable_activation_checkpointing(model: PreTrainedModel, layers: int = 1,
+                                    method: CheckpointMethod = "uniform",
                                     field: str = "model.gradient_checkpointing") -> None:
-    """Recompute decoder-layer activations in backward, non-reentrant: every ``every_n_layers``-th layer's, from
-    the first (transformers' ``every_n_layers``); the other layers keep theirs, trading memory back for time.
+    """Recompute decoder-layer activations in backward, non-reentrant; the other layers keep theirs, trading
+    memory back for time. ``uniform``: every ``layers``-th layer's, from the first (transformers'
+    ``every_n_layers``); ``block``: the bottom ``layers`` layers' (Megatron-LM's block method), so the layers
+    that keep their activations are the top ones, whose backward runs first and frees them first, while the
+    gradients grow.
 
     The top decoder layer always keeps its activations. Its backward runs first, right after the head's, so a
     checkpoint of it frees them only while the loss and the head's backward run (a preference step scores its
@@ -244,33 +251,42 @@ def enable_activation_checkpointing(model: PreTrainedModel, every_n_layers: int 
     the same peak of allocated bytes with and without it, at the end of backward).
 
     Raises:
-        UserInputError: ``every_n_layers > 1`` and this transformers cannot leave layers out (``field`` names
-            the option).
+        UserInputError: ``uniform`` with ``layers > 1`` and a transformers that cannot leave layers out, or
+            ``block`` on a model that does not name its decoder layers (``field`` names the option).
     """
     kwargs = {"use_reentrant": False}
     # transformers >= 5.x names it activation_checkpointing_enable (gradient_checkpointing_enable warns)
     enable = getattr(model, "activation_checkpointing_enable", None)
     name = "activation_checkpointing_kwargs" if enable is not None else "gradient_checkpointing_kwargs"
     enable = enable or model.gradient_checkpointing_enable
-    if every_n_layers == 1:
+    decoder = decoder_layers(model)
+    if method == "block" and decoder is None:
+        raise UserInputError(f"{field}_method: block recomputes the bottom {layers} decoder layers, and "
+                             f"{type(model).__name__} does not name its decoder layers "
+                             "(get_decoder().layers); set it to uniform")
+    if layers == 1 or method == "block":
         enable(**{name: kwargs})
     elif "every_n_layers" not in inspect.signature(enable).parameters:
-        raise UserInputError(f"{field}: {every_n_layers} (recompute one decoder layer in {every_n_layers}) needs "
+        raise UserInputError(f"{field}: {layers} (recompute one decoder layer in {layers}) needs "
                              f"transformers' every_n_layers, which {enable.__name__} of transformers "
                              f"{transformers.__version__} does not take; upgrade transformers, or set it to true "
                              "(every layer)")
     else:
-        enable(**{name: kwargs}, every_n_layers=every_n_layers)
-    top = top_decoder_layer(model)
-    if top is not None and getattr(top, "gradient_checkpointing", False):
-        top.gradient_checkpointing = False  # transformers' per-layer switch, which enable() has just set
+        enable(**{name: kwargs}, every_n_layers=layers)
+    if decoder is None:
+        return
+    top = len(decoder) - 1
+    for layer in decoder[min(layers, top) if method == "block" else top:]:  # these keep their activations
+        # transformers' per-layer switch, which enable() has just set
+        if getattr(layer, "gradient_checkpointing", False):
+            layer.gradient_checkpointing = False
 
 
-def top_decoder_layer(model: nn.Module) -> nn.Module | None:
-    """The last of the decoder's ``layers`` (whose output the head reads), where the model names its decoder."""
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder's ``layers``, bottom first, where the model names its decoder (``get_decoder()``)."""
     decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
     layers = getattr(decoder, "layers", None)
-    return layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
+    return layers if isinstance(layers, nn.ModuleList) and len(layers) else None
 
 
 def read_tokenizer(name: str, field: str, fix: str, **kwargs: Any) -> PreTrainedTokenizerBase:

@@ -21,7 +21,7 @@ from lightning_pref.checks import check_choice, check_range, refuse_unused
 from lightning_pref.data.chat import ChatTemplate
 from lightning_pref.generation import Completions, GenerationOptions, Sampler, stop_token_ids
 from lightning_pref.logps import SequenceScorer
-from lightning_pref.models import DtypeName, ModelSpec
+from lightning_pref.models import CheckpointMethod, DtypeName, ModelSpec
 from lightning_pref.predict import prediction_records
 from lightning_pref.reference import (
     AdapterReference,
@@ -78,6 +78,10 @@ class PolicyModule(BaseModule):
             others keeping theirs (transformers' ``every_n_layers``: memory the recompute would free is traded
             back for time). Never the top layer's: its checkpoint frees memory only until backward starts
             (:func:`~lightning_pref.models.enable_activation_checkpointing`).
+        gradient_checkpointing_method: which layers an integer ``n`` recomputes: ``uniform``, every n-th from
+            the first; ``block``, the bottom n (Megatron-LM's methods). ``block`` keeps the top layers'
+            activations, which backward frees first, while the gradients it allocates grow: the recompute
+            memory did not need goes where the step's peak, at the end of backward, leaves room.
         compile: ``torch.compile`` the policy's forward (in place, so checkpoint keys do not change).
         generation: how completions are sampled (``predict``, ``evaluate``, ``SampleCompletions``).
     """
@@ -106,6 +110,7 @@ class PolicyModule(BaseModule):
         chunk_size: int | None = None,
         response_only_head: bool = True,
         gradient_checkpointing: bool | int = False,
+        gradient_checkpointing_method: CheckpointMethod = "uniform",
         compile: bool = False,
         generation: GenerationOptions | None = None,
     ) -> None:

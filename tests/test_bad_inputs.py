@@ -320,6 +320,19 @@ OPTIONS = {
     "reward gradient_checkpointing -2": (partial(RewardModule, backbone=TINY, tokenizer="byte",
                                                  gradient_checkpointing=-2),
                                          r"model\.gradient_checkpointing: must be an integer >= 1, got -2"),
+    "block without a number of layers": (partial(_policy, gradient_checkpointing=True,
+                                                 gradient_checkpointing_method="block"),
+                                         r"^model\.gradient_checkpointing_method: block recomputes the "
+                                         r"bottom n decoder layers, and model\.gradient_checkpointing is "
+                                         r"true; set it to n \(an integer >= 1\), or the method to "
+                                         r"uniform$"),
+    "reward block without checkpointing": (partial(RewardModule, backbone=TINY, tokenizer="byte",
+                                                   gradient_checkpointing_method="block"),
+                                           r"model\.gradient_checkpointing is false; set it to n"),
+    "checkpointing method typo": (partial(_policy, gradient_checkpointing=2,
+                                          gradient_checkpointing_method="bottom"),
+                                  r"^model\.gradient_checkpointing_method: 'bottom' is not one of "
+                                  r"uniform, block"),
     "reference_mode typo": (partial(_policy, reference_mode="adapters"), r"model\.reference_mode: 'adapters' is not"),
     "on_nonfinite typo": (partial(_policy, on_nonfinite="skipp"), r"model\.on_nonfinite: 'skipp' is not one of"),
     "dtype typo": (partial(_policy, dtype="fp16"), r"model\.dtype: 'fp16' is not one of float32, bfloat16, float16"),

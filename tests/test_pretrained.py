@@ -90,13 +90,14 @@ def test_bf16_checkpoint_trains_the_configured_dtype(
     assert str(policy_dtype).removeprefix("torch.") in line and "checkpoint bfloat16" in line
 
 
-@pytest.mark.parametrize(("setting", "checkpointed"), [(True, [0, 1, 2]), (2, [0, 2])])  # of 4 layers
+@pytest.mark.parametrize(("setting", "method", "checkpointed"), [  # of 4 layers
+    (True, "uniform", [0, 1, 2]), (2, "uniform", [0, 2]), (2, "block", [0, 1]), (9, "block", [0, 1, 2])])
 def test_loaded_policy_trains_in_train_mode_and_checkpointing_runs(tmp_path, tokenizer, pairs_file, monkeypatch,
-                                                                    setting, checkpointed):
+                                                                    setting, method, checkpointed):
     """from_pretrained returns eval mode; training must still run in train mode, so activation checkpointing
     (gated on ``training``) really recomputes, while the reference stays in eval mode. ``true`` checkpoints every
-    decoder layer, an integer n every n-th from the first; the top layer (3), whose recompute would free nothing,
-    never."""
+    decoder layer, an integer n every n-th from the first (``uniform``) or the bottom n (``block``); the top
+    layer (3), whose recompute would free nothing, never."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     path = _checkpoint(tmp_path, tokenizer, {**TINY, "num_hidden_layers": 4})
@@ -110,22 +111,37 @@ def test_loaded_policy_trains_in_train_mode_and_checkpointing_runs(tmp_path, tok
 
     monkeypatch.setattr(GradientCheckpointingLayer, "__call__", counting)
     record = Record()
-    _fit(path, pairs_file, callbacks=[record], gradient_checkpointing=setting)
+    _fit(path, pairs_file, callbacks=[record], gradient_checkpointing=setting,
+         gradient_checkpointing_method=method)
     assert record.seen["policy_training"] == {True}
     assert record.seen["reference_training"] == {False}
     assert calls == checkpointed  # one checkpointed forward per checkpointed layer
 
 
 def test_checkpointing_some_layers_gives_the_same_losses(tmp_path, tokenizer, pairs_file):
-    """Recomputing a layer reproduces its activations: every layer, every 2nd or none train alike."""
+    """Recomputing a layer reproduces its activations: every layer, every 2nd, the bottom 2 or none train
+    alike."""
     path = _checkpoint(tmp_path, tokenizer, {**TINY, "num_hidden_layers": 3}, dtype=torch.float32)
     losses = {}
-    for setting in (False, True, 2):
+    for setting, method in ((False, "uniform"), (True, "uniform"), (2, "uniform"), (2, "block")):
         torch.manual_seed(0)
-        losses[setting] = _fit(path, pairs_file, steps=3, gradient_checkpointing=setting)[1]
-    assert len(losses[False]) == 3 and losses[False][-1] != losses[False][0]  # it trained
-    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
-    assert losses[2] == pytest.approx(losses[False], rel=1e-5)
+        losses[setting, method] = _fit(path, pairs_file, steps=3, gradient_checkpointing=setting,
+                                       gradient_checkpointing_method=method)[1]
+    none = losses[False, "uniform"]
+    assert len(none) == 3 and none[-1] != none[0]  # it trained
+    for key, values in losses.items():
+        assert values == pytest.approx(none, rel=1e-5), key
+
+
+def test_bottom_layers_are_refused_where_the_model_does_not_name_its_decoder_layers(tmp_path, tokenizer,
+                                                                                    pairs_file):
+    """GPT-2 keeps its blocks in ``transformer.h``: ``block`` cannot tell which layers are the bottom n, so it
+    says so rather than checkpointing every layer."""
+    path = _checkpoint(tmp_path, tokenizer, _DROPOUT_CONFIGS["gpt2"])
+    with pytest.raises(UserInputError, match=r"^model\.gradient_checkpointing_method: block recomputes the "
+                       r"bottom 1 decoder layers, and GPT2LMHeadModel does not name its decoder layers .*; "
+                       r"set it to uniform$"):
+        _fit(path, pairs_file, gradient_checkpointing=1, gradient_checkpointing_method="block")
 
 
 def test_every_nth_layer_is_refused_where_transformers_cannot_leave_layers_out(tmp_path, tokenizer, pairs_file,

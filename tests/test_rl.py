@@ -257,13 +257,16 @@ def test_critic_from_an_exported_reward_model_starts_at_its_score(tmp_path):
         assert exported(ids, mask).abs().min() > 0
 
 
-@pytest.mark.parametrize(("setting", "expected"), [(True, [True] * 3 + [False]), (2, [True, False, True, False])])
-def test_gradient_checkpointing_reaches_the_policy_and_the_critic(setting, expected):
-    """The critic is loaded apart from the policy: it recomputes the same layers (``2``: one decoder layer in 2;
-    never the top one)."""
+@pytest.mark.parametrize(("setting", "method", "expected"), [
+    (True, "uniform", [True] * 3 + [False]), (2, "uniform", [True, False, True, False]),
+    (2, "block", [True, True, False, False])])
+def test_gradient_checkpointing_reaches_the_policy_and_the_critic(setting, method, expected):
+    """The critic is loaded apart from the policy: it recomputes the same layers (``2``: one decoder layer in
+    2, or the bottom 2; never the top one)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    module = _module(policy={**TINY, "num_hidden_layers": 4}, gradient_checkpointing=setting)
+    module = _module(policy={**TINY, "num_hidden_layers": 4}, gradient_checkpointing=setting,
+                     gradient_checkpointing_method=method)
     module.configure_model()
     for model in (module.policy, module.critic):
         layers = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]

@@ -22,7 +22,7 @@ from lightning_pref import layout, packing
 from lightning_pref.base_module import BaseModule
 from lightning_pref.errors import UserInputError
 from lightning_pref.metrics import ExactMeans, batch_means
-from lightning_pref.models import DtypeName, ModelSpec
+from lightning_pref.models import CheckpointMethod, DtypeName, ModelSpec
 from lightning_pref.registry import REWARD_LOSSES
 from lightning_pref.reward.losses import BradleyTerryLoss, RewardLoss
 from lightning_pref.reward.losses.base import checked_call
@@ -98,6 +98,8 @@ class RewardModule(BaseModule):
         disable_dropout: turn off the backbone's dropout.
         gradient_checkpointing: recompute decoder-layer activations in backward; ``true``: every layer's, an
             integer ``n``: every n-th layer's (as the policy modules' option).
+        gradient_checkpointing_method: ``uniform`` (every n-th layer) or ``block`` (the bottom n), as the
+            policy modules' option.
         on_nonfinite: a NaN/inf loss stops training (``error``) or skips that batch on every device (``skip``).
         init_seed: seed of a config-dict backbone's random initialization.
     """
@@ -118,6 +120,7 @@ class RewardModule(BaseModule):
         model_kwargs: dict[str, Any] | None = None,
         disable_dropout: bool = True,
         gradient_checkpointing: bool | int = False,
+        gradient_checkpointing_method: CheckpointMethod = "uniform",
         on_nonfinite: Literal["error", "skip"] = "error",
         init_seed: int = 0,
     ) -> None:
