@@ -266,7 +266,7 @@ def run_ours(spec: dict[str, Any], profile: dict[str, Any] | None = None) -> dic
                   "optimizer": {"class_path": "torch.optim.AdamW",
                                 "init_args": {"lr": spec["lr"], "weight_decay": 0.0}},
                   "gradient_checkpointing": spec["gradient_checkpointing"],
-                  "gradient_checkpointing_method": spec.get("gradient_checkpointing_method", "uniform")},
+                  "gradient_checkpointing_method": spec["gradient_checkpointing_method"]},
         "data": {"train": spec["data"], "val": None, "batch_size": spec["batch_size"] * (2 if kto else 1),
                  "max_length": 1024, "seed": SAMPLER_SEED, "cache_dir": str(Path(spec["workdir"]) / "token_cache"),
                  },
@@ -708,10 +708,10 @@ def markdown(s: dict[str, Any]) -> str:
     checkpointing = s["gradient_checkpointing"]
     if isinstance(checkpointing, dict):
         ours = checkpointing["ours"]
-        if ours.isdigit() and s.get("gradient_checkpointing_method") == "block":
-            ours = f"{ours}, block (the bottom {ours} decoder layers recompute)"
-        elif ours.isdigit():
-            ours = f"{ours} (one decoder layer in {ours} recomputes, from the first)"
+        if ours.isdigit():  # results written before the method was recorded are uniform
+            ours = (f"{ours}, block (the bottom {ours} decoder layers recompute)"
+                    if s.get("gradient_checkpointing_method") == "block" else
+                    f"{ours} (one decoder layer in {ours} recomputes, from the first)")
         checkpointing = (f"{ours} in both" if len(set(checkpointing.values())) == 1 else
                          f"{ours} in lightning-pref, {checkpointing['trl']} in TRL")
     else:  # results written before the per-system setting

@@ -74,10 +74,10 @@ class PolicyModule(BaseModule):
             chunk's fp32 logits within 32 MB, at least 256 (1048 at an 8k vocabulary, 256 at 128k).
         response_only_head: apply the LM head only at response positions (same values, less work).
         gradient_checkpointing: recompute the policy's decoder-layer activations in backward instead of keeping
-            them (less memory, more time); ``true``: every layer's, an integer ``n``: every n-th layer's, the
-            others keeping theirs (transformers' ``every_n_layers``: memory the recompute would free is traded
-            back for time). Never the top layer's: its checkpoint frees memory only until backward starts
-            (:func:`~lightning_pref.models.enable_activation_checkpointing`).
+            them (less memory, more time); ``true``: every layer's, an integer ``n``: every n-th layer's or
+            the bottom n (``gradient_checkpointing_method``), the others keeping theirs (memory the recompute
+            would free is traded back for time). Never the top layer's: its checkpoint frees memory only until
+            backward starts (:func:`~lightning_pref.models.enable_activation_checkpointing`).
         gradient_checkpointing_method: which layers an integer ``n`` recomputes: ``uniform``, every n-th from
             the first; ``block``, the bottom n (Megatron-LM's methods). ``block`` keeps the top layers'
             activations, which backward frees first, while the gradients it allocates grow: the recompute
